@@ -1,0 +1,166 @@
+//! bincode 2 (serde mode) with a decode size limit, so a hostile length
+//! prefix inside a message cannot make the receiver allocate gigabytes.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::{Envelope, Reply};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("cannot encode: {0}")]
+    Encode(String),
+    #[error("cannot decode: {0}")]
+    Decode(String),
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let bytes = bincode::serde::encode_to_vec(value, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CodecError::Trailing(bytes.len() - used));
+    }
+    Ok(value)
+}
+
+pub fn encode_envelope(envelope: &Envelope) -> Result<Vec<u8>, CodecError> {
+    encode(envelope)
+}
+
+pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, CodecError> {
+    decode(bytes)
+}
+
+pub fn encode_reply(reply: &Reply) -> Result<Vec<u8>, CodecError> {
+    encode(reply)
+}
+
+pub fn decode_reply(bytes: &[u8]) -> Result<Reply, CodecError> {
+    decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::*;
+    use proptest::prelude::*;
+
+    fn sample_envelope() -> Envelope {
+        Envelope {
+            version: PROTOCOL_VERSION,
+            request_id: 7,
+            reply_to: "dfos.reply.m".into(),
+            user: "U".into(),
+            token: "t".into(),
+            client_time: Timestamp { secs: 1, nanos: 2 },
+            request: Request::Write {
+                path: "a/b".into(),
+                offset: 300,
+                data: vec![1, 2, 3],
+            },
+        }
+    }
+
+    /// Pins the wire format. If this fails, the change broke compatibility
+    /// with deployed peers: append variants instead, or bump the version.
+    #[test]
+    fn golden_bytes_of_an_envelope() {
+        let bytes = encode_envelope(&sample_envelope()).unwrap();
+        let expected: Vec<u8> = vec![
+            1, // version
+            7, // request id (varint)
+            12, b'd', b'f', b'o', b's', b'.', b'r', b'e', b'p', b'l', b'y', b'.', b'm', 1,
+            b'U', // user
+            1, b't', // token
+            2, 2,  // time: secs zigzag(1)=2, nanos 2
+            10, // Request::Write is variant 10
+            3, b'a', b'/', b'b', // path
+            251, 44, 1, // offset 300 as u16 varint
+            3, 1, 2, 3, // data
+        ];
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn golden_bytes_of_an_error_reply() {
+        let reply = Reply {
+            request_id: 1,
+            node: "n".into(),
+            result: Err(ErrorCode::NotEmpty),
+        };
+        assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 1, 2]);
+    }
+
+    #[test]
+    fn hostile_length_prefix_is_refused_without_allocating() {
+        // A string length claiming ~2^60 bytes.
+        let mut bytes = vec![1, 7, 253];
+        bytes.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(matches!(
+            decode_envelope(&bytes),
+            Err(CodecError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn oversized_and_trailing_input_is_refused() {
+        assert!(matches!(
+            decode_envelope(&vec![0; MAX_MESSAGE_BYTES + 1]),
+            Err(CodecError::TooLarge(_))
+        ));
+        let mut bytes = encode_envelope(&sample_envelope()).unwrap();
+        bytes.push(0);
+        assert!(matches!(
+            decode_envelope(&bytes),
+            Err(CodecError::Trailing(1))
+        ));
+        let big = Envelope {
+            request: Request::Write {
+                path: "x".into(),
+                offset: 0,
+                data: vec![0; MAX_MESSAGE_BYTES],
+            },
+            ..sample_envelope()
+        };
+        assert!(encode_envelope(&big).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(id: u64, path in ".{0,40}", offset: u64, data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let env = Envelope {
+                request_id: id,
+                request: Request::Write { path, offset, data },
+                ..sample_envelope()
+            };
+            let back = decode_envelope(&encode_envelope(&env).unwrap()).unwrap();
+            prop_assert_eq!(back, env);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_envelope(&bytes);
+            let _ = decode_reply(&bytes);
+        }
+    }
+}

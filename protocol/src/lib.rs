@@ -1,0 +1,20 @@
+//! The dfos wire contract, and nothing else.
+//!
+//! mountd and storaged share exactly these types. bincode encodes enum
+//! variants by index, so every enum here is append-only: add variants at the
+//! end, never reorder or remove them. [`PROTOCOL_VERSION`] travels in every
+//! envelope, and `tests/golden.rs`-style tests in [`codec`] pin the bytes.
+
+pub mod codec;
+pub mod error;
+pub mod limits;
+pub mod message;
+pub mod topics;
+
+pub use codec::{decode_envelope, decode_reply, encode_envelope, encode_reply, CodecError};
+pub use error::ErrorCode;
+pub use message::*;
+pub use topics::Topics;
+
+/// Bumped whenever a change is not purely additive at the end of an enum.
+pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,216 @@
+//! Envelope, requests and replies.
+//!
+//! Paths are relative to the user's root, `/`-separated, with `""` meaning
+//! the root itself. The server validates every path; the client is never
+//! trusted. Every mutating request carries its time in the envelope so
+//! that applying it twice (a replay on a replica) gives the same result.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ErrorCode;
+
+/// Wall-clock time as seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// What travels on `dfos.requests`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u16,
+    /// Unique per mount; the reply carries it back.
+    pub request_id: u64,
+    /// Topic the storage daemons answer on (`dfos.reply.<mount-id>`).
+    pub reply_to: String,
+    pub user: String,
+    /// Empty for [`Request::Login`]; otherwise the token Login returned.
+    pub token: String,
+    pub client_time: Timestamp,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RenameMode {
+    /// POSIX rename(2): an existing target is replaced when compatible.
+    Replace,
+    /// renameat2(RENAME_NOREPLACE): fail with Exists if the target exists.
+    NoReplace,
+}
+
+/// A time to set, either a given instant or the envelope's time ("now").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    At(Timestamp),
+    Now,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Login {
+        password: String,
+    },
+    Lookup {
+        path: String,
+    },
+    GetAttr {
+        path: String,
+    },
+    /// Lists `path` in name order, starting after the name `after`
+    /// (the cookie). Entries carry their attributes (readdirplus).
+    ReadDir {
+        path: String,
+        after: Option<String>,
+    },
+    Create {
+        path: String,
+        mode: u32,
+        exclusive: bool,
+    },
+    Mkdir {
+        path: String,
+        mode: u32,
+    },
+    Unlink {
+        path: String,
+    },
+    Rmdir {
+        path: String,
+    },
+    Rename {
+        from: String,
+        to: String,
+        mode: RenameMode,
+    },
+    Read {
+        path: String,
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        path: String,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    SetAttr {
+        path: String,
+        size: Option<u64>,
+        mode: Option<u32>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    },
+    StatFs,
+    Fsync {
+        path: String,
+    },
+}
+
+impl Request {
+    /// Short name for log lines.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Login { .. } => "login",
+            Request::Lookup { .. } => "lookup",
+            Request::GetAttr { .. } => "getattr",
+            Request::ReadDir { .. } => "readdir",
+            Request::Create { .. } => "create",
+            Request::Mkdir { .. } => "mkdir",
+            Request::Unlink { .. } => "unlink",
+            Request::Rmdir { .. } => "rmdir",
+            Request::Rename { .. } => "rename",
+            Request::Read { .. } => "read",
+            Request::Write { .. } => "write",
+            Request::SetAttr { .. } => "setattr",
+            Request::StatFs => "statfs",
+            Request::Fsync { .. } => "fsync",
+        }
+    }
+
+    /// The main path, for log lines ("" for requests without one).
+    pub fn path(&self) -> &str {
+        match self {
+            Request::Login { .. } | Request::StatFs => "",
+            Request::Lookup { path }
+            | Request::GetAttr { path }
+            | Request::ReadDir { path, .. }
+            | Request::Create { path, .. }
+            | Request::Mkdir { path, .. }
+            | Request::Unlink { path }
+            | Request::Rmdir { path }
+            | Request::Read { path, .. }
+            | Request::Write { path, .. }
+            | Request::SetAttr { path, .. }
+            | Request::Fsync { path } => path,
+            Request::Rename { from, .. } => from,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileAttr {
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits only (0o7777).
+    pub mode: u32,
+    pub nlink: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub blocks: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: String,
+    pub attr: FileAttr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsStats {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_available: u64,
+    pub files: u64,
+    pub files_free: u64,
+    pub name_max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    LoggedIn {
+        token: String,
+    },
+    Attr(FileAttr),
+    /// One page of a listing; `more` says whether to ask again after the
+    /// last name of this page.
+    Entries {
+        entries: Vec<DirEntry>,
+        more: bool,
+    },
+    Data(Vec<u8>),
+    /// A write applied; `attr` is the file after it.
+    Written {
+        attr: FileAttr,
+    },
+    StatFs(FsStats),
+    Done,
+}
+
+/// What travels on `dfos.reply.<mount-id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub request_id: u64,
+    /// Which storage node answered; with replicas several may.
+    pub node: String,
+    pub result: Result<Payload, ErrorCode>,
+}

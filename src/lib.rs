@@ -1,0 +1,1 @@
+//! dfos end-to-end test package; see tests/.

@@ -1,0 +1,73 @@
+//! dfos storage daemon.
+//!
+//! `storaged` consumes `dfos.requests`, checks each request's session token,
+//! applies it under `<storage>/<user>/` and answers on the request's reply
+//! topic. The layers, bottom up:
+//! - [`paths`]: client paths to locations that cannot leave a user's root;
+//! - [`store`]: one request applied to the local directory tree;
+//! - [`credentials`] and [`session`]: passwords and session tokens;
+//! - [`service`]: the Kafka loop around them.
+
+pub mod credentials;
+pub mod paths;
+pub mod service;
+pub mod session;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Everything a running daemon needs; built by `main.rs` from flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub brokers: String,
+    pub storage: PathBuf,
+    pub credentials: PathBuf,
+    pub node_id: String,
+    /// Prefix for topic names, so deployments can share a cluster.
+    pub namespace: String,
+    pub replication_factor: i32,
+    /// Retention of `dfos.requests`; -1 keeps the log forever.
+    pub request_retention_ms: i64,
+    /// Deadline for broker operations at start-up and for reply delivery.
+    pub timeout_secs: u64,
+    /// librdkafka settings passed through (TLS, SASL, tuning).
+    pub kafka_options: Vec<(String, String)>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            brokers: "localhost:9092".into(),
+            storage: PathBuf::from("storage"),
+            credentials: PathBuf::from("id_passwd.txt"),
+            node_id: "node1".into(),
+            namespace: String::new(),
+            replication_factor: 1,
+            request_retention_ms: 7 * 24 * 3600 * 1000,
+            timeout_secs: 30,
+            kafka_options: Vec::new(),
+        }
+    }
+}
+
+/// Starts the daemon and serves until SIGINT or SIGTERM.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let store = store::Store::new(&config.storage)
+        .with_context(|| format!("cannot use storage directory {}", config.storage.display()))?;
+    let credentials = credentials::Credentials::open(&config.credentials)?;
+    let topics = dfos_protocol::Topics::new(&config.namespace);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime
+        .block_on(service::ensure_topics(&config, &topics))
+        .context("cannot prepare Kafka topics")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    service::Service::new(config, store, credentials).run(stop)?;
+    Ok(())
+}

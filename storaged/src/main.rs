@@ -1,0 +1,114 @@
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// dfos storage daemon: applies filesystem requests from Kafka to DIR/<user>/.
+#[derive(Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[arg(long, env = "DFOS_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    /// Data root; each user's files live in DIR/<user>/.
+    #[arg(long, default_value = "storage", value_name = "DIR")]
+    storage: PathBuf,
+    #[arg(
+        long,
+        env = "DFOS_CREDENTIALS",
+        default_value = "id_passwd.txt",
+        value_name = "FILE"
+    )]
+    credentials: PathBuf,
+    #[arg(long, default_value = "node1", value_name = "ID")]
+    node_id: String,
+    /// Topic-name prefix, to run independent deployments on one cluster.
+    #[arg(long, env = "DFOS_NAMESPACE", default_value = "")]
+    namespace: String,
+    #[arg(long, default_value_t = 1)]
+    replication_factor: i32,
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    timeout: u64,
+    /// librdkafka setting passed through, e.g. -X security.protocol=SSL.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    kafka: Vec<(String, String)>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage users in the credentials file.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+        #[arg(
+            long,
+            global = true,
+            env = "DFOS_CREDENTIALS",
+            default_value = "id_passwd.txt",
+            value_name = "FILE"
+        )]
+        credentials: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Add a user; the password is read from stdin or a prompt.
+    Add { name: String },
+    /// Change a user's password; read from stdin or a prompt.
+    Passwd { name: String },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn read_password() -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("New password: ")?;
+        let second = rpassword::prompt_password("Repeat password: ")?;
+        anyhow::ensure!(first == second, "passwords do not match");
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::User {
+            action,
+            credentials,
+        }) => {
+            let (name, replace) = match &action {
+                UserAction::Add { name } => (name, false),
+                UserAction::Passwd { name } => (name, true),
+            };
+            let password = read_password()?;
+            storaged::credentials::set_password(&credentials, name, &password, replace)?;
+            eprintln!(
+                "{} user {name} in {}",
+                if replace { "updated" } else { "added" },
+                credentials.display()
+            );
+            Ok(())
+        }
+        None => storaged::run(storaged::Config {
+            brokers: cli.brokers,
+            storage: cli.storage,
+            credentials: cli.credentials,
+            node_id: cli.node_id,
+            namespace: cli.namespace,
+            replication_factor: cli.replication_factor,
+            timeout_secs: cli.timeout,
+            kafka_options: cli.kafka,
+            ..storaged::Config::default()
+        }),
+    }
+}

@@ -1,0 +1,633 @@
+//! Applies one request to a user's directory tree on local disk.
+//!
+//! Each user's files live as plain files under `root/<user>/`, with the same
+//! names and bytes the user wrote, so an admin can read or back them up with
+//! ordinary tools. Every path goes through [`crate::paths::resolve`], and the
+//! final component is opened with `O_NOFOLLOW` or examined with `lstat`.
+//! Times a request sets come from the envelope, so applying the same request
+//! twice leaves the same mode, size, bytes and mtime.
+
+use std::fs::{self, File, FileTimes, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dfos_protocol::limits::{CHUNK_SIZE, MAX_NAME_BYTES, READDIR_PAGE_BYTES};
+use dfos_protocol::{
+    DirEntry, ErrorCode, FileAttr, FileKind, FsStats, Payload, RenameMode, Request, SetTime,
+    Timestamp,
+};
+
+use crate::paths::{self, PathError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bad path: {0}")]
+    Path(#[from] PathError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("request too large")]
+    TooLarge,
+    #[error("symlinks are not followed")]
+    Symlink,
+    #[error("request not valid here: {0}")]
+    NotApplicable(&'static str),
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::Path(PathError::NotRelative | PathError::Nul) => ErrorCode::Invalid,
+            StoreError::Path(PathError::TooLong) => ErrorCode::NameTooLong,
+            StoreError::Path(PathError::ThroughSymlink) | StoreError::Symlink => {
+                ErrorCode::AccessDenied
+            }
+            StoreError::TooLarge => ErrorCode::TooLarge,
+            StoreError::NotApplicable(_) => ErrorCode::Invalid,
+            StoreError::Io(e) => io_error_code(e),
+        }
+    }
+}
+
+/// The nearest protocol code for an OS error; anything unexpected is `Io`.
+pub fn io_error_code(e: &io::Error) -> ErrorCode {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => ErrorCode::NotFound,
+        Some(libc::EEXIST) => ErrorCode::Exists,
+        Some(libc::ENOTEMPTY) => ErrorCode::NotEmpty,
+        Some(libc::ENOTDIR) => ErrorCode::NotDir,
+        Some(libc::EISDIR) => ErrorCode::IsDir,
+        Some(libc::ENOSPC | libc::EDQUOT) => ErrorCode::NoSpace,
+        Some(libc::EACCES | libc::ELOOP) => ErrorCode::AccessDenied,
+        Some(libc::EPERM) => ErrorCode::NotPermitted,
+        Some(libc::ENAMETOOLONG) => ErrorCode::NameTooLong,
+        Some(libc::EINVAL) => ErrorCode::Invalid,
+        Some(libc::EXDEV) => ErrorCode::CrossDevice,
+        Some(libc::EFBIG) => ErrorCode::TooLarge,
+        _ => ErrorCode::Io,
+    }
+}
+
+type StoreResult<T> = Result<T, StoreError>;
+
+pub struct Store {
+    root: PathBuf,
+}
+
+fn to_system_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos.min(999_999_999))
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nanos.min(999_999_999) as u64)
+    }
+}
+
+fn timestamp(secs: i64, nanos: i64) -> Timestamp {
+    Timestamp {
+        secs,
+        nanos: nanos.clamp(0, 999_999_999) as u32,
+    }
+}
+
+pub fn attr_of(meta: &fs::Metadata) -> FileAttr {
+    let ft = meta.file_type();
+    let kind = if ft.is_file() {
+        FileKind::File
+    } else if ft.is_dir() {
+        FileKind::Directory
+    } else if ft.is_symlink() {
+        FileKind::Symlink
+    } else {
+        FileKind::Other
+    };
+    FileAttr {
+        kind,
+        size: meta.size(),
+        mode: meta.mode() & 0o7777,
+        nlink: meta.nlink() as u32,
+        atime: timestamp(meta.atime(), meta.atime_nsec()),
+        mtime: timestamp(meta.mtime(), meta.mtime_nsec()),
+        ctime: timestamp(meta.ctime(), meta.ctime_nsec()),
+        blocks: meta.blocks(),
+    }
+}
+
+fn open_nofollow(path: &Path, write: bool) -> StoreResult<File> {
+    let mut options = OpenOptions::new();
+    options
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW);
+    options.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            StoreError::Symlink
+        } else {
+            StoreError::Io(e)
+        }
+    })
+}
+
+/// Reads up to `len` bytes at `offset`, stopping early only at end of file.
+fn read_at_most(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+impl Store {
+    pub fn new(root: &Path) -> io::Result<Self> {
+        fs::create_dir_all(root)?;
+        Ok(Store {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The user's root directory, created on first use.
+    pub fn user_root(&self, user: &str) -> io::Result<PathBuf> {
+        let dir = self.root.join(user);
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir)?;
+            fs::set_permissions(&dir, Permissions::from_mode(0o755))?;
+        }
+        Ok(dir)
+    }
+
+    /// Applies `request` for `user`. `now` is the envelope's time.
+    /// Login is not a store operation and is refused here.
+    pub fn apply(&self, user: &str, now: Timestamp, request: &Request) -> StoreResult<Payload> {
+        let root = self.user_root(user)?;
+        let at = |rel: &str| paths::resolve(&root, rel);
+        match request {
+            Request::Login { .. } => {
+                Err(StoreError::NotApplicable("login is handled by the service"))
+            }
+            Request::Lookup { path } | Request::GetAttr { path } => {
+                Ok(Payload::Attr(attr_of(&fs::symlink_metadata(at(path)?)?)))
+            }
+            Request::ReadDir { path, after } => read_dir(&at(path)?, after.as_deref()),
+            Request::Create {
+                path,
+                mode,
+                exclusive,
+            } => create(&at(path)?, *mode, *exclusive, now),
+            Request::Mkdir { path, mode } => {
+                let dir = at(path)?;
+                fs::create_dir(&dir)?;
+                let file = open_nofollow(&dir, false)?;
+                file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
+                file.set_times(
+                    FileTimes::new()
+                        .set_accessed(to_system_time(now))
+                        .set_modified(to_system_time(now)),
+                )?;
+                Ok(Payload::Attr(attr_of(&file.metadata()?)))
+            }
+            Request::Unlink { path } => {
+                let target = at(path)?;
+                if fs::symlink_metadata(&target)?.is_dir() {
+                    return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EISDIR)));
+                }
+                fs::remove_file(target)?;
+                Ok(Payload::Done)
+            }
+            Request::Rmdir { path } => {
+                if path.is_empty() {
+                    return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EBUSY)));
+                }
+                fs::remove_dir(at(path)?)?;
+                Ok(Payload::Done)
+            }
+            Request::Rename { from, to, mode } => {
+                if from.is_empty() || to.is_empty() {
+                    return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EBUSY)));
+                }
+                rename(&at(from)?, &at(to)?, *mode)?;
+                Ok(Payload::Done)
+            }
+            Request::Read { path, offset, len } => {
+                let file = open_nofollow(&at(path)?, false)?;
+                let len = (*len as usize).min(CHUNK_SIZE);
+                Ok(Payload::Data(read_at_most(&file, *offset, len)?))
+            }
+            Request::Write { path, offset, data } => {
+                if data.len() > CHUNK_SIZE {
+                    return Err(StoreError::TooLarge);
+                }
+                let file = open_nofollow(&at(path)?, true)?;
+                file.write_all_at(data, *offset)?;
+                file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
+                Ok(Payload::Written {
+                    attr: attr_of(&file.metadata()?),
+                })
+            }
+            Request::SetAttr {
+                path,
+                size,
+                mode,
+                atime,
+                mtime,
+            } => {
+                let target = at(path)?;
+                let file = open_nofollow(&target, size.is_some())?;
+                if let Some(size) = size {
+                    file.set_len(*size)?;
+                }
+                if let Some(mode) = mode {
+                    file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
+                }
+                let resolve_time = |t: &SetTime| match t {
+                    SetTime::At(t) => to_system_time(*t),
+                    SetTime::Now => to_system_time(now),
+                };
+                let mut times = FileTimes::new();
+                if let Some(t) = atime {
+                    times = times.set_accessed(resolve_time(t));
+                }
+                // A truncate counts as a modification, like ftruncate(2).
+                match (mtime, size) {
+                    (Some(t), _) => times = times.set_modified(resolve_time(t)),
+                    (None, Some(_)) => times = times.set_modified(to_system_time(now)),
+                    (None, None) => {}
+                }
+                file.set_times(times)?;
+                Ok(Payload::Attr(attr_of(&file.metadata()?)))
+            }
+            Request::StatFs => statfs(&root),
+            Request::Fsync { path } => {
+                open_nofollow(&at(path)?, false)?.sync_all()?;
+                Ok(Payload::Done)
+            }
+        }
+    }
+}
+
+fn create(path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResult<Payload> {
+    let mut options = OpenOptions::new();
+    options
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode & 0o7777);
+    let file = match options.clone().create_new(true).open(path) {
+        Ok(file) => {
+            // The daemon's umask must not change the mode the client asked for.
+            file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
+            file.set_times(
+                FileTimes::new()
+                    .set_accessed(to_system_time(now))
+                    .set_modified(to_system_time(now)),
+            )?;
+            file
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !exclusive => options.open(path)?,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Payload::Attr(attr_of(&file.metadata()?)))
+}
+
+fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
+    match mode {
+        RenameMode::Replace => fs::rename(from, to)?,
+        RenameMode::NoReplace => {
+            use std::ffi::CString;
+            use std::os::unix::ffi::OsStrExt;
+            let c = |p: &Path| {
+                CString::new(p.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul))
+            };
+            let (from, to) = (c(from)?, c(to)?);
+            // SAFETY: both arguments are valid NUL-terminated strings that outlive the call.
+            let rc = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::RENAME_NOREPLACE,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error().into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One page of `dir` in byte order of names, starting after `after`.
+/// Sorting every time costs O(n log n) per page, which is cheap next to a
+/// Kafka round trip, and makes the cookie a name that stays valid when
+/// entries are added or removed between pages.
+fn read_dir(dir: &Path, after: Option<&str>) -> StoreResult<Payload> {
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTDIR).into());
+    }
+    let mut names: Vec<String> = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        match entry.file_name().into_string() {
+            Ok(name) if after.is_none_or(|a| name.as_str() > a) => names.push(name),
+            Ok(_) => {}
+            Err(raw) => log::warn!(
+                "op=readdir path={} skipping non-UTF-8 name {raw:?}",
+                dir.display()
+            ),
+        }
+    }
+    names.sort_unstable();
+    let mut entries = Vec::new();
+    let mut budget = READDIR_PAGE_BYTES;
+    let mut more = false;
+    for name in names {
+        let cost = name.len() + 96;
+        if cost > budget {
+            more = true;
+            break;
+        }
+        // An entry removed since read_dir is simply left out.
+        if let Ok(meta) = fs::symlink_metadata(dir.join(&name)) {
+            budget -= cost;
+            entries.push(DirEntry {
+                name,
+                attr: attr_of(&meta),
+            });
+        }
+    }
+    Ok(Payload::Entries { entries, more })
+}
+
+fn statfs(root: &Path) -> StoreResult<Payload> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let path =
+        CString::new(root.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul))?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value and the call fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    Ok(Payload::StatFs(FsStats {
+        block_size: st.f_frsize as u32,
+        blocks: st.f_blocks as u64,
+        blocks_free: st.f_bfree as u64,
+        blocks_available: st.f_bavail as u64,
+        files: st.f_files as u64,
+        files_free: st.f_ffree as u64,
+        name_max: MAX_NAME_BYTES as u32,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Timestamp = Timestamp {
+        secs: 1_700_000_000,
+        nanos: 5,
+    };
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    fn code(r: StoreResult<Payload>) -> ErrorCode {
+        r.unwrap_err().code()
+    }
+
+    #[test]
+    fn write_read_truncate_round_trip_with_envelope_times() {
+        let (dir, s) = store();
+        s.apply(
+            "u",
+            T,
+            &Request::Create {
+                path: "f".into(),
+                mode: 0o640,
+                exclusive: true,
+            },
+        )
+        .unwrap();
+        s.apply(
+            "u",
+            T,
+            &Request::Write {
+                path: "f".into(),
+                offset: 3,
+                data: b"abc".to_vec(),
+            },
+        )
+        .unwrap();
+        let Payload::Data(d) = s
+            .apply(
+                "u",
+                T,
+                &Request::Read {
+                    path: "f".into(),
+                    offset: 0,
+                    len: 100,
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(d, b"\0\0\0abc");
+        let Payload::Attr(a) = s
+            .apply(
+                "u",
+                T,
+                &Request::SetAttr {
+                    path: "f".into(),
+                    size: Some(2),
+                    mode: Some(0o600),
+                    atime: None,
+                    mtime: None,
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((a.size, a.mode, a.mtime), (2, 0o600, T));
+        assert_eq!(fs::read(dir.path().join("u/f")).unwrap(), b"\0\0");
+    }
+
+    #[test]
+    fn posix_errors_come_back_as_codes() {
+        let (_d, s) = store();
+        s.apply(
+            "u",
+            T,
+            &Request::Mkdir {
+                path: "d".into(),
+                mode: 0o755,
+            },
+        )
+        .unwrap();
+        s.apply(
+            "u",
+            T,
+            &Request::Create {
+                path: "d/x".into(),
+                mode: 0o644,
+                exclusive: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            code(s.apply("u", T, &Request::Rmdir { path: "d".into() })),
+            ErrorCode::NotEmpty
+        );
+        assert_eq!(
+            code(s.apply(
+                "u",
+                T,
+                &Request::Mkdir {
+                    path: "d".into(),
+                    mode: 0o755
+                }
+            )),
+            ErrorCode::Exists
+        );
+        assert_eq!(
+            code(s.apply(
+                "u",
+                T,
+                &Request::GetAttr {
+                    path: "nope".into()
+                }
+            )),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            code(s.apply("u", T, &Request::Unlink { path: "d".into() })),
+            ErrorCode::IsDir
+        );
+        assert_eq!(
+            code(s.apply(
+                "u",
+                T,
+                &Request::Create {
+                    path: "d/x".into(),
+                    mode: 0o644,
+                    exclusive: true
+                }
+            )),
+            ErrorCode::Exists
+        );
+        assert_eq!(
+            code(s.apply(
+                "u",
+                T,
+                &Request::GetAttr {
+                    path: "../v".into()
+                }
+            )),
+            ErrorCode::Invalid
+        );
+        s.apply(
+            "u",
+            T,
+            &Request::Create {
+                path: "y".into(),
+                mode: 0o644,
+                exclusive: true,
+            },
+        )
+        .unwrap();
+        let no_replace = Request::Rename {
+            from: "y".into(),
+            to: "d/x".into(),
+            mode: RenameMode::NoReplace,
+        };
+        assert_eq!(code(s.apply("u", T, &no_replace)), ErrorCode::Exists);
+    }
+
+    #[test]
+    fn symlinks_never_lead_out_of_the_user_root() {
+        let (dir, s) = store();
+        fs::create_dir_all(dir.path().join("other")).unwrap();
+        fs::write(dir.path().join("other/secret"), b"s").unwrap();
+        s.user_root("u").unwrap();
+        std::os::unix::fs::symlink("../other", dir.path().join("u/link")).unwrap();
+        std::os::unix::fs::symlink("../other/secret", dir.path().join("u/file")).unwrap();
+        let read = |p: &str| Request::Read {
+            path: p.into(),
+            offset: 0,
+            len: 10,
+        };
+        assert_eq!(
+            code(s.apply("u", T, &read("link/secret"))),
+            ErrorCode::AccessDenied
+        );
+        assert_eq!(
+            code(s.apply("u", T, &read("file"))),
+            ErrorCode::AccessDenied
+        );
+        let write = Request::Write {
+            path: "file".into(),
+            offset: 0,
+            data: b"x".to_vec(),
+        };
+        assert_eq!(code(s.apply("u", T, &write)), ErrorCode::AccessDenied);
+        assert_eq!(fs::read(dir.path().join("other/secret")).unwrap(), b"s");
+    }
+
+    #[test]
+    fn listing_pages_cover_every_entry_once() {
+        let (_d, s) = store();
+        for i in 0..3000 {
+            s.apply(
+                "u",
+                T,
+                &Request::Create {
+                    path: format!("file-with-a-long-name-{i:05}"),
+                    mode: 0o644,
+                    exclusive: true,
+                },
+            )
+            .unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let Payload::Entries { entries, more } = s
+                .apply(
+                    "u",
+                    T,
+                    &Request::ReadDir {
+                        path: "".into(),
+                        after: after.clone(),
+                    },
+                )
+                .unwrap()
+            else {
+                panic!()
+            };
+            after = entries.last().map(|e| e.name.clone());
+            seen.extend(entries.into_iter().map(|e| e.name));
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 3000);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    }
+}
