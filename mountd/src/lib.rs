@@ -1,1 +1,120 @@
+//! dfos mount daemon.
+//!
+//! Mounts one user's remote store as a local folder. The layers, bottom up:
+//! - [`rpc`]: request/reply over Kafka with a deadline on every request;
+//! - [`inodes`]: inode numbers for a path-based protocol;
+//! - [`fs`]: the filesystem core (caches, write buffers), kernel-free;
+//! - [`fuse`]: the thin fuser adapter and the errno mapping.
 
+pub mod fs;
+pub mod fuse;
+pub mod inodes;
+pub mod rpc;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
+
+use dfos_protocol::ErrorCode;
+use rpc::{KafkaRpc, KafkaSettings, RpcError};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaSettings,
+    pub user: String,
+    pub password: String,
+    pub mountpoint: PathBuf,
+    /// Let other local users see the mount (needs user_allow_other).
+    pub allow_other: bool,
+}
+
+/// Connects, logs in, mounts, and serves until SIGINT, SIGTERM or an
+/// external unmount. Nothing is mounted unless login succeeded.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let deadline = config.kafka.deadline;
+    let brokers = config.kafka.brokers.clone();
+    let rpc = runtime.block_on(async {
+        let rpc = KafkaRpc::connect(config.kafka.clone(), &config.user)
+            .await
+            .map_err(|e| match e {
+                RpcError::Timeout => {
+                    anyhow::anyhow!("cannot reach Kafka at {brokers} within {deadline:?}")
+                }
+                other => anyhow::anyhow!("cannot reach Kafka at {brokers}: {other}"),
+            })?;
+        match rpc.login(&config.password).await {
+            Ok(()) => Ok(rpc),
+            Err(e) => {
+                rpc.shutdown().await;
+                match e {
+                    RpcError::Remote(ErrorCode::AccessDenied) => {
+                        bail!("authentication failed for user {}", config.user)
+                    }
+                    RpcError::Timeout => bail!(
+                        "no storage daemon answered within {deadline:?} (is storaged running?)"
+                    ),
+                    other => bail!("login failed: {other}"),
+                }
+            }
+        }
+    })?;
+    log::info!(
+        "op=login user={} ok; mounting at {}",
+        config.user,
+        config.mountpoint.display()
+    );
+
+    let fs = Arc::new(fs::DfosFs::new(rpc.clone()));
+    let adapter = fuse::FuseAdapter::new(fs, runtime.handle().clone());
+    let mut fuse_config = FuseConfig::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(format!("dfos:{}", config.user)),
+        MountOption::Subtype("dfos".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    if config.allow_other {
+        fuse_config.acl = SessionACL::All;
+        fuse_config.mount_options.push(MountOption::AutoUnmount);
+    }
+    fuse_config.n_threads = Some(2);
+    let mounted = Session::new(adapter, &config.mountpoint, &fuse_config);
+    let mut session = match mounted {
+        Ok(session) => session,
+        Err(e) => {
+            runtime.block_on(rpc.shutdown());
+            return Err(e)
+                .with_context(|| format!("cannot mount at {}", config.mountpoint.display()));
+        }
+    };
+
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let signal_handle = signals.handle();
+    let signal_thread = std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            log::info!("op=unmount signal={signal}");
+            if let Err(e) = unmounter.unmount() {
+                log::error!("op=unmount error={e}");
+            }
+        }
+    });
+    let served = session.run();
+    signal_handle.close();
+    let _ = signal_thread.join();
+    runtime.block_on(rpc.shutdown());
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    served.context("FUSE session failed")?;
+    log::info!("op=unmount user={} done", config.user);
+    Ok(())
+}

@@ -1,1 +1,73 @@
-fn main() {}
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// dfos mount daemon: mounts USER's remote store at MOUNTPOINT.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[arg(long, env = "DFOS_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    #[arg(long)]
+    user: String,
+    /// File whose first line is the password. Otherwise DFOS_PASSWORD, then a prompt.
+    #[arg(long, value_name = "F")]
+    password_file: Option<PathBuf>,
+    /// Deadline for every request; past it the caller gets EIO.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    timeout: u64,
+    /// Topic-name prefix; must match the storage daemons'.
+    #[arg(long, env = "DFOS_NAMESPACE", default_value = "")]
+    namespace: String,
+    /// Let other local users access the mount.
+    #[arg(long)]
+    allow_other: bool,
+    /// librdkafka setting passed through, e.g. -X security.protocol=SSL.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    kafka: Vec<(String, String)>,
+    mountpoint: PathBuf,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn password(cli: &Cli) -> anyhow::Result<String> {
+    if let Some(file) = &cli.password_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        return Ok(text.lines().next().unwrap_or_default().to_owned());
+    }
+    if let Ok(password) = std::env::var("DFOS_PASSWORD") {
+        return Ok(password);
+    }
+    rpassword::prompt_password(format!("Password for {}: ", cli.user))
+        .context("no password: use --password-file, DFOS_PASSWORD or a terminal")
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let outcome = password(&cli).and_then(|password| {
+        mountd::run(mountd::Config {
+            kafka: mountd::rpc::KafkaSettings {
+                brokers: cli.brokers.clone(),
+                namespace: cli.namespace.clone(),
+                deadline: Duration::from_secs(cli.timeout.max(1)),
+                options: cli.kafka.clone(),
+            },
+            user: cli.user.clone(),
+            password,
+            mountpoint: cli.mountpoint.clone(),
+            allow_other: cli.allow_other,
+        })
+    });
+    if let Err(e) = outcome {
+        eprintln!("mountd: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,547 @@
+//! The filesystem core: POSIX-shaped operations on inode numbers, carried
+//! out as protocol requests through a [`Transport`]. No kernel types here,
+//! so everything can be tested against an in-process store.
+//!
+//! Guarantees:
+//! - close-to-open: `flush`, `release` and `fsync` return only after every
+//!   byte written through the inode has been acknowledged by a storage node;
+//!   `open` drops cached file data, so it sees what other mounts closed;
+//! - writes are buffered per inode into chunks of at most `CHUNK_SIZE` and
+//!   up to `MAX_WRITES_IN_FLIGHT` chunks travel at once, so memory is
+//!   bounded whatever the file size;
+//! - a write error is reported by the next write, flush, fsync or close of
+//!   that inode (as NFS does), never lost;
+//! - operations that read a file's size or bytes first flush its buffered
+//!   writes, so a mount always sees its own writes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dfos_protocol::limits::CHUNK_SIZE;
+use dfos_protocol::{
+    DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime,
+};
+use tokio::sync::Semaphore;
+
+use crate::inodes::{self, InodeTable};
+use crate::rpc::{RpcError, Transport};
+
+/// Chunks of one inode in flight at once: 8 × 512 KiB = 4 MiB per file.
+pub const MAX_WRITES_IN_FLIGHT: u32 = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The inode was forgotten, unlinked or replaced.
+    #[error("stale inode {0}")]
+    Stale(u64),
+    #[error("file name is not valid UTF-8")]
+    BadName,
+    #[error("storage daemon sent an unexpected reply")]
+    UnexpectedReply,
+    #[error("unknown handle {0}")]
+    BadHandle(u64),
+}
+
+impl From<ErrorCode> for FsError {
+    fn from(code: ErrorCode) -> Self {
+        FsError::Rpc(RpcError::Remote(code))
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+/// A file or directory as the kernel sees it: number plus attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub ino: u64,
+    pub attr: FileAttr,
+}
+
+/// Bytes written to one inode but not yet acknowledged.
+struct WriteBuffer {
+    offset: u64,
+    data: Vec<u8>,
+}
+
+struct WriteStream {
+    buffer: tokio::sync::Mutex<WriteBuffer>,
+    in_flight: Arc<Semaphore>,
+    error: Arc<Mutex<Option<FsError>>>,
+}
+
+impl WriteStream {
+    fn new() -> Self {
+        WriteStream {
+            buffer: tokio::sync::Mutex::new(WriteBuffer {
+                offset: 0,
+                data: Vec::new(),
+            }),
+            in_flight: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT as usize)),
+            error: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn take_error(&self) -> FsResult<()> {
+        self.error.lock().unwrap().take().map_or(Ok(()), Err)
+    }
+
+    /// Sends one chunk. The request is enqueued before this returns (while
+    /// the caller holds the buffer lock), so chunks reach the log in order.
+    async fn send<T: Transport>(
+        &self,
+        transport: &T,
+        path: &str,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> FsResult<()> {
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let reply = transport.submit(Request::Write {
+            path: path.to_owned(),
+            offset,
+            data,
+        })?;
+        let error = self.error.clone();
+        tokio::spawn(async move {
+            match reply.await {
+                Ok(Payload::Written { .. }) => {}
+                Ok(_) => *error.lock().unwrap() = Some(FsError::UnexpectedReply),
+                Err(e) => *error.lock().unwrap() = Some(e.into()),
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    async fn write<T: Transport>(
+        &self,
+        transport: &T,
+        path: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> FsResult<()> {
+        self.take_error()?;
+        let mut buffer = self.buffer.lock().await;
+        let contiguous = buffer.offset + buffer.data.len() as u64 == offset;
+        if !buffer.data.is_empty() && !contiguous {
+            let pending = std::mem::take(&mut buffer.data);
+            self.send(transport, path, buffer.offset, pending).await?;
+        }
+        if buffer.data.is_empty() {
+            buffer.offset = offset;
+        }
+        buffer.data.extend_from_slice(data);
+        while buffer.data.len() >= CHUNK_SIZE {
+            let rest = buffer.data.split_off(CHUNK_SIZE);
+            let chunk = std::mem::replace(&mut buffer.data, rest);
+            let chunk_offset = buffer.offset;
+            buffer.offset += CHUNK_SIZE as u64;
+            self.send(transport, path, chunk_offset, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is buffered and waits until every chunk is acknowledged.
+    async fn flush<T: Transport>(&self, transport: &T, path: &str) -> FsResult<()> {
+        let mut buffer = self.buffer.lock().await;
+        if !buffer.data.is_empty() {
+            let pending = std::mem::take(&mut buffer.data);
+            self.send(transport, path, buffer.offset, pending).await?;
+        }
+        let all = self
+            .in_flight
+            .acquire_many(MAX_WRITES_IN_FLIGHT)
+            .await
+            .expect("semaphore never closed");
+        drop(all);
+        self.take_error()
+    }
+}
+
+/// The last chunk read from an inode, to serve the kernel's 128 KiB reads
+/// from one 512 KiB round trip.
+struct ReadBlock {
+    offset: u64,
+    data: Arc<Vec<u8>>,
+}
+
+pub struct DfosFs<T: Transport> {
+    transport: T,
+    inodes: Mutex<InodeTable>,
+    writes: Mutex<HashMap<u64, Arc<WriteStream>>>,
+    reads: Mutex<HashMap<u64, ReadBlock>>,
+    listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_handle: AtomicU64,
+}
+
+fn expect_attr(payload: Payload) -> FsResult<FileAttr> {
+    match payload {
+        Payload::Attr(attr) | Payload::Written { attr } => Ok(attr),
+        _ => Err(FsError::UnexpectedReply),
+    }
+}
+
+fn name_str(name: &std::ffi::OsStr) -> FsResult<&str> {
+    name.to_str().ok_or(FsError::BadName)
+}
+
+impl<T: Transport> DfosFs<T> {
+    pub fn new(transport: T) -> Self {
+        DfosFs {
+            transport,
+            inodes: Mutex::default(),
+            writes: Mutex::default(),
+            reads: Mutex::default(),
+            listings: Mutex::default(),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    async fn call(&self, request: Request) -> FsResult<Payload> {
+        Ok(self.transport.submit(request)?.await?)
+    }
+
+    pub fn path_of(&self, ino: u64) -> FsResult<String> {
+        self.inodes
+            .lock()
+            .unwrap()
+            .path(ino)
+            .map(str::to_owned)
+            .ok_or(FsError::Stale(ino))
+    }
+
+    fn child_path(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<String> {
+        Ok(inodes::join(&self.path_of(parent)?, name_str(name)?))
+    }
+
+    fn remember(&self, path: &str, attr: FileAttr) -> Entry {
+        Entry {
+            ino: self.inodes.lock().unwrap().remember(path),
+            attr,
+        }
+    }
+
+    fn new_handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn stream(&self, ino: u64) -> Option<Arc<WriteStream>> {
+        self.writes.lock().unwrap().get(&ino).cloned()
+    }
+
+    fn drop_cached_data(&self, ino: u64) {
+        self.reads.lock().unwrap().remove(&ino);
+    }
+
+    /// Makes buffered writes of `ino` visible on the server.
+    pub async fn flush(&self, ino: u64) -> FsResult<()> {
+        match self.stream(ino) {
+            Some(stream) => stream.flush(&self.transport, &self.path_of(ino)?).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes the inode at `path`, if the kernel knows one.
+    async fn flush_path(&self, path: &str) -> FsResult<()> {
+        let ino = self.inodes.lock().unwrap().ino_of(path);
+        match ino {
+            Some(ino) => self.flush(ino).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes every inode at or below `path` (a renamed directory's files).
+    async fn flush_tree(&self, path: &str) -> FsResult<()> {
+        let inos: Vec<u64> = self.writes.lock().unwrap().keys().copied().collect();
+        let prefix = format!("{path}/");
+        for ino in inos {
+            let inside = self
+                .inodes
+                .lock()
+                .unwrap()
+                .path(ino)
+                .is_some_and(|p| p == path || p.starts_with(&prefix));
+            if inside {
+                self.flush(ino).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<Entry> {
+        let path = self.child_path(parent, name)?;
+        self.flush_path(&path).await?;
+        let attr = expect_attr(self.call(Request::Lookup { path: path.clone() }).await?)?;
+        Ok(self.remember(&path, attr))
+    }
+
+    pub fn forget(&self, ino: u64, count: u64) {
+        if self.inodes.lock().unwrap().forget(ino, count) {
+            self.writes.lock().unwrap().remove(&ino);
+            self.drop_cached_data(ino);
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
+        self.flush(ino).await?;
+        let path = self.path_of(ino)?;
+        expect_attr(self.call(Request::GetAttr { path }).await?)
+    }
+
+    pub async fn setattr(
+        &self,
+        ino: u64,
+        size: Option<u64>,
+        mode: Option<u32>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    ) -> FsResult<FileAttr> {
+        self.flush(ino).await?;
+        self.drop_cached_data(ino);
+        let path = self.path_of(ino)?;
+        expect_attr(
+            self.call(Request::SetAttr {
+                path,
+                size,
+                mode,
+                atime,
+                mtime,
+            })
+            .await?,
+        )
+    }
+
+    /// Reads the whole listing of a directory into a handle, so the kernel's
+    /// paged readdir calls see one consistent snapshot.
+    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let path = self.path_of(ino)?;
+        let mut entries = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .call(Request::ReadDir {
+                    path: path.clone(),
+                    after: after.take(),
+                })
+                .await?;
+            let Payload::Entries {
+                entries: page,
+                more,
+            } = page
+            else {
+                return Err(FsError::UnexpectedReply);
+            };
+            after = page.last().map(|e| e.name.clone());
+            entries.extend(page);
+            if !more || after.is_none() {
+                break;
+            }
+        }
+        let handle = self.new_handle();
+        self.listings
+            .lock()
+            .unwrap()
+            .insert(handle, Arc::new(entries));
+        Ok(handle)
+    }
+
+    pub fn listing(&self, handle: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        self.listings
+            .lock()
+            .unwrap()
+            .get(&handle)
+            .cloned()
+            .ok_or(FsError::BadHandle(handle))
+    }
+
+    pub fn releasedir(&self, handle: u64) {
+        self.listings.lock().unwrap().remove(&handle);
+    }
+
+    /// Numbers for `.` and `..` of a directory, and each listed child
+    /// counted as looked up (readdirplus hands them to the kernel).
+    pub fn parent_ino(&self, ino: u64) -> u64 {
+        let table = self.inodes.lock().unwrap();
+        table
+            .path(ino)
+            .and_then(|p| {
+                if p.is_empty() {
+                    None
+                } else {
+                    table.ino_of(inodes::parent_of(p))
+                }
+            })
+            .unwrap_or(inodes::ROOT_INO)
+    }
+
+    pub fn remember_child(&self, parent: u64, name: &str) -> FsResult<u64> {
+        let path = inodes::join(&self.path_of(parent)?, name);
+        Ok(self.inodes.lock().unwrap().remember(&path))
+    }
+
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        mode: u32,
+        exclusive: bool,
+    ) -> FsResult<(Entry, u64)> {
+        let path = self.child_path(parent, name)?;
+        let attr = expect_attr(
+            self.call(Request::Create {
+                path: path.clone(),
+                mode,
+                exclusive,
+            })
+            .await?,
+        )?;
+        let entry = self.remember(&path, attr);
+        self.drop_cached_data(entry.ino);
+        Ok((entry, self.new_handle()))
+    }
+
+    pub fn open(&self, ino: u64) -> FsResult<u64> {
+        self.path_of(ino)?;
+        self.drop_cached_data(ino);
+        Ok(self.new_handle())
+    }
+
+    /// Reads up to `size` bytes; shorter only at end of file.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.flush(ino).await?;
+        let mut out = Vec::with_capacity(size as usize);
+        while out.len() < size as usize {
+            let at = offset + out.len() as u64;
+            let piece = self
+                .read_piece(ino, at, (size as usize - out.len()).min(CHUNK_SIZE))
+                .await?;
+            let short = piece.len() < (size as usize - out.len()).min(CHUNK_SIZE);
+            out.extend_from_slice(&piece);
+            if short {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// At most one chunk, from the cached block when it covers the range.
+    /// A cached block shorter than a chunk ended at end of file.
+    async fn read_piece(&self, ino: u64, offset: u64, size: usize) -> FsResult<Vec<u8>> {
+        let end = offset + size as u64;
+        let cached = self.reads.lock().unwrap().get(&ino).and_then(|b| {
+            let block_end = b.offset + b.data.len() as u64;
+            let covers = b.offset <= offset && (end <= block_end || b.data.len() < CHUNK_SIZE);
+            covers.then(|| (b.offset, b.data.clone()))
+        });
+        let (block_offset, data) = match cached {
+            Some(hit) => hit,
+            None => {
+                let path = self.path_of(ino)?;
+                let request = Request::Read {
+                    path,
+                    offset,
+                    len: CHUNK_SIZE as u32,
+                };
+                let Payload::Data(data) = self.call(request).await? else {
+                    return Err(FsError::UnexpectedReply);
+                };
+                let data = Arc::new(data);
+                self.reads.lock().unwrap().insert(
+                    ino,
+                    ReadBlock {
+                        offset,
+                        data: data.clone(),
+                    },
+                );
+                (offset, data)
+            }
+        };
+        let start = ((offset - block_offset) as usize).min(data.len());
+        let stop = ((end - block_offset) as usize).min(data.len());
+        Ok(data[start..stop].to_vec())
+    }
+
+    pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let path = self.path_of(ino)?;
+        self.drop_cached_data(ino);
+        let stream = self
+            .writes
+            .lock()
+            .unwrap()
+            .entry(ino)
+            .or_insert_with(|| Arc::new(WriteStream::new()))
+            .clone();
+        stream.write(&self.transport, &path, offset, data).await?;
+        Ok(data.len() as u32)
+    }
+
+    pub async fn fsync(&self, ino: u64) -> FsResult<()> {
+        self.flush(ino).await?;
+        let path = self.path_of(ino)?;
+        self.call(Request::Fsync { path }).await.map(drop)
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &std::ffi::OsStr, mode: u32) -> FsResult<Entry> {
+        let path = self.child_path(parent, name)?;
+        let attr = expect_attr(
+            self.call(Request::Mkdir {
+                path: path.clone(),
+                mode,
+            })
+            .await?,
+        )?;
+        Ok(self.remember(&path, attr))
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
+        let path = self.child_path(parent, name)?;
+        self.flush_path(&path).await?;
+        self.call(Request::Unlink { path: path.clone() }).await?;
+        self.inodes.lock().unwrap().detach(&path);
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
+        let path = self.child_path(parent, name)?;
+        self.call(Request::Rmdir { path: path.clone() }).await?;
+        self.inodes.lock().unwrap().detach(&path);
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        new_parent: u64,
+        new_name: &std::ffi::OsStr,
+        mode: RenameMode,
+    ) -> FsResult<()> {
+        let from = self.child_path(parent, name)?;
+        let to = self.child_path(new_parent, new_name)?;
+        // Buffered writes carry the old path; they must land before it changes.
+        self.flush_tree(&from).await?;
+        self.flush_path(&to).await?;
+        self.call(Request::Rename {
+            from: from.clone(),
+            to: to.clone(),
+            mode,
+        })
+        .await?;
+        self.inodes.lock().unwrap().rename(&from, &to);
+        Ok(())
+    }
+
+    pub async fn statfs(&self) -> FsResult<FsStats> {
+        match self.call(Request::StatFs).await? {
+            Payload::StatFs(stats) => Ok(stats),
+            _ => Err(FsError::UnexpectedReply),
+        }
+    }
+}

@@ -1,0 +1,602 @@
+//! The thin fuser adapter: kernel types in, [`DfosFs`] calls, errno out.
+//!
+//! Each kernel request becomes a tokio task that owns its reply object, so
+//! a slow Kafka round trip never blocks a FUSE worker thread. The only
+//! logic here is type conversion and the errno mapping, which is an
+//! exhaustive match so a new error variant forces a decision.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr as KernelAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use dfos_protocol::limits::CHUNK_SIZE;
+use dfos_protocol::{ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
+
+use crate::fs::{DfosFs, Entry, FsError};
+use crate::rpc::{RpcError, Transport};
+
+/// Short, never zero: the kernel misbehaves with a TTL of 0.
+const TTL: Duration = Duration::from_secs(1);
+
+pub fn errno(error: &FsError) -> Errno {
+    match error {
+        FsError::Rpc(RpcError::Remote(code)) => errno_of_code(*code),
+        FsError::Rpc(RpcError::Timeout | RpcError::Kafka(_) | RpcError::Encode(_)) => Errno::EIO,
+        FsError::Stale(_) => Errno::ENOENT,
+        FsError::BadName => Errno::EINVAL,
+        FsError::UnexpectedReply => Errno::EIO,
+        FsError::BadHandle(_) => Errno::EBADF,
+    }
+}
+
+pub fn errno_of_code(code: ErrorCode) -> Errno {
+    let raw = match code {
+        ErrorCode::NotFound => libc::ENOENT,
+        ErrorCode::Exists => libc::EEXIST,
+        ErrorCode::NotEmpty => libc::ENOTEMPTY,
+        ErrorCode::NotDir => libc::ENOTDIR,
+        ErrorCode::IsDir => libc::EISDIR,
+        ErrorCode::NoSpace => libc::ENOSPC,
+        ErrorCode::AccessDenied => libc::EACCES,
+        ErrorCode::NameTooLong => libc::ENAMETOOLONG,
+        ErrorCode::Invalid => libc::EINVAL,
+        ErrorCode::CrossDevice => libc::EXDEV,
+        ErrorCode::Io => libc::EIO,
+        ErrorCode::UnsupportedVersion => libc::EPROTO,
+        ErrorCode::NotPermitted => libc::EPERM,
+        ErrorCode::TooLarge => libc::EFBIG,
+    };
+    Errno::from_i32(raw)
+}
+
+fn system_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos.min(999_999_999))
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(before) => Timestamp {
+            secs: -(before.duration().as_secs() as i64),
+            nanos: 0,
+        },
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(timestamp(t)),
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File | FileKind::Other => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+pub struct FuseAdapter<T: Transport> {
+    fs: Arc<DfosFs<T>>,
+    runtime: tokio::runtime::Handle,
+    attrs: KernelAttrs,
+}
+
+impl<T: Transport> FuseAdapter<T> {
+    pub fn new(fs: Arc<DfosFs<T>>, runtime: tokio::runtime::Handle) -> Self {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        FuseAdapter {
+            fs,
+            runtime,
+            attrs: KernelAttrs { uid, gid },
+        }
+    }
+
+    /// Runs `work` on the runtime and hands its result to `answer`.
+    fn spawn<R, F, A>(&self, work: impl FnOnce(Arc<DfosFs<T>>) -> F, answer: A)
+    where
+        F: Future<Output = Result<R, FsError>> + Send + 'static,
+        A: FnOnce(Result<R, FsError>) + Send + 'static,
+        R: Send + 'static,
+    {
+        let future = work(self.fs.clone());
+        self.runtime.spawn(async move { answer(future.await) });
+    }
+
+    fn reply_entry(
+        &self,
+        reply: ReplyEntry,
+    ) -> impl FnOnce(Result<Entry, FsError>) + Send + 'static {
+        let attrs = self.attrs;
+        move |result| match result {
+            Ok(entry) => reply.entry(
+                &TTL,
+                &attrs.kernel_attr(entry.ino, &entry.attr),
+                Generation(0),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn reply_attr(
+        &self,
+        ino: u64,
+        reply: ReplyAttr,
+    ) -> impl FnOnce(Result<FileAttr, FsError>) + Send + 'static {
+        let attrs = self.attrs;
+        move |result| match result {
+            Ok(attr) => reply.attr(&TTL, &attrs.kernel_attr(ino, &attr)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// Builds kernel attributes; copied into reply tasks.
+#[derive(Clone, Copy)]
+struct KernelAttrs {
+    uid: u32,
+    gid: u32,
+}
+
+impl KernelAttrs {
+    fn kernel_attr(&self, ino: u64, attr: &FileAttr) -> KernelAttr {
+        KernelAttr {
+            ino: INodeNo(ino),
+            size: attr.size,
+            blocks: attr.blocks,
+            atime: system_time(attr.atime),
+            mtime: system_time(attr.mtime),
+            ctime: system_time(attr.ctime),
+            crtime: system_time(attr.ctime),
+            kind: file_type(attr.kind),
+            perm: (attr.mode & 0o7777) as u16,
+            nlink: attr.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            // cp sizes its buffer by st_blksize: one chunk per write.
+            blksize: CHUNK_SIZE as u32,
+            flags: 0,
+        }
+    }
+}
+
+fn empty(reply: ReplyEmpty) -> impl FnOnce(Result<(), FsError>) + Send + 'static {
+    move |result| match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+impl<T: Transport> Filesystem for FuseAdapter<T> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1024 * 1024);
+        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_owned();
+        let answer = self.reply_entry(reply);
+        self.spawn(
+            move |fs| async move { fs.lookup(parent.0, &name).await },
+            answer,
+        );
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let answer = self.reply_attr(ino.0, reply);
+        self.spawn(move |fs| async move { fs.getattr(ino.0).await }, answer);
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let answer = self.reply_attr(ino.0, reply);
+        let (atime, mtime) = (atime.map(set_time), mtime.map(set_time));
+        self.spawn(
+            move |fs| async move { fs.setattr(ino.0, size, mode, atime, mtime).await },
+            answer,
+        );
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let name = name.to_owned();
+        let answer = self.reply_entry(reply);
+        self.spawn(
+            move |fs| async move { fs.mkdir(parent.0, &name, mode & !umask).await },
+            answer,
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.spawn(
+            move |fs| async move { fs.unlink(parent.0, &name).await },
+            empty(reply),
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.spawn(
+            move |fs| async move { fs.rmdir(parent.0, &name).await },
+            empty(reply),
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.is_empty() {
+            RenameMode::Replace
+        } else if flags == RenameFlags::RENAME_NOREPLACE {
+            RenameMode::NoReplace
+        } else {
+            // RENAME_EXCHANGE and RENAME_WHITEOUT are not supported.
+            return reply.error(Errno::EINVAL);
+        };
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        self.spawn(
+            move |fs| async move {
+                fs.rename(parent.0, &name, newparent.0, &newname, mode)
+                    .await
+            },
+            empty(reply),
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(
+            move |fs| async move { fs.read(ino.0, offset, size).await },
+            move |result| match result {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(
+            move |fs| async move { fs.write(ino.0, offset, &data).await },
+            move |result| match result {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move { fs.fsync(ino.0).await }, empty(reply));
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn(
+            move |fs| async move { fs.opendir(ino.0).await },
+            move |result| match result {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.fs.listing(fh.0) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let dots = [(ino.0, "."), (self.fs.parent_ino(ino.0), "..")];
+        let total = dots.len() + entries.len();
+        for index in offset as usize..total {
+            let full = if index < dots.len() {
+                let (dot_ino, name) = dots[index];
+                reply.add(
+                    INodeNo(dot_ino),
+                    index as u64 + 1,
+                    FileType::Directory,
+                    name,
+                )
+            } else {
+                let entry = &entries[index - dots.len()];
+                // Plain readdir does not count lookups; the number is a hint.
+                reply.add(
+                    INodeNo(u64::MAX),
+                    index as u64 + 1,
+                    file_type(entry.attr.kind),
+                    &entry.name,
+                )
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.fs.listing(fh.0) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let maker = self.attrs;
+        let dots = [(ino.0, "."), (self.fs.parent_ino(ino.0), "..")];
+        let total = dots.len() + entries.len();
+        for index in offset as usize..total {
+            let next = index as u64 + 1;
+            if index < dots.len() {
+                let (dot_ino, name) = dots[index];
+                let attr = FileAttr {
+                    kind: FileKind::Directory,
+                    size: 0,
+                    mode: 0o755,
+                    nlink: 2,
+                    atime: Timestamp::default(),
+                    mtime: Timestamp::default(),
+                    ctime: Timestamp::default(),
+                    blocks: 0,
+                };
+                // The kernel neither caches nor counts "." and "..".
+                if reply.add(
+                    INodeNo(dot_ino),
+                    next,
+                    name,
+                    &Duration::ZERO,
+                    &maker.kernel_attr(dot_ino, &attr),
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            let entry = &entries[index - dots.len()];
+            let child = match self.fs.remember_child(ino.0, &entry.name) {
+                Ok(child) => child,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            if reply.add(
+                INodeNo(child),
+                next,
+                &entry.name,
+                &TTL,
+                &maker.kernel_attr(child, &entry.attr),
+                Generation(0),
+            ) {
+                // Not handed to the kernel after all, so not counted.
+                self.fs.forget(child, 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(
+            move |fs| async move { fs.statfs().await },
+            move |result| match result {
+                Ok(s) => reply.statfs(
+                    s.blocks,
+                    s.blocks_free,
+                    s.blocks_available,
+                    s.files,
+                    s.files_free,
+                    s.block_size,
+                    s.name_max,
+                    s.block_size,
+                ),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = name.to_owned();
+        let attrs = self.attrs;
+        let exclusive = flags & libc::O_EXCL != 0;
+        self.spawn(
+            move |fs| async move {
+                fs.create(parent.0, &name, mode & 0o7777 & !umask, exclusive)
+                    .await
+            },
+            move |result| match result {
+                Ok((entry, fh)) => {
+                    let attr = attrs.kernel_attr(entry.ino, &entry.attr);
+                    reply.created(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_code_has_its_errno() {
+        let pairs = [
+            (ErrorCode::NotFound, libc::ENOENT),
+            (ErrorCode::Exists, libc::EEXIST),
+            (ErrorCode::NotEmpty, libc::ENOTEMPTY),
+            (ErrorCode::NotDir, libc::ENOTDIR),
+            (ErrorCode::IsDir, libc::EISDIR),
+            (ErrorCode::NoSpace, libc::ENOSPC),
+            (ErrorCode::AccessDenied, libc::EACCES),
+            (ErrorCode::NameTooLong, libc::ENAMETOOLONG),
+            (ErrorCode::Invalid, libc::EINVAL),
+            (ErrorCode::CrossDevice, libc::EXDEV),
+            (ErrorCode::Io, libc::EIO),
+            (ErrorCode::NotPermitted, libc::EPERM),
+            (ErrorCode::TooLarge, libc::EFBIG),
+        ];
+        for (code, raw) in pairs {
+            assert_eq!(errno_of_code(code).code(), raw, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn transport_failures_and_deadlines_are_eio() {
+        assert_eq!(errno(&FsError::Rpc(RpcError::Timeout)).code(), libc::EIO);
+        assert_eq!(
+            errno(&FsError::Rpc(RpcError::Kafka("down".into()))).code(),
+            libc::EIO
+        );
+        assert_eq!(errno(&FsError::Stale(9)).code(), libc::ENOENT);
+        assert_eq!(errno(&FsError::BadName).code(), libc::EINVAL);
+    }
+}

@@ -1,0 +1,314 @@
+//! Request/reply over Kafka: every filesystem call becomes one envelope on
+//! `dfos.requests` (keyed by user, so one user's requests stay in order) and
+//! comes back on this mount's own reply topic.
+//!
+//! Guarantees:
+//! - [`Transport::submit`] enqueues synchronously, so requests submitted one
+//!   after another from one task reach the log in that order;
+//! - every reply future resolves within the deadline: past it, `Timeout`;
+//! - a reply that arrives twice (several storage replicas) is delivered once,
+//!   later copies are dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use dfos_protocol::{
+    decode_reply, encode_envelope, Envelope, ErrorCode, Payload, Request, Timestamp, Topics,
+    PROTOCOL_VERSION,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpcError {
+    #[error("no reply within the deadline")]
+    Timeout,
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error("cannot encode request: {0}")]
+    Encode(String),
+    #[error("storage daemon answered: {0}")]
+    Remote(ErrorCode),
+}
+
+pub type PendingReply = Pin<Box<dyn Future<Output = Result<Payload, RpcError>> + Send>>;
+
+/// The only thing the filesystem core needs from the network, so the core
+/// can be tested against an in-process store.
+pub trait Transport: Send + Sync + 'static {
+    /// Enqueues `request` now and returns a future for its reply.
+    fn submit(&self, request: Request) -> Result<PendingReply, RpcError>;
+}
+
+pub fn now() -> Timestamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        secs: d.as_secs() as i64,
+        nanos: d.subsec_nanos(),
+    }
+}
+
+/// Settings for connecting to Kafka, shared by every client of a mount.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub namespace: String,
+    pub deadline: Duration,
+    pub options: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    fn client_config(&self) -> ClientConfig {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.options {
+            cc.set(k, v);
+        }
+        cc
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Payload, RpcError>>;
+
+pub struct KafkaRpc {
+    settings: KafkaSettings,
+    user: String,
+    token: RwLock<String>,
+    requests_topic: String,
+    reply_topic: String,
+    producer: FutureProducer,
+    pending: Arc<DashMap<u64, Waiter>>,
+    next_id: AtomicU64,
+    stop: Arc<AtomicBool>,
+    listener: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl KafkaRpc {
+    /// Creates this mount's reply topic and starts listening on it. Fails
+    /// with a clear error when the broker does not answer within the deadline.
+    pub async fn connect(settings: KafkaSettings, user: &str) -> Result<Arc<Self>, RpcError> {
+        let topics = Topics::new(&settings.namespace);
+        let mount_id = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
+        let reply_topic = topics.reply(&mount_id);
+        let admin: AdminClient<DefaultClientContext> = settings
+            .client_config()
+            .create()
+            .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        let options = AdminOptions::new()
+            .request_timeout(Some(settings.deadline))
+            .operation_timeout(Some(settings.deadline));
+        let topic = NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(-1))
+            .set("retention.ms", "3600000");
+        let created =
+            tokio::time::timeout(settings.deadline, admin.create_topics([&topic], &options))
+                .await
+                .map_err(|_| RpcError::Timeout)?
+                .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        for result in created {
+            result.map_err(|(t, code)| RpcError::Kafka(format!("cannot create {t}: {code}")))?;
+        }
+        let producer: FutureProducer = settings
+            .client_config()
+            .set("linger.ms", "0")
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set(
+                "message.timeout.ms",
+                settings.deadline.as_millis().to_string(),
+            )
+            .create()
+            .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        let rpc = Arc::new(KafkaRpc {
+            requests_topic: topics.requests(),
+            reply_topic,
+            user: user.to_owned(),
+            token: RwLock::new(String::new()),
+            producer,
+            pending: Arc::new(DashMap::new()),
+            next_id: AtomicU64::new(1),
+            stop: Arc::new(AtomicBool::new(false)),
+            listener: Mutex::new(None),
+            settings,
+        });
+        let consumer = rpc.reply_consumer()?;
+        let (pending, stop) = (rpc.pending.clone(), rpc.stop.clone());
+        let handle = std::thread::Builder::new()
+            .name("dfos-replies".into())
+            .spawn(move || listen(consumer, pending, stop))
+            .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        *rpc.listener.lock().unwrap() = Some(handle);
+        Ok(rpc)
+    }
+
+    /// Manual assignment from the beginning: no consumer-group join delay,
+    /// and no reply is missed even if it lands before the consumer starts.
+    fn reply_consumer(&self) -> Result<BaseConsumer, RpcError> {
+        let consumer: BaseConsumer = self
+            .settings
+            .client_config()
+            .set("group.id", "dfos-mountd-unused")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .set("fetch.error.backoff.ms", "20")
+            .create()
+            .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.reply_topic, 0, Offset::Beginning)
+            .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        Ok(consumer)
+    }
+
+    /// Logs in and keeps the session token for every later request.
+    pub async fn login(self: &Arc<Self>, password: &str) -> Result<(), RpcError> {
+        let reply = self
+            .submit(Request::Login {
+                password: password.to_owned(),
+            })?
+            .await?;
+        match reply {
+            Payload::LoggedIn { token } => {
+                *self.token.write().unwrap() = token;
+                Ok(())
+            }
+            _ => Err(RpcError::Remote(ErrorCode::Io)),
+        }
+    }
+
+    /// Stops the listener, then deletes the reply topic. The order matters:
+    /// deleting a topic under an assigned consumer crashes librdkafka.
+    pub async fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.listener.lock().unwrap().take() {
+            let _ = handle.join();
+        }
+        let admin: Result<AdminClient<DefaultClientContext>, _> =
+            self.settings.client_config().create();
+        if let Ok(admin) = admin {
+            let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+            let deleted = tokio::time::timeout(
+                Duration::from_secs(6),
+                admin.delete_topics(&[&self.reply_topic], &options),
+            )
+            .await;
+            if !matches!(deleted, Ok(Ok(_))) {
+                log::warn!(
+                    "op=shutdown topic={} could not delete reply topic; retention removes it",
+                    self.reply_topic
+                );
+            }
+        }
+    }
+}
+
+fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let Some(polled) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = match polled {
+            Ok(m) => m,
+            Err(e) => {
+                log::debug!("op=reply-poll error={e}");
+                continue;
+            }
+        };
+        match decode_reply(message.payload().unwrap_or_default()) {
+            Ok(reply) => match pending.remove(&reply.request_id) {
+                Some((_, waiter)) => {
+                    let _ = waiter.send(reply.result.map_err(RpcError::Remote));
+                }
+                None => log::trace!(
+                    "op=reply req={} node={} duplicate or late reply dropped",
+                    reply.request_id,
+                    reply.node
+                ),
+            },
+            Err(e) => log::warn!(
+                "op=reply offset={} undecodable reply skipped: {e}",
+                message.offset()
+            ),
+        }
+    }
+}
+
+impl Transport for Arc<KafkaRpc> {
+    fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (op, path) = (request.name(), request.path().to_owned());
+        let envelope = Envelope {
+            version: PROTOCOL_VERSION,
+            request_id,
+            reply_to: self.reply_topic.clone(),
+            user: self.user.clone(),
+            token: self.token.read().unwrap().clone(),
+            client_time: now(),
+            request,
+        };
+        let bytes = encode_envelope(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.pending.insert(request_id, tx);
+        let record = FutureRecord::to(&self.requests_topic)
+            .key(&self.user)
+            .payload(&bytes);
+        let delivery = match self.producer.send_result(record) {
+            Ok(d) => d,
+            Err((e, _)) => {
+                self.pending.remove(&request_id);
+                return Err(RpcError::Kafka(e.to_string()));
+            }
+        };
+        // The reply can arrive before the delivery report, so the report is
+        // only watched for failures.
+        let pending = self.pending.clone();
+        tokio::spawn(async move {
+            if let Ok(Err((e, _))) = delivery.await {
+                if let Some((_, waiter)) = pending.remove(&request_id) {
+                    let _ = waiter.send(Err(RpcError::Kafka(e.to_string())));
+                }
+            }
+        });
+        log::debug!(
+            "op={op} user={} path={path:?} req={request_id} submitted",
+            self.user
+        );
+        let (pending, deadline, user) = (
+            self.pending.clone(),
+            self.settings.deadline,
+            self.user.clone(),
+        );
+        Ok(Box::pin(async move {
+            let outcome = match tokio::time::timeout(deadline, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(RpcError::Kafka("reply channel closed".into())),
+                Err(_) => {
+                    pending.remove(&request_id);
+                    Err(RpcError::Timeout)
+                }
+            };
+            match &outcome {
+                Err(RpcError::Remote(_)) | Ok(_) => {}
+                Err(e) => {
+                    log::warn!("op={op} user={user} path={path:?} req={request_id} error={e}")
+                }
+            }
+            outcome
+        }))
+    }
+}
