@@ -545,3 +545,127 @@ impl<T: Transport> DfosFs<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The core against a real store on a temporary directory: no kernel,
+    //! no Kafka. The transport applies requests in submission order, as
+    //! one Kafka partition does.
+    use super::*;
+    use crate::rpc::{now, PendingReply};
+    use proptest::prelude::*;
+    use std::ffi::OsStr;
+
+    struct LocalTransport {
+        store: storaged::store::Store,
+    }
+
+    impl Transport for Arc<LocalTransport> {
+        fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
+            let result = self
+                .store
+                .apply("u", now(), &request)
+                .map_err(|e| RpcError::Remote(e.code()));
+            Ok(Box::pin(async move { result }))
+        }
+    }
+
+    fn core() -> (tempfile::TempDir, DfosFs<Arc<LocalTransport>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = storaged::store::Store::new(dir.path()).unwrap();
+        (dir, DfosFs::new(Arc::new(LocalTransport { store })))
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn chunked_writes_flush_on_close_and_read_back() {
+        rt().block_on(async {
+            let (dir, fs) = core();
+            let (entry, _) = fs.create(1, OsStr::new("f"), 0o644, true).await.unwrap();
+            let data: Vec<u8> = (0..3 * CHUNK_SIZE + 17)
+                .map(|i| (i * 7 % 251) as u8)
+                .collect();
+            for piece in data.chunks(128 * 1024 + 3).enumerate() {
+                let offset = piece.0 * (128 * 1024 + 3);
+                fs.write(entry.ino, offset as u64, piece.1).await.unwrap();
+            }
+            fs.flush(entry.ino).await.unwrap();
+            assert_eq!(std::fs::read(dir.path().join("u/f")).unwrap(), data);
+            let back = fs
+                .read(entry.ino, 5, (2 * CHUNK_SIZE) as u32)
+                .await
+                .unwrap();
+            assert_eq!(back, &data[5..5 + 2 * CHUNK_SIZE]);
+            assert_eq!(fs.getattr(entry.ino).await.unwrap().size, data.len() as u64);
+        });
+    }
+
+    #[test]
+    fn rename_of_a_directory_keeps_open_files_reachable() {
+        rt().block_on(async {
+            let (dir, fs) = core();
+            let d = fs.mkdir(1, OsStr::new("d"), 0o755).await.unwrap();
+            let (f, _) = fs
+                .create(d.ino, OsStr::new("f"), 0o644, true)
+                .await
+                .unwrap();
+            fs.write(f.ino, 0, b"pending").await.unwrap();
+            fs.rename(1, OsStr::new("d"), 1, OsStr::new("e"), RenameMode::Replace)
+                .await
+                .unwrap();
+            fs.write(f.ino, 7, b"!").await.unwrap();
+            fs.flush(f.ino).await.unwrap();
+            assert_eq!(fs.path_of(f.ino).unwrap(), "e/f");
+            assert_eq!(
+                std::fs::read(dir.path().join("u/e/f")).unwrap(),
+                b"pending!"
+            );
+        });
+    }
+
+    #[test]
+    fn unlinked_inodes_go_stale_instead_of_touching_a_new_file() {
+        rt().block_on(async {
+            let (_dir, fs) = core();
+            let (old, _) = fs.create(1, OsStr::new("a"), 0o644, true).await.unwrap();
+            fs.unlink(1, OsStr::new("a")).await.unwrap();
+            fs.create(1, OsStr::new("a"), 0o644, true).await.unwrap();
+            assert_eq!(fs.getattr(old.ino).await, Err(FsError::Stale(old.ino)));
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Random writes and truncates through the core equal the same
+        /// operations on a Vec, before and after flushing.
+        #[test]
+        fn random_writes_match_a_model(ops in proptest::collection::vec((0u64..3_000_000, 1usize..300_000, any::<u8>(), any::<bool>()), 1..12)) {
+            rt().block_on(async {
+                let (_dir, fs) = core();
+                let (entry, _) = fs.create(1, OsStr::new("m"), 0o644, true).await.unwrap();
+                let mut model: Vec<u8> = Vec::new();
+                for (offset, len, byte, truncate) in ops {
+                    if truncate {
+                        fs.setattr(entry.ino, Some(offset), None, None, None).await.unwrap();
+                        model.resize(offset as usize, 0);
+                    } else {
+                        let data = vec![byte; len];
+                        fs.write(entry.ino, offset, &data).await.unwrap();
+                        let end = offset as usize + len;
+                        if model.len() < end { model.resize(end, 0); }
+                        model[offset as usize..end].copy_from_slice(&data);
+                    }
+                }
+                let back = fs.read(entry.ino, 0, model.len() as u32 + 10).await.unwrap();
+                assert_eq!(back.len(), model.len());
+                assert!(back == model);
+            });
+        }
+    }
+}

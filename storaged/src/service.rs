@@ -116,7 +116,10 @@ impl Service {
 
     /// Runs until `stop` is set.
     pub fn run(&self, stop: Arc<AtomicBool>) -> Result<(), ServiceError> {
-        let group = format!("dfos-storaged-{}", self.config.node_id);
+        let group = match self.config.namespace.as_str() {
+            "" => format!("dfos-storaged-{}", self.config.node_id),
+            ns => format!("dfos-storaged-{ns}-{}", self.config.node_id),
+        };
         let consumer: BaseConsumer = client_config(&self.config)
             .set("group.id", &group)
             .set("enable.auto.commit", "true")

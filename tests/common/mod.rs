@@ -1,0 +1,377 @@
+//! Harness for end-to-end tests: real storaged and mountd processes, a real
+//! Kafka broker (DFOS_BROKERS, default 127.0.0.1:9092; `scripts/test.sh`
+//! starts one) and real FUSE mounts.
+//!
+//! Each [`Deployment`] has its own temporary directory, credentials, topic
+//! namespace and storage daemon. Dropping a [`Mount`] unmounts it and
+//! dropping a deployment stops its daemons and deletes its topics, also
+//! when a test panics, so no mount or process is left behind.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const USER1: (&str, &str) = ("User1", "1234");
+pub const USER2: (&str, &str) = ("User2", "6789");
+
+pub fn brokers() -> String {
+    std::env::var("DFOS_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// target/<profile>/, where cargo put storaged and mountd.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --release --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// Runs a shell command (bash -c) and returns its output.
+pub fn sh(cmd: &str) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("bash runs")
+}
+
+/// Runs a shell command that must succeed; returns its stdout.
+pub fn ok(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a shell command that must fail; returns its stderr.
+pub fn fails(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        !out.status.success(),
+        "`{cmd}` should have failed but succeeded"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn drop_caches() {
+    ok("sync; echo 3 > /proc/sys/vm/drop_caches");
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let path = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&path))
+}
+
+fn stop_child(child: &mut Child, grace: Duration) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Deployment {
+    pub dir: tempfile::TempDir,
+    pub namespace: String,
+    pub storage: PathBuf,
+    pub credentials: PathBuf,
+    storaged: Option<Child>,
+    storaged_runs: u32,
+}
+
+impl Deployment {
+    /// A fresh deployment with users User1 and User2 and a running storaged.
+    pub fn start(name: &str) -> Deployment {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("dfos-{name}-"))
+            .tempdir()
+            .unwrap();
+        let namespace = format!(
+            "t{}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            name.replace('_', "-")
+        );
+        let mut d = Deployment {
+            storage: dir.path().join("storage"),
+            credentials: dir.path().join("id_passwd.txt"),
+            dir,
+            namespace,
+            storaged: None,
+            storaged_runs: 0,
+        };
+        for (user, password) in [USER1, USER2] {
+            d.add_user(user, password);
+        }
+        d.start_storaged();
+        d
+    }
+
+    pub fn add_user(&self, user: &str, password: &str) {
+        let mut child = Command::new(bin("storaged"))
+            .args(["user", "add", user, "--credentials"])
+            .arg(&self.credentials)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+        assert!(child.wait().unwrap().success(), "storaged user add {user}");
+    }
+
+    pub fn log_path(&self, what: &str) -> PathBuf {
+        self.dir.path().join(format!("{what}.log"))
+    }
+
+    pub fn start_storaged(&mut self) {
+        assert!(self.storaged.is_none(), "storaged already running");
+        self.storaged_runs += 1;
+        let log = std::fs::File::create(self.log_path(&format!("storaged-{}", self.storaged_runs)))
+            .unwrap();
+        let child = Command::new(bin("storaged"))
+            .args([
+                "--brokers",
+                &brokers(),
+                "--namespace",
+                &self.namespace,
+                "--credentials",
+            ])
+            .arg(&self.credentials)
+            .arg("--storage")
+            .arg(&self.storage)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.storaged = Some(child);
+    }
+
+    pub fn stop_storaged(&mut self) {
+        if let Some(mut child) = self.storaged.take() {
+            stop_child(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    pub fn kill_storaged(&mut self) {
+        if let Some(mut child) = self.storaged.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn mountd_command(&self, user: &str, mountpoint: &Path, timeout_secs: u64) -> Command {
+        let mut cmd = Command::new(bin("mountd"));
+        cmd.args([
+            "--brokers",
+            &brokers(),
+            "--namespace",
+            &self.namespace,
+            "--user",
+            user,
+        ])
+        .args(["--timeout", &timeout_secs.to_string()])
+        .arg(mountpoint)
+        .env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Mounts `user`'s store and waits until the mount is live.
+    pub fn mount(&self, (user, password): (&str, &str)) -> Mount {
+        self.mount_with_timeout((user, password), 30)
+    }
+
+    pub fn mount_with_timeout(&self, (user, password): (&str, &str), timeout_secs: u64) -> Mount {
+        let path = self.dir.path().join(format!("mnt-{user}"));
+        std::fs::create_dir_all(&path).unwrap();
+        let log_path = self.log_path(&format!("mountd-{user}"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = self
+            .mountd_command(user, &path, timeout_secs)
+            .env("DFOS_PASSWORD", password)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !is_mounted(&path) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "mountd exited with {status}: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                stop_child(&mut child, Duration::from_secs(5));
+                panic!(
+                    "mount did not appear: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Mount {
+            path,
+            child,
+            log: log_path,
+        }
+    }
+
+    /// Runs mountd expecting it to fail; returns (exit status, stderr+log).
+    pub fn mount_fails(
+        &self,
+        user: &str,
+        password: &str,
+        brokers_override: Option<&str>,
+        timeout_secs: u64,
+    ) -> (std::process::ExitStatus, String, PathBuf) {
+        let path = self.dir.path().join(format!("mnt-fail-{user}"));
+        std::fs::create_dir_all(&path).unwrap();
+        let mut cmd = self.mountd_command(user, &path, timeout_secs);
+        if let Some(b) = brokers_override {
+            cmd.args(["--brokers", b]);
+        }
+        let out = cmd
+            .env("DFOS_PASSWORD", password)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text, path)
+    }
+
+    /// Deletes this deployment's topics so test runs don't pile up partitions.
+    fn delete_topics(&self) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        use rdkafka::config::ClientConfig;
+        let Ok(admin) = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create::<AdminClient<DefaultClientContext>>()
+        else {
+            return;
+        };
+        let topics = dfos_protocol::Topics::new(&self.namespace);
+        let (requests, events) = (topics.requests(), topics.events());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                admin.delete_topics(
+                    &[&requests, &events],
+                    &AdminOptions::new().request_timeout(Some(Duration::from_secs(8))),
+                ),
+            )
+            .await
+        });
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.stop_storaged();
+        self.delete_topics();
+        if std::thread::panicking() {
+            eprintln!("--- logs kept in {} ---", self.dir.path().display());
+            for entry in std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    eprintln!("== {} (last lines)", path.display());
+                    for line in tail.into_iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub struct Mount {
+    pub path: PathBuf,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    /// The path of `rel` inside the mount, as a shell-quoted string.
+    pub fn p(&self, rel: &str) -> String {
+        let full = if rel.is_empty() {
+            self.path.clone()
+        } else {
+            self.path.join(rel)
+        };
+        format!("'{}'", full.display())
+    }
+
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Unmounts through SIGTERM and returns mountd's exit status.
+    pub fn unmount(mut self) -> std::process::ExitStatus {
+        stop_child(&mut self.child, Duration::from_secs(20));
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(20));
+        if is_mounted(&self.path) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// A deterministic pseudo-random byte source for test data.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0; len];
+    rng.fill_bytes(&mut data);
+    data
+}

@@ -1,0 +1,253 @@
+//! End-to-end: shell tools on a real dfos mount, backed by a real broker
+//! and a real storage daemon. Each test checks results against a local
+//! file or directory and against the bytes on the storage node's disk.
+
+mod common;
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+
+use common::*;
+
+#[test]
+fn copy_in_and_out_of_a_64mib_a_one_byte_and_an_empty_file() {
+    let d = Deployment::start("copy");
+    let m = d.mount(USER1);
+    let src = d.dir.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("big.bin"), random_bytes(64 << 20, 1)).unwrap();
+    fs::write(src.join("one"), b"x").unwrap();
+    fs::write(src.join("empty"), b"").unwrap();
+    let out = d.dir.path().join("out");
+    fs::create_dir(&out).unwrap();
+    for name in ["big.bin", "one", "empty"] {
+        ok(&format!("cp '{}' {}", src.join(name).display(), m.p("")));
+        drop_caches();
+        ok(&format!("cp {} '{}'", m.p(name), out.join(name).display()));
+        ok(&format!(
+            "cmp '{}' '{}'",
+            src.join(name).display(),
+            out.join(name).display()
+        ));
+        ok(&format!(
+            "cmp '{}' '{}'",
+            src.join(name).display(),
+            d.storage.join("User1").join(name).display()
+        ));
+    }
+    assert_eq!(fs::metadata(m.join("empty")).unwrap().len(), 0);
+    assert_eq!(
+        ok(&format!("sha256sum < {}", m.p("big.bin"))),
+        ok(&format!("sha256sum < '{}'", src.join("big.bin").display()))
+    );
+}
+
+#[test]
+fn random_offset_writes_then_truncate_match_a_local_file() {
+    let d = Deployment::start("random-writes");
+    let m = d.mount(USER1);
+    let local_path = d.dir.path().join("model.bin");
+    let mut local = fs::File::create(&local_path).unwrap();
+    let mut remote = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.join("f.bin"))
+        .unwrap();
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    for round in 0..60 {
+        let offset = rng.gen_range(0..5_000_000u64);
+        let len = rng.gen_range(1..900_000usize);
+        let data = random_bytes(len, round);
+        local.write_all_at(&data, offset).unwrap();
+        remote.write_all_at(&data, offset).unwrap();
+    }
+    // Appending through a seek to the end exercises the write path too.
+    for f in [&mut local, &mut remote] {
+        f.seek(SeekFrom::End(0)).unwrap();
+        f.write_all(b"tail").unwrap();
+    }
+    remote.sync_all().unwrap();
+    ok(&format!("cmp '{}' {}", local_path.display(), m.p("f.bin")));
+    local.set_len(1_234_567).unwrap();
+    remote.set_len(1_234_567).unwrap();
+    drop(remote);
+    ok(&format!("cmp '{}' {}", local_path.display(), m.p("f.bin")));
+    drop_caches();
+    ok(&format!("cmp '{}' {}", local_path.display(), m.p("f.bin")));
+    ok(&format!(
+        "cmp '{}' '{}'",
+        local_path.display(),
+        d.storage.join("User1/f.bin").display()
+    ));
+}
+
+#[test]
+fn ls_l_shows_sizes_and_modes() {
+    let d = Deployment::start("ls-l");
+    let m = d.mount(USER1);
+    ok(&format!(
+        "head -c 12345 /dev/urandom > {0}; chmod 640 {0}",
+        m.p("a")
+    ));
+    ok(&format!(
+        "head -c 3 /dev/zero > {0}; chmod 755 {0}",
+        m.p("b")
+    ));
+    ok(&format!("mkdir -m 700 {}", m.p("dir")));
+    let listing = ok(&format!("ls -l {}", m.p("")));
+    let fields = |name: &str| -> (String, String) {
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .unwrap_or_else(|| panic!("{name} missing in {listing}"));
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        (parts[0].to_owned(), parts[4].to_owned())
+    };
+    assert_eq!(fields("a"), ("-rw-r-----".into(), "12345".into()));
+    assert_eq!(fields("b"), ("-rwxr-xr-x".into(), "3".into()));
+    assert_eq!(fields("dir").0, "drwx------");
+    let on_disk = fs::metadata(d.storage.join("User1/a")).unwrap();
+    assert_eq!(
+        (on_disk.len(), on_disk.permissions().mode() & 0o777),
+        (12345, 0o640)
+    );
+}
+
+#[test]
+fn mkdir_p_mv_file_mv_directory_and_rm_r() {
+    let d = Deployment::start("tree");
+    let m = d.mount(USER1);
+    ok(&format!("mkdir -p {}", m.p("a/b/c")));
+    ok(&format!("echo hello > {}", m.p("f.txt")));
+    ok(&format!("mv {} {}", m.p("f.txt"), m.p("a/b/c/")));
+    assert_eq!(ok(&format!("cat {}", m.p("a/b/c/f.txt"))), "hello\n");
+    ok(&format!(
+        "head -c 2000000 /dev/urandom > {}",
+        m.p("a/b/data")
+    ));
+    let sum = ok(&format!("cd {} && sha256sum data", m.p("a/b")));
+    ok(&format!("mv {} {}", m.p("a"), m.p("z")));
+    assert!(!m.join("a").exists());
+    assert_eq!(ok(&format!("cd {} && sha256sum data", m.p("z/b"))), sum);
+    assert_eq!(ok(&format!("cat {}", m.p("z/b/c/f.txt"))), "hello\n");
+    assert_eq!(
+        fs::read_to_string(d.storage.join("User1/z/b/c/f.txt")).unwrap(),
+        "hello\n"
+    );
+    // rename(2) replaces an existing file, and an empty directory.
+    ok(&format!("echo new > {}; echo old > {}", m.p("n"), m.p("o")));
+    ok(&format!("mv -f {} {}", m.p("n"), m.p("o")));
+    assert_eq!(ok(&format!("cat {}", m.p("o"))), "new\n");
+    ok(&format!("mkdir {} && mkdir {}", m.p("e1"), m.p("e2")));
+    ok(&format!("mv -T {} {}", m.p("e1"), m.p("e2")));
+    assert!(!m.join("e1").exists() && m.join("e2").is_dir());
+    ok(&format!("rm -r {}", m.p("z")));
+    assert!(!m.join("z").exists());
+    assert!(!d.storage.join("User1/z").exists());
+    assert_eq!(ok(&format!("ls {}", m.p(""))), "e2\no\n");
+}
+
+#[test]
+fn errors_are_the_posix_ones() {
+    let d = Deployment::start("errors");
+    let m = d.mount(USER1);
+    ok(&format!("mkdir -p {}", m.p("d/sub")));
+    let err = fs::remove_dir(m.join("d")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "{err}");
+    assert!(fails(&format!("rmdir {}", m.p("d"))).contains("Directory not empty"));
+    let err = fs::File::open(m.join("missing")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    assert!(fails(&format!("cat {}", m.p("missing"))).contains("No such file or directory"));
+    let err = fs::create_dir(m.join("d")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+    assert!(fails(&format!("mkdir {}", m.p("d"))).contains("File exists"));
+    let err = fs::remove_file(m.join("d")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EISDIR));
+    ok(&format!("touch {}", m.p("file")));
+    let err = fs::create_dir(m.join("file/x")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.join("file"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+    let long = "n".repeat(256);
+    let err = fs::File::create(m.join(&long)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG));
+}
+
+#[test]
+fn append_truncate_chmod_and_touch() {
+    let d = Deployment::start("attrs");
+    let m = d.mount(USER1);
+    ok(&format!(
+        "echo one > {0}; echo more >> {0}; echo more >> {0}",
+        m.p("notes.txt")
+    ));
+    assert_eq!(
+        ok(&format!("cat {}", m.p("notes.txt"))),
+        "one\nmore\nmore\n"
+    );
+    ok(&format!("truncate -s 3 {}", m.p("notes.txt")));
+    assert_eq!(ok(&format!("cat {}", m.p("notes.txt"))), "one");
+    ok(&format!("truncate -s 10 {}", m.p("notes.txt")));
+    drop_caches();
+    assert_eq!(fs::read(m.join("notes.txt")).unwrap(), b"one\0\0\0\0\0\0\0");
+    assert_eq!(
+        fs::read(d.storage.join("User1/notes.txt")).unwrap(),
+        b"one\0\0\0\0\0\0\0"
+    );
+    ok(&format!("chmod 600 {}", m.p("notes.txt")));
+    assert_eq!(
+        ok(&format!("stat -c %a {}", m.p("notes.txt"))).trim(),
+        "600"
+    );
+    ok(&format!(
+        "touch -d '2001-02-03 04:05:06 UTC' {}",
+        m.p("notes.txt")
+    ));
+    assert_eq!(
+        ok(&format!("stat -c %Y {}", m.p("notes.txt"))).trim(),
+        "981173106"
+    );
+    ok(&format!("touch -d yesterday {}", m.p("notes.txt")));
+    let mtime: i64 = ok(&format!("stat -c %Y {}", m.p("notes.txt")))
+        .trim()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now - 86400 - mtime).abs() < 120,
+        "mtime {mtime} is not yesterday"
+    );
+    assert!(ok(&format!("ls -l --time-style=+%F {}", m.p(""))).contains("-rw------- "));
+    ok(&format!("df {}", m.p("")));
+}
+
+#[test]
+fn a_directory_of_2000_entries_lists_completely() {
+    let d = Deployment::start("bigdir");
+    let m = d.mount(USER1);
+    ok(&format!(
+        "mkdir {0} && cd {0} && seq -f 'file-%05g' 1 2000 | xargs touch",
+        m.p("many")
+    ));
+    drop_caches();
+    let names = ok(&format!("ls {}", m.p("many")));
+    let expected: Vec<String> = (1..=2000).map(|i| format!("file-{i:05}")).collect();
+    assert_eq!(names.lines().collect::<Vec<_>>(), expected);
+    let long = ok(&format!("ls -l {} | grep -c '^-rw'", m.p("many")));
+    assert_eq!(long.trim(), "2000");
+    assert_eq!(
+        ok(&format!("find {} -type f | wc -l", m.p("many"))).trim(),
+        "2000"
+    );
+}
