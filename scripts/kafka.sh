@@ -5,7 +5,8 @@
 # Java 17 and Maven. The jars come from Maven Central into a git-ignored
 # cache (.cache/kafka) and are reused on later runs.
 #
-#   scripts/kafka.sh start|stop|status
+#   scripts/kafka.sh start|stop|status|ready|fetch
+#   (ready: some broker on the port answers metadata requests, ours or not)
 #
 # Environment:
 #   DFOS_KAFKA_PORT   client port (default 9092); controller uses port+1000
@@ -142,10 +143,16 @@ status() {
   if running; then echo "running pid $(cat "$pidfile") port $port"; else echo "stopped"; return 1; fi
 }
 
+ready() {
+  [ -f "$libs/.complete" ] || return 1
+  port_open && answers_metadata
+}
+
 case "${1:-}" in
   start) start ;;
+  ready) ready ;;
   stop) stop ;;
   status) status ;;
   fetch) fetch ;;
-  *) echo "usage: $0 start|stop|status|fetch" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|ready|fetch" >&2; exit 2 ;;
 esac

@@ -187,11 +187,11 @@ impl Deployment {
         }
     }
 
-    pub fn mountd_command(&self, user: &str, mountpoint: &Path, timeout_secs: u64) -> Command {
+    pub fn mountd_command(&self, user: &str, mountpoint: &Path, timeout_secs: u64, brokers: &str) -> Command {
         let mut cmd = Command::new(bin("mountd"));
         cmd.args([
             "--brokers",
-            &brokers(),
+            brokers,
             "--namespace",
             &self.namespace,
             "--user",
@@ -214,7 +214,7 @@ impl Deployment {
         let log_path = self.log_path(&format!("mountd-{user}"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = self
-            .mountd_command(user, &path, timeout_secs)
+            .mountd_command(user, &path, timeout_secs, &brokers())
             .env("DFOS_PASSWORD", password)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -254,10 +254,7 @@ impl Deployment {
     ) -> (std::process::ExitStatus, String, PathBuf) {
         let path = self.dir.path().join(format!("mnt-fail-{user}"));
         std::fs::create_dir_all(&path).unwrap();
-        let mut cmd = self.mountd_command(user, &path, timeout_secs);
-        if let Some(b) = brokers_override {
-            cmd.args(["--brokers", b]);
-        }
+        let mut cmd = self.mountd_command(user, &path, timeout_secs, brokers_override.unwrap_or(&brokers()));
         let out = cmd
             .env("DFOS_PASSWORD", password)
             .stdin(Stdio::null())
@@ -374,4 +371,92 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0; len];
     rng.fill_bytes(&mut data);
     data
+}
+
+/// A bare protocol client on Kafka, for requests a mount would never send:
+/// forged tokens, hostile paths, garbage bytes.
+pub struct RawClient {
+    producer: rdkafka::producer::BaseProducer,
+    consumer: rdkafka::consumer::BaseConsumer,
+    topics: dfos_protocol::Topics,
+    reply_topic: String,
+    next_id: u64,
+}
+
+impl RawClient {
+    pub fn new(namespace: &str) -> RawClient {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::client::DefaultClientContext;
+        use rdkafka::config::ClientConfig;
+        use rdkafka::consumer::Consumer;
+        let topics = dfos_protocol::Topics::new(namespace);
+        let reply_topic = topics.reply(&format!("raw{}", rand::random::<u32>()));
+        let cc = || {
+            let mut c = ClientConfig::new();
+            c.set("bootstrap.servers", brokers());
+            c
+        };
+        let admin: AdminClient<DefaultClientContext> = cc().create().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let created = rt
+            .block_on(admin.create_topics([&NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()))
+            .unwrap();
+        assert!(created[0].is_ok(), "{created:?}");
+        let consumer: rdkafka::consumer::BaseConsumer = cc()
+            .set("group.id", "raw-test")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(&reply_topic, 0, rdkafka::Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let producer = cc().create().unwrap();
+        RawClient { producer, consumer, topics, reply_topic, next_id: 1 }
+    }
+
+    /// Produces raw bytes onto the request topic with the given key.
+    pub fn produce_raw(&self, key: &str, bytes: &[u8]) {
+        use rdkafka::producer::{BaseRecord, Producer};
+        let requests = self.topics.requests();
+        self.producer.send(BaseRecord::to(&requests).key(key).payload(bytes)).unwrap();
+        self.producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    /// Sends one request and waits up to 30 s for its reply.
+    pub fn call(&mut self, user: &str, token: &str, request: dfos_protocol::Request) -> Result<dfos_protocol::Payload, dfos_protocol::ErrorCode> {
+        use rdkafka::message::Message;
+        let request_id = self.next_id;
+        self.next_id += 1;
+        let envelope = dfos_protocol::Envelope {
+            version: dfos_protocol::PROTOCOL_VERSION,
+            request_id,
+            reply_to: self.reply_topic.clone(),
+            user: user.into(),
+            token: token.into(),
+            client_time: dfos_protocol::Timestamp {
+                secs: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64,
+                nanos: 0,
+            },
+            request,
+        };
+        self.produce_raw(user, &dfos_protocol::encode_envelope(&envelope).unwrap());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(100)) {
+                let reply = dfos_protocol::decode_reply(message.payload().unwrap_or_default()).unwrap();
+                if reply.request_id == request_id {
+                    return reply.result;
+                }
+            }
+        }
+        panic!("no reply to raw request {request_id}");
+    }
+
+    pub fn login(&mut self, (user, password): (&str, &str)) -> String {
+        match self.call(user, "", dfos_protocol::Request::Login { password: password.into() }) {
+            Ok(dfos_protocol::Payload::LoggedIn { token }) => token,
+            other => panic!("login failed: {other:?}"),
+        }
+    }
 }

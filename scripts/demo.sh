@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Starts everything for a demo: a Kafka broker, one storage daemon on
+# storage/, and a mount of User1's store at mnt/User1. Runs in the
+# foreground; Ctrl-C (or `scripts/demo.sh stop` from another shell)
+# unmounts and stops what it started.
+#
+#   scripts/demo.sh         start and wait
+#   scripts/demo.sh stop    stop a running demo
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$repo"
+
+run=$repo/.cache/demo
+mnt=$repo/mnt/User1
+mkdir -p "$run"
+
+stop_pid() {
+  local file=$1
+  [ -f "$file" ] || return 0
+  local pid; pid=$(cat "$file")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  fi
+  rm -f "$file"
+}
+
+stop_all() {
+  stop_pid "$run/mountd.pid"
+  if grep -q " $mnt " /proc/mounts; then umount -l "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" || true; fi
+  stop_pid "$run/storaged.pid"
+  if [ -f "$run/started-kafka" ]; then scripts/kafka.sh stop >&2; rm -f "$run/started-kafka"; fi
+  say "demo stopped"
+}
+
+if [ "${1:-}" = stop ]; then
+  stop_all
+  exit 0
+fi
+
+ensure_toolchain
+ensure_fuse
+build
+if ! scripts/kafka.sh ready; then
+  scripts/kafka.sh start
+  touch "$run/started-kafka"
+fi
+trap stop_all EXIT
+trap 'exit 0' INT TERM
+
+target/release/storaged --brokers "$DFOS_BROKERS" --storage storage --credentials id_passwd.txt \
+  >"$run/storaged.log" 2>&1 &
+echo $! >"$run/storaged.pid"
+
+mkdir -p "$mnt"
+DFOS_PASSWORD=${DFOS_PASSWORD:-1234} target/release/mountd --brokers "$DFOS_BROKERS" --user User1 "$mnt" \
+  >"$run/mountd.log" 2>&1 &
+mountd_pid=$!
+echo $mountd_pid >"$run/mountd.pid"
+
+for _ in $(seq 1 600); do
+  grep -q " $mnt " /proc/mounts && break
+  kill -0 "$mountd_pid" 2>/dev/null || { cat "$run/mountd.log" >&2; die "mountd exited"; }
+  sleep 0.1
+done
+grep -q " $mnt " /proc/mounts || die "mount did not appear (see $run/mountd.log)"
+
+cat >&2 <<MSG
+
+dfos is running.
+  broker:   $DFOS_BROKERS
+  storaged: pid $(cat "$run/storaged.pid"), data in $repo/storage, log $run/storaged.log
+  mount:    $mnt (User1), log $run/mountd.log
+
+Try from another shell:  cp /etc/services $mnt/ && ls -l $mnt
+Stop with Ctrl-C here, or: scripts/demo.sh stop
+MSG
+while kill -0 "$mountd_pid" 2>/dev/null; do sleep 1; done

@@ -1,0 +1,114 @@
+//! End-to-end: authentication, isolation between users, and what a mount
+//! does when the broker, the storage daemon or the input misbehaves.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::time::Duration;
+
+use common::*;
+use dfos_protocol::{ErrorCode, Request};
+
+#[test]
+fn two_users_mounted_at_once_see_only_their_own_files() {
+    let d = Deployment::start("two-users");
+    let m1 = d.mount(USER1);
+    let m2 = d.mount(USER2);
+    ok(&format!("echo secret > {}", m1.p("secret.txt")));
+    ok(&format!("mkdir {}", m1.p("private")));
+    ok(&format!("echo mine > {}", m2.p("mine.txt")));
+    assert_eq!(ok(&format!("ls {}", m1.p(""))), "private\nsecret.txt\n");
+    assert_eq!(ok(&format!("ls {}", m2.p(""))), "mine.txt\n");
+    assert!(!m2.join("secret.txt").exists());
+    // Symlinks planted on the storage node never lead out of a user's root.
+    symlink("../User1", d.storage.join("User2/escape")).unwrap();
+    symlink("../User1/secret.txt", d.storage.join("User2/leak")).unwrap();
+    fails(&format!("cat {}", m2.p("escape/secret.txt")));
+    fails(&format!("ls {}", m2.p("escape/")));
+    fails(&format!("cat {}", m2.p("leak")));
+    fails(&format!("echo overwrite > {}", m2.p("leak")));
+    assert_eq!(fs::read_to_string(d.storage.join("User1/secret.txt")).unwrap(), "secret\n");
+
+    // Below the mount: User2's session cannot name User1's files either.
+    let mut raw = RawClient::new(&d.namespace);
+    let token2 = raw.login(USER2);
+    let read = |path: &str| Request::Read { path: path.into(), offset: 0, len: 100 };
+    assert_eq!(raw.call("User1", &token2, read("secret.txt")), Err(ErrorCode::AccessDenied));
+    assert_eq!(raw.call("User2", &token2, read("../User1/secret.txt")), Err(ErrorCode::Invalid));
+    assert_eq!(raw.call("User2", &token2, read("/etc/passwd")), Err(ErrorCode::Invalid));
+    assert_eq!(raw.call("User2", &token2, read("leak")), Err(ErrorCode::AccessDenied));
+    assert_eq!(raw.call("User2", "", read("mine.txt")), Err(ErrorCode::AccessDenied));
+    assert!(matches!(raw.call("User2", &token2, read("mine.txt")), Ok(dfos_protocol::Payload::Data(d)) if d == b"mine\n"));
+}
+
+#[test]
+fn a_wrong_password_or_unknown_user_mounts_nothing() {
+    let d = Deployment::start("wrong-password");
+    for (user, password) in [("User1", "12345"), ("Nobody", "1234")] {
+        let (status, output, path) = d.mount_fails(user, password, None, 30);
+        assert!(!status.success());
+        assert!(output.contains("authentication failed"), "{output}");
+        assert!(!is_mounted(&path));
+    }
+}
+
+#[test]
+fn no_broker_is_a_clear_error_within_the_deadline() {
+    let d = Deployment::start("no-broker");
+    let (status, output, path) = d.mount_fails("User1", "1234", Some("127.0.0.1:1"), 3);
+    assert!(!status.success());
+    assert!(output.contains("cannot reach Kafka"), "{output}");
+    assert!(!is_mounted(&path));
+}
+
+#[test]
+fn a_restarted_storage_daemon_serves_an_idle_mount_without_remount() {
+    let mut d = Deployment::start("restart");
+    let m = d.mount(USER1);
+    ok(&format!("echo before > {}", m.p("a")));
+    d.stop_storaged();
+    d.start_storaged();
+    assert_eq!(ok(&format!("cat {}", m.p("a"))), "before\n");
+    ok(&format!("echo after > {}", m.p("b")));
+    assert_eq!(fs::read_to_string(d.storage.join("User1/b")).unwrap(), "after\n");
+}
+
+#[test]
+fn a_dead_storage_daemon_gives_eio_after_the_deadline_then_recovers() {
+    let mut d = Deployment::start("deadline");
+    let m = d.mount_with_timeout(USER1, 3);
+    ok(&format!("echo x > {}", m.p("a")));
+    d.kill_storaged();
+    let err = fs::metadata(m.join("never-looked-up")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    d.start_storaged();
+    // The first requests may still be queued behind the stale ones.
+    let mut attempts = 0;
+    while fs::read_to_string(m.join("a")).ok().as_deref() != Some("x\n") {
+        attempts += 1;
+        assert!(attempts < 20, "mount did not recover");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ok(&format!("echo y > {}", m.p("b")));
+}
+
+#[test]
+fn random_bytes_on_the_request_topic_do_not_stop_the_storage_daemon() {
+    let d = Deployment::start("garbage");
+    let m = d.mount(USER1);
+    let raw = RawClient::new(&d.namespace);
+    raw.produce_raw("User1", b"");
+    raw.produce_raw("User1", &[0xff; 16]);
+    for (i, len) in [1usize, 7, 100, 4096, 900_000].into_iter().enumerate() {
+        raw.produce_raw("User1", &random_bytes(len, i as u64));
+        raw.produce_raw("User2", &random_bytes(len, 100 + i as u64));
+    }
+    // A length prefix that claims an enormous string.
+    raw.produce_raw("User1", &[1, 1, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+    ok(&format!("echo still-serving > {}", m.p("after-garbage")));
+    assert_eq!(ok(&format!("cat {}", m.p("after-garbage"))), "still-serving\n");
+    assert_eq!(fs::read_to_string(d.storage.join("User1/after-garbage")).unwrap(), "still-serving\n");
+    let log = fs::read_to_string(d.log_path("storaged-1")).unwrap();
+    assert!(log.contains("skipping message"), "garbage was not reported in the log");
+}
