@@ -127,6 +127,28 @@ impl Request {
         }
     }
 
+    /// Whether applying the request changes the store. Replicas persist
+    /// their applied offset after every mutation; other requests can be
+    /// replayed freely.
+    pub fn mutates(&self) -> bool {
+        match self {
+            Request::Create { .. }
+            | Request::Mkdir { .. }
+            | Request::Unlink { .. }
+            | Request::Rmdir { .. }
+            | Request::Rename { .. }
+            | Request::Write { .. }
+            | Request::SetAttr { .. } => true,
+            Request::Login { .. }
+            | Request::Lookup { .. }
+            | Request::GetAttr { .. }
+            | Request::ReadDir { .. }
+            | Request::Read { .. }
+            | Request::StatFs
+            | Request::Fsync { .. } => false,
+        }
+    }
+
     /// The main path, for log lines ("" for requests without one).
     pub fn path(&self) -> &str {
         match self {

@@ -6,8 +6,10 @@
 //! - [`paths`]: client paths to locations that cannot leave a user's root;
 //! - [`store`]: one request applied to the local directory tree;
 //! - [`credentials`] and [`session`]: passwords and session tokens;
-//! - [`service`]: the Kafka loop around them.
+//! - [`checkpoint`]: the applied offset per partition, kept with the data;
+//! - [`service`]: the Kafka loop around them, one full replica per node.
 
+pub mod checkpoint;
 pub mod credentials;
 pub mod paths;
 pub mod service;
@@ -28,7 +30,8 @@ pub struct Config {
     /// Prefix for topic names, so deployments can share a cluster.
     pub namespace: String,
     pub replication_factor: i32,
-    /// Retention of `dfos.requests`; -1 keeps the log forever.
+    /// Retention of `dfos.requests`; -1 keeps the log forever, which is what
+    /// lets a new replica catch up from nothing (docs/REPLICATION.md).
     pub request_retention_ms: i64,
     /// Deadline for broker operations at start-up and for reply delivery.
     pub timeout_secs: u64,
@@ -45,7 +48,8 @@ impl Default for Config {
             node_id: "node1".into(),
             namespace: String::new(),
             replication_factor: 1,
-            request_retention_ms: 7 * 24 * 3600 * 1000,
+            // A new replica catches up by replaying the whole log.
+            request_retention_ms: -1,
             timeout_secs: 30,
             kafka_options: Vec::new(),
         }
@@ -68,6 +72,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    service::Service::new(config, store, credentials).run(stop)?;
+    let partitions = service::request_partitions(&config)?;
+    service::Service::new(config, store, credentials, partitions)?.run(stop)?;
     Ok(())
 }

@@ -5,50 +5,50 @@ use clap::{Parser, Subcommand};
 
 /// dfos storage daemon: applies filesystem requests from Kafka to DIR/<user>/.
 #[derive(Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    #[arg(long, env = "DFOS_BROKERS", default_value = "localhost:9092")]
+    #[arg(
+        long,
+        global = true,
+        env = "DFOS_BROKERS",
+        default_value = "localhost:9092"
+    )]
     brokers: String,
     /// Data root; each user's files live in DIR/<user>/.
-    #[arg(long, default_value = "storage", value_name = "DIR")]
+    #[arg(long, global = true, default_value = "storage", value_name = "DIR")]
     storage: PathBuf,
     #[arg(
         long,
+        global = true,
         env = "DFOS_CREDENTIALS",
         default_value = "id_passwd.txt",
         value_name = "FILE"
     )]
     credentials: PathBuf,
-    #[arg(long, default_value = "node1", value_name = "ID")]
+    #[arg(long, global = true, default_value = "node1", value_name = "ID")]
     node_id: String,
     /// Topic-name prefix, to run independent deployments on one cluster.
-    #[arg(long, env = "DFOS_NAMESPACE", default_value = "")]
+    #[arg(long, global = true, env = "DFOS_NAMESPACE", default_value = "")]
     namespace: String,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, global = true, default_value_t = 1)]
     replication_factor: i32,
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    #[arg(long, global = true, default_value_t = 30, value_name = "SECS")]
     timeout: u64,
     /// librdkafka setting passed through, e.g. -X security.protocol=SSL.
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    #[arg(short = 'X', global = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
     kafka: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show this node's applied offset and lag per partition.
+    Status,
     /// Manage users in the credentials file.
     User {
         #[command(subcommand)]
         action: UserAction,
-        #[arg(
-            long,
-            global = true,
-            env = "DFOS_CREDENTIALS",
-            default_value = "id_passwd.txt",
-            value_name = "FILE"
-        )]
-        credentials: PathBuf,
     },
 }
 
@@ -81,17 +81,30 @@ fn read_password() -> anyhow::Result<String> {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    let config = storaged::Config {
+        brokers: cli.brokers,
+        storage: cli.storage,
+        credentials: cli.credentials,
+        node_id: cli.node_id,
+        namespace: cli.namespace,
+        replication_factor: cli.replication_factor,
+        timeout_secs: cli.timeout,
+        kafka_options: cli.kafka,
+        ..storaged::Config::default()
+    };
     match cli.command {
-        Some(Command::User {
-            action,
-            credentials,
-        }) => {
+        Some(Command::Status) => {
+            print!("{}", storaged::service::status(&config)?);
+            Ok(())
+        }
+        Some(Command::User { action }) => {
+            let credentials = &config.credentials;
             let (name, replace) = match &action {
                 UserAction::Add { name } => (name, false),
                 UserAction::Passwd { name } => (name, true),
             };
             let password = read_password()?;
-            storaged::credentials::set_password(&credentials, name, &password, replace)?;
+            storaged::credentials::set_password(credentials, name, &password, replace)?;
             eprintln!(
                 "{} user {name} in {}",
                 if replace { "updated" } else { "added" },
@@ -99,16 +112,6 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        None => storaged::run(storaged::Config {
-            brokers: cli.brokers,
-            storage: cli.storage,
-            credentials: cli.credentials,
-            node_id: cli.node_id,
-            namespace: cli.namespace,
-            replication_factor: cli.replication_factor,
-            timeout_secs: cli.timeout,
-            kafka_options: cli.kafka,
-            ..storaged::Config::default()
-        }),
+        None => storaged::run(config),
     }
 }

@@ -1,12 +1,18 @@
 //! The storage daemon's Kafka loop: consume `dfos.requests`, authenticate,
 //! apply, reply.
 //!
-//! Guarantees: a message that cannot be decoded, carries a bad token or
-//! fails to apply costs one log line and never stops the loop. Requests of
-//! one partition (one user) are applied in log order. The consumed offset
-//! is stored only after the request was applied, so a restart resumes at
-//! the first request not yet applied (at-least-once; replays are the
-//! replication issue's concern).
+//! Every node is a full replica: it reads every partition of the request
+//! topic, in order, from the offset its own checkpoint records, and replies
+//! to every request; mountd keeps the first reply.
+//!
+//! Guarantees:
+//! - a message that cannot be decoded, carries a bad token or fails to
+//!   apply costs one log line and never stops the loop;
+//! - requests of one partition (so of one user) are applied in log order;
+//! - each request takes effect once: offsets at or below the checkpoint are
+//!   skipped, and the one mutation per partition that a crash can leave in
+//!   doubt is settled by its own result (see [`Service::settle_in_doubt`]);
+//! - the reply is sent only after the effect and its offset are recorded.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +26,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode as Code;
+use rdkafka::{Offset, TopicPartitionList};
 
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
@@ -27,6 +34,7 @@ use dfos_protocol::{
     PROTOCOL_VERSION,
 };
 
+use crate::checkpoint::{read_applied, Checkpoint};
 use crate::credentials::Credentials;
 use crate::session;
 use crate::store::Store;
@@ -58,10 +66,12 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
     let requests = topics.requests();
     let events = topics.events();
     let min_isr = config.replication_factor.min(2).to_string();
-    let retention = config.request_retention_ms.to_string();
-    let new_topics: Vec<NewTopic> = [&requests, &events]
+    let request_retention = config.request_retention_ms.to_string();
+    // Events only matter to mounts that are up now.
+    let event_retention = "3600000".to_string();
+    let new_topics: Vec<NewTopic> = [(&requests, &request_retention), (&events, &event_retention)]
         .into_iter()
-        .map(|name| {
+        .map(|(name, retention)| {
             NewTopic::new(
                 name,
                 DEFAULT_REQUEST_PARTITIONS,
@@ -69,7 +79,8 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
             )
             .set("max.message.bytes", "1048588")
             .set("min.insync.replicas", &min_isr)
-            .set("retention.ms", &retention)
+            .set("retention.ms", retention)
+            .set("retention.bytes", "-1")
         })
         .collect();
     let timeout = Duration::from_secs(config.timeout_secs);
@@ -96,53 +107,85 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
     Ok(())
 }
 
+/// Requests older than this get no reply and read-only ones are not even
+/// executed: no mount waits that long (deadlines are seconds), and a
+/// replica catching up from the log would otherwise flood dead reply topics.
+pub const REPLY_HORIZON_SECS: i64 = 300;
+
 pub struct Service {
     config: Config,
     topics: Topics,
     store: Store,
     credentials: Credentials,
+    checkpoint: Checkpoint,
+    /// Per partition: the next mutation may already have been applied by a
+    /// run that crashed before writing its offset.
+    in_doubt: Vec<bool>,
 }
 
 impl Service {
-    pub fn new(config: Config, store: Store, credentials: Credentials) -> Self {
+    pub fn new(
+        config: Config,
+        store: Store,
+        credentials: Credentials,
+        partitions: usize,
+    ) -> std::io::Result<Self> {
         let topics = Topics::new(&config.namespace);
-        Service {
+        let checkpoint = Checkpoint::open(store.root(), &topics.requests(), partitions)?;
+        Ok(Service {
             config,
             topics,
             store,
             credentials,
-        }
+            checkpoint,
+            in_doubt: vec![true; partitions],
+        })
     }
 
-    /// Runs until `stop` is set.
-    pub fn run(&self, stop: Arc<AtomicBool>) -> Result<(), ServiceError> {
+    fn consumer(&self) -> Result<BaseConsumer, ServiceError> {
+        // A group of its own per node, though offsets are assigned by hand
+        // from the checkpoint: librdkafka needs a group id for assign().
         let group = match self.config.namespace.as_str() {
             "" => format!("dfos-storaged-{}", self.config.node_id),
             ns => format!("dfos-storaged-{ns}-{}", self.config.node_id),
         };
-        let consumer: BaseConsumer = client_config(&self.config)
+        Ok(client_config(&self.config)
             .set("group.id", &group)
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "5")
-            .set("session.timeout.ms", "10000")
-            .set("max.poll.interval.ms", "300000")
-            .create()?;
-        consumer.subscribe(&[&self.topics.requests()])?;
+            .set("fetch.error.backoff.ms", "50")
+            .create()?)
+    }
+
+    /// Runs until `stop` is set: every partition from the checkpoint on.
+    pub fn run(&mut self, stop: Arc<AtomicBool>) -> Result<(), ServiceError> {
+        let consumer = self.consumer()?;
+        let requests = self.topics.requests();
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..self.in_doubt.len() as i32 {
+            let start = match self.checkpoint.applied(partition) {
+                Some(offset) => Offset::Offset(offset + 1),
+                None => Offset::Beginning,
+            };
+            assignment.add_partition_offset(&requests, partition, start)?;
+        }
+        consumer.assign(&assignment)?;
         let producer: ThreadedProducer<DefaultProducerContext> = client_config(&self.config)
             .set("linger.ms", "0")
             .set("acks", "all")
+            .set("enable.idempotence", "true")
             .set(
                 "message.timeout.ms",
-                &(self.config.timeout_secs * 1000).to_string(),
+                (self.config.timeout_secs * 1000).to_string(),
             )
             .create()?;
         log::info!(
-            "op=start node={} group={group} topic={} storage={}",
+            "op=start node={} topic={requests} partitions={} storage={} checkpoint={}",
             self.config.node_id,
-            self.topics.requests(),
-            self.store.root().display()
+            self.in_doubt.len(),
+            self.store.root().display(),
+            self.checkpoint.path().display()
         );
         while !stop.load(Ordering::Relaxed) {
             let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
@@ -151,7 +194,7 @@ impl Service {
             let message = match polled {
                 Ok(m) => m,
                 Err(e) => {
-                    log::warn!("op=consume error={e}");
+                    log::warn!("op=consume node={} error={e}", self.config.node_id);
                     continue;
                 }
             };
@@ -161,13 +204,15 @@ impl Service {
             {
                 self.send_reply(&producer, reply);
             }
-            if let Err(e) = consumer.store_offset(message.topic(), partition, offset) {
-                log::warn!("op=store-offset partition={partition} offset={offset} error={e}");
-            }
         }
         log::info!("op=stop node={}", self.config.node_id);
+        if let Err(e) = self.checkpoint.persist_all() {
+            log::error!(
+                "op=stop node={} cannot write checkpoint: {e}",
+                self.config.node_id
+            );
+        }
         let _ = producer.flush(Duration::from_secs(5));
-        let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
         Ok(())
     }
 
@@ -202,9 +247,45 @@ impl Service {
         }
     }
 
-    /// Decodes, authenticates and applies one message. Returns the reply and
-    /// its topic, or `None` when the message is skipped.
-    pub fn handle(&self, bytes: &[u8], partition: i32, offset: i64) -> Option<(String, Reply)> {
+    /// Applies the message at `partition`/`offset` at most once, records the
+    /// offset, and returns the reply with its topic (`None`: no reply).
+    pub fn handle(&mut self, bytes: &[u8], partition: i32, offset: i64) -> Option<(String, Reply)> {
+        if self
+            .checkpoint
+            .applied(partition)
+            .is_some_and(|applied| offset <= applied)
+        {
+            log::debug!("op=replay partition={partition} offset={offset} already applied, skipped");
+            return None;
+        }
+        let outcome = self.decide(bytes, partition, offset);
+        let mutated = outcome
+            .as_ref()
+            .is_some_and(|(envelope, _)| envelope.request.mutates());
+        if let Err(e) = self.checkpoint.advance(partition, offset, mutated) {
+            // Without a durable offset a crash could re-apply this request
+            // differently; stopping is safer than diverging silently.
+            panic!("cannot record applied offset {offset} of partition {partition}: {e}");
+        }
+        let (envelope, result) = outcome?;
+        let fresh = crate::session::age_secs(envelope.client_time) <= REPLY_HORIZON_SECS;
+        fresh.then(|| {
+            let reply = Reply {
+                request_id: envelope.request_id,
+                node: self.config.node_id.clone(),
+                result,
+            };
+            (envelope.reply_to, reply)
+        })
+    }
+
+    /// Decodes and executes; `None` for messages that are skipped.
+    fn decide(
+        &mut self,
+        bytes: &[u8],
+        partition: i32,
+        offset: i64,
+    ) -> Option<(Envelope, Result<Payload, ErrorCode>)> {
         let envelope = match decode_envelope(bytes) {
             Ok(e) => e,
             Err(e) => {
@@ -222,7 +303,17 @@ impl Service {
             );
             return None;
         }
-        let result = self.execute(&envelope);
+        let stale = crate::session::age_secs(envelope.client_time) > REPLY_HORIZON_SECS;
+        if stale && !envelope.request.mutates() {
+            return None;
+        }
+        let mut result = self.execute(&envelope);
+        if envelope.request.mutates() {
+            let in_doubt = std::mem::replace(&mut self.in_doubt[partition as usize], false);
+            if in_doubt {
+                result = self.settle_in_doubt(&envelope, result);
+            }
+        }
         let level = if result.is_ok() {
             log::Level::Debug
         } else {
@@ -240,12 +331,53 @@ impl Service {
                 Err(code) => format!("{code:?}"),
             }
         );
-        let reply = Reply {
-            request_id: envelope.request_id,
-            node: self.config.node_id.clone(),
-            result,
+        Some((envelope, result))
+    }
+
+    /// The first mutation after a restart may have been applied just before
+    /// a crash. Its replay then finds its own effect: an exclusive create or
+    /// mkdir finds the name taken, an unlink, rmdir or rename finds the
+    /// source gone. That outcome means "already done", so it is answered as
+    /// the first application was. Writes and setattrs are idempotent anyway.
+    fn settle_in_doubt(
+        &self,
+        envelope: &Envelope,
+        result: Result<Payload, ErrorCode>,
+    ) -> Result<Payload, ErrorCode> {
+        let attr_of = |path: &str| {
+            let getattr = Request::GetAttr {
+                path: path.to_owned(),
+            };
+            self.store
+                .apply(&envelope.user, envelope.client_time, &getattr)
+                .map_err(|e| e.code())
         };
-        Some((envelope.reply_to, reply))
+        match (&envelope.request, &result) {
+            (
+                Request::Create { path, .. } | Request::Mkdir { path, .. },
+                Err(ErrorCode::Exists),
+            ) => {
+                log::info!(
+                    "op=replay user={} path={path:?} req={} settled as already applied",
+                    envelope.user,
+                    envelope.request_id
+                );
+                attr_of(path)
+            }
+            (
+                Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. },
+                Err(ErrorCode::NotFound),
+            ) => {
+                log::info!(
+                    "op=replay user={} path={:?} req={} settled as already applied",
+                    envelope.user,
+                    envelope.request.path(),
+                    envelope.request_id
+                );
+                Ok(Payload::Done)
+            }
+            _ => result,
+        }
     }
 
     fn execute(&self, envelope: &Envelope) -> Result<Payload, ErrorCode> {
@@ -288,15 +420,73 @@ impl Service {
     }
 }
 
+/// Number of partitions of the request topic, from the broker.
+pub fn request_partitions(config: &Config) -> Result<usize, ServiceError> {
+    let consumer: BaseConsumer = client_config(config).create()?;
+    let topic = Topics::new(&config.namespace).requests();
+    let metadata =
+        consumer.fetch_metadata(Some(&topic), Duration::from_secs(config.timeout_secs))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len());
+    if partitions == 0 {
+        return Err(ServiceError::Topic {
+            topic,
+            reason: "no partitions".into(),
+        });
+    }
+    Ok(partitions)
+}
+
+/// The admin view: this node's applied offset and lag per partition.
+pub fn status(config: &Config) -> Result<String, ServiceError> {
+    use std::fmt::Write;
+    let topic = Topics::new(&config.namespace).requests();
+    let applied = read_applied(&config.storage, &topic).map_err(|e| ServiceError::Topic {
+        topic: topic.clone(),
+        reason: e.to_string(),
+    })?;
+    let partitions = request_partitions(config)?;
+    let consumer: BaseConsumer = client_config(config).create()?;
+    let mut out = format!(
+        "node storage {} topic {topic}\npartition  applied       end       lag\n",
+        config.storage.display()
+    );
+    let mut total = 0;
+    for partition in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(
+            &topic,
+            partition as i32,
+            Duration::from_secs(config.timeout_secs),
+        )?;
+        let applied = applied.get(partition).copied().flatten();
+        // `high` is the next offset to be written; everything below it and
+        // at or above `low` is a request this node must apply.
+        let next = applied.map_or(low, |a| a + 1);
+        let lag = (high - next).max(0);
+        total += lag;
+        let shown = applied.map_or("-".to_string(), |a| a.to_string());
+        let _ = writeln!(out, "{partition:>9} {shown:>8} {high:>9} {lag:>9}");
+    }
+    let _ = writeln!(out, "total lag {total}");
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dfos_protocol::{encode_envelope, Timestamp};
+    use dfos_protocol::{encode_envelope, RenameMode, Timestamp};
 
-    fn service(dir: &std::path::Path) -> Service {
+    /// A service plus a fake partition log: each message gets the next offset.
+    struct Harness {
+        dir: tempfile::TempDir,
+        service: Service,
+        log: Vec<Vec<u8>>,
+    }
+
+    fn open_service(dir: &std::path::Path) -> Service {
         let creds = dir.join("id_passwd.txt");
-        crate::credentials::set_password(&creds, "alice", "pw", false).unwrap();
-        crate::credentials::set_password(&creds, "bob", "pw2", false).unwrap();
         let config = Config {
             namespace: "t".into(),
             ..Config::default()
@@ -305,10 +495,81 @@ mod tests {
             config,
             Store::new(&dir.join("storage")).unwrap(),
             Credentials::open(&creds).unwrap(),
+            12,
         )
+        .unwrap()
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let creds = dir.path().join("id_passwd.txt");
+            crate::credentials::set_password(&creds, "alice", "pw", false).unwrap();
+            crate::credentials::set_password(&creds, "bob", "pw2", false).unwrap();
+            let service = open_service(dir.path());
+            Harness {
+                dir,
+                service,
+                log: Vec::new(),
+            }
+        }
+
+        /// Appends to partition 0 and applies; returns the reply's result.
+        fn send(&mut self, bytes: Vec<u8>) -> Option<Result<Payload, ErrorCode>> {
+            self.log.push(bytes);
+            let offset = self.log.len() as i64 - 1;
+            self.service
+                .handle(&self.log[offset as usize], 0, offset)
+                .map(|(_, r)| r.result)
+        }
+
+        fn call(
+            &mut self,
+            user: &str,
+            token: &str,
+            request: Request,
+        ) -> Result<Payload, ErrorCode> {
+            self.send(envelope(user, token, request)).expect("a reply")
+        }
+
+        fn login(&mut self, user: &str, password: &str) -> String {
+            match self.call(
+                user,
+                "",
+                Request::Login {
+                    password: password.into(),
+                },
+            ) {
+                Ok(Payload::LoggedIn { token }) => token,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        /// Simulates kill -9 and restart: a new service on the same disk,
+        /// to which Kafka redelivers the log from `from` on.
+        fn crash_and_replay_from(
+            &mut self,
+            from: usize,
+        ) -> Vec<Option<Result<Payload, ErrorCode>>> {
+            self.service = open_service(self.dir.path());
+            (from..self.log.len())
+                .map(|offset| {
+                    self.service
+                        .handle(&self.log[offset], 0, offset as i64)
+                        .map(|(_, r)| r.result)
+                })
+                .collect()
+        }
+
+        fn user_file(&self, rel: &str) -> std::path::PathBuf {
+            self.dir.path().join("storage/alice").join(rel)
+        }
     }
 
     fn envelope(user: &str, token: &str, request: Request) -> Vec<u8> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
         encode_envelope(&Envelope {
             version: PROTOCOL_VERSION,
             request_id: 1,
@@ -316,7 +577,7 @@ mod tests {
             user: user.into(),
             token: token.into(),
             client_time: Timestamp {
-                secs: 1_800_000_000,
+                secs: now.as_secs() as i64,
                 nanos: 0,
             },
             request,
@@ -324,66 +585,122 @@ mod tests {
         .unwrap()
     }
 
-    fn result(s: &Service, bytes: &[u8]) -> Result<Payload, ErrorCode> {
-        s.handle(bytes, 0, 0).unwrap().1.result
-    }
-
     #[test]
     fn login_then_tokens_are_checked_per_user() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = service(dir.path());
-        assert_eq!(
-            result(
-                &s,
-                &envelope(
-                    "alice",
-                    "",
-                    Request::Login {
-                        password: "bad".into()
-                    }
-                )
-            ),
-            Err(ErrorCode::AccessDenied)
-        );
-        let Ok(Payload::LoggedIn { token }) = result(
-            &s,
-            &envelope(
-                "alice",
-                "",
-                Request::Login {
-                    password: "pw".into(),
-                },
-            ),
-        ) else {
-            panic!()
+        let mut h = Harness::new();
+        let bad = Request::Login {
+            password: "bad".into(),
         };
+        assert_eq!(h.call("alice", "", bad), Err(ErrorCode::AccessDenied));
+        let token = h.login("alice", "pw");
         let mkdir = Request::Mkdir {
             path: "d".into(),
             mode: 0o755,
         };
-        assert!(result(&s, &envelope("alice", &token, mkdir.clone())).is_ok());
+        assert!(h.call("alice", &token, mkdir.clone()).is_ok());
         // Alice's token does not open Bob's store, nor does a forged one.
         assert_eq!(
-            result(&s, &envelope("bob", &token, mkdir.clone())),
+            h.call("bob", &token, mkdir.clone()),
             Err(ErrorCode::AccessDenied)
         );
-        assert_eq!(
-            result(&s, &envelope("alice", "1.00", mkdir)),
-            Err(ErrorCode::AccessDenied)
-        );
-        assert!(!dir.path().join("storage/bob/d").exists());
+        assert_eq!(h.call("alice", "1.00", mkdir), Err(ErrorCode::AccessDenied));
+        assert!(!h.dir.path().join("storage/bob/d").exists());
     }
 
     #[test]
     fn garbage_and_foreign_reply_topics_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = service(dir.path());
-        assert!(s.handle(b"\xff\xff\xff garbage", 0, 0).is_none());
-        assert!(s.handle(&[], 0, 0).is_none());
+        let mut h = Harness::new();
+        assert!(h.send(b"\xff\xff\xff garbage".to_vec()).is_none());
+        assert!(h.send(Vec::new()).is_none());
         let mut foreign = decode_envelope(&envelope("alice", "", Request::StatFs)).unwrap();
         foreign.reply_to = "t.dfos.requests".into();
-        assert!(s
-            .handle(&encode_envelope(&foreign).unwrap(), 0, 0)
-            .is_none());
+        assert!(h.send(encode_envelope(&foreign).unwrap()).is_none());
+        assert!(h
+            .call(
+                "alice",
+                "",
+                Request::Login {
+                    password: "pw".into()
+                }
+            )
+            .is_ok());
+    }
+
+    /// DESIGN.md's hard case: rename a→b, create a, crash, replay. The
+    /// replayed rename must not move the new a.
+    #[test]
+    fn a_replayed_log_window_never_reapplies() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        let create = |p: &str| Request::Create {
+            path: p.into(),
+            mode: 0o644,
+            exclusive: true,
+        };
+        let write_a = |data: &[u8]| Request::Write {
+            path: "a".into(),
+            offset: 0,
+            data: data.to_vec(),
+        };
+        h.call("alice", &token, create("a")).unwrap();
+        h.call("alice", &token, write_a(b"old")).unwrap();
+        h.call(
+            "alice",
+            &token,
+            Request::Rename {
+                from: "a".into(),
+                to: "b".into(),
+                mode: RenameMode::Replace,
+            },
+        )
+        .unwrap();
+        h.call("alice", &token, create("a")).unwrap();
+        h.call("alice", &token, write_a(b"new")).unwrap();
+        let replies = h.crash_and_replay_from(0);
+        assert!(
+            replies.iter().all(Option::is_none),
+            "already-applied offsets must be skipped: {replies:?}"
+        );
+        assert_eq!(std::fs::read(h.user_file("a")).unwrap(), b"new");
+        assert_eq!(std::fs::read(h.user_file("b")).unwrap(), b"old");
+    }
+
+    /// A crash between applying a mutation and recording its offset: the
+    /// replay finds its own effect and answers as the first run did.
+    #[test]
+    fn the_mutation_in_doubt_after_a_crash_is_settled_as_applied() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        h.call(
+            "alice",
+            &token,
+            Request::Create {
+                path: "x".into(),
+                mode: 0o644,
+                exclusive: true,
+            },
+        )
+        .unwrap();
+        let rename = envelope(
+            "alice",
+            &token,
+            Request::Rename {
+                from: "x".into(),
+                to: "y".into(),
+                mode: RenameMode::Replace,
+            },
+        );
+        h.log.push(rename);
+        // Applied on disk, but the process died before the offset was written.
+        std::fs::rename(h.user_file("x"), h.user_file("y")).unwrap();
+        let replies = h.crash_and_replay_from(h.log.len() - 1);
+        assert_eq!(replies, vec![Some(Ok(Payload::Done))]);
+        // Only the first mutation is in doubt: a later failing one fails.
+        let again = Request::Rename {
+            from: "x".into(),
+            to: "y".into(),
+            mode: RenameMode::Replace,
+        };
+        assert_eq!(h.call("alice", &token, again), Err(ErrorCode::NotFound));
     }
 }

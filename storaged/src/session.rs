@@ -41,6 +41,14 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// How many seconds ago `t` was by this daemon's clock (negative if ahead).
+pub fn age_secs(t: Timestamp) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    now - t.secs
+}
+
 pub fn issue(user: &str, password_hash: &str, now: Timestamp) -> String {
     let expiry = now.secs.saturating_add(SESSION_LIFETIME_SECS);
     let tag = mac(user, password_hash, expiry).finalize().into_bytes();

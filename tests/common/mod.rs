@@ -187,7 +187,13 @@ impl Deployment {
         }
     }
 
-    pub fn mountd_command(&self, user: &str, mountpoint: &Path, timeout_secs: u64, brokers: &str) -> Command {
+    pub fn mountd_command(
+        &self,
+        user: &str,
+        mountpoint: &Path,
+        timeout_secs: u64,
+        brokers: &str,
+    ) -> Command {
         let mut cmd = Command::new(bin("mountd"));
         cmd.args([
             "--brokers",
@@ -254,7 +260,12 @@ impl Deployment {
     ) -> (std::process::ExitStatus, String, PathBuf) {
         let path = self.dir.path().join(format!("mnt-fail-{user}"));
         std::fs::create_dir_all(&path).unwrap();
-        let mut cmd = self.mountd_command(user, &path, timeout_secs, brokers_override.unwrap_or(&brokers()));
+        let mut cmd = self.mountd_command(
+            user,
+            &path,
+            timeout_secs,
+            brokers_override.unwrap_or(&brokers()),
+        );
         let out = cmd
             .env("DFOS_PASSWORD", password)
             .stdin(Stdio::null())
@@ -397,9 +408,15 @@ impl RawClient {
             c
         };
         let admin: AdminClient<DefaultClientContext> = cc().create().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let created = rt
-            .block_on(admin.create_topics([&NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()))
+            .block_on(admin.create_topics(
+                [&NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            ))
             .unwrap();
         assert!(created[0].is_ok(), "{created:?}");
         let consumer: rdkafka::consumer::BaseConsumer = cc()
@@ -409,22 +426,36 @@ impl RawClient {
             .create()
             .unwrap();
         let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(&reply_topic, 0, rdkafka::Offset::Beginning).unwrap();
+        tpl.add_partition_offset(&reply_topic, 0, rdkafka::Offset::Beginning)
+            .unwrap();
         consumer.assign(&tpl).unwrap();
         let producer = cc().create().unwrap();
-        RawClient { producer, consumer, topics, reply_topic, next_id: 1 }
+        RawClient {
+            producer,
+            consumer,
+            topics,
+            reply_topic,
+            next_id: 1,
+        }
     }
 
     /// Produces raw bytes onto the request topic with the given key.
     pub fn produce_raw(&self, key: &str, bytes: &[u8]) {
         use rdkafka::producer::{BaseRecord, Producer};
         let requests = self.topics.requests();
-        self.producer.send(BaseRecord::to(&requests).key(key).payload(bytes)).unwrap();
+        self.producer
+            .send(BaseRecord::to(&requests).key(key).payload(bytes))
+            .unwrap();
         self.producer.flush(Duration::from_secs(10)).unwrap();
     }
 
     /// Sends one request and waits up to 30 s for its reply.
-    pub fn call(&mut self, user: &str, token: &str, request: dfos_protocol::Request) -> Result<dfos_protocol::Payload, dfos_protocol::ErrorCode> {
+    pub fn call(
+        &mut self,
+        user: &str,
+        token: &str,
+        request: dfos_protocol::Request,
+    ) -> Result<dfos_protocol::Payload, dfos_protocol::ErrorCode> {
         use rdkafka::message::Message;
         let request_id = self.next_id;
         self.next_id += 1;
@@ -435,7 +466,10 @@ impl RawClient {
             user: user.into(),
             token: token.into(),
             client_time: dfos_protocol::Timestamp {
-                secs: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64,
+                secs: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64,
                 nanos: 0,
             },
             request,
@@ -444,7 +478,8 @@ impl RawClient {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             if let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(100)) {
-                let reply = dfos_protocol::decode_reply(message.payload().unwrap_or_default()).unwrap();
+                let reply =
+                    dfos_protocol::decode_reply(message.payload().unwrap_or_default()).unwrap();
                 if reply.request_id == request_id {
                     return reply.result;
                 }
@@ -454,7 +489,13 @@ impl RawClient {
     }
 
     pub fn login(&mut self, (user, password): (&str, &str)) -> String {
-        match self.call(user, "", dfos_protocol::Request::Login { password: password.into() }) {
+        match self.call(
+            user,
+            "",
+            dfos_protocol::Request::Login {
+                password: password.into(),
+            },
+        ) {
             Ok(dfos_protocol::Payload::LoggedIn { token }) => token,
             other => panic!("login failed: {other:?}"),
         }
