@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Runs a real Apache Kafka (KRaft, combined broker+controller) for dfos.
+# Runs a real Apache Kafka (KRaft) for dfos: one combined broker+controller
+# node by default, or a cluster of N such nodes on 127.0.0.1.
 #
 # Why a script: CI and fresh clones must get a real broker with nothing but
 # Java 17 and Maven. The jars come from Maven Central into a git-ignored
 # cache (.cache/kafka) and are reused on later runs.
 #
 #   scripts/kafka.sh start|stop|status|ready|fetch
-#   (ready: some broker on the port answers metadata requests, ours or not)
+#   scripts/kafka.sh kill-node I | start-node I     (cluster tests)
+#   ready: some broker on the port answers metadata requests, ours or not
 #
 # Environment:
-#   DFOS_KAFKA_PORT   client port (default 9092); controller uses port+1000
+#   DFOS_KAFKA_PORT   client port of node 1 (default 9092); node I listens on
+#                     port+I-1, its controller on port+1000+I-1
+#   DFOS_KAFKA_NODES  number of nodes (default 1; 3 for a replicated cluster)
 #   DFOS_KAFKA_HOME   cache directory (default <repo>/.cache/kafka)
 #   KAFKA_VERSION     Apache Kafka version from Maven Central (default 4.1.1)
 set -euo pipefail
@@ -17,14 +21,17 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 version=${KAFKA_VERSION:-4.1.1}
 port=${DFOS_KAFKA_PORT:-9092}
-controller_port=$((port + 1000))
+nodes=${DFOS_KAFKA_NODES:-1}
 home=${DFOS_KAFKA_HOME:-$repo/.cache/kafka}
 libs=$home/libs-$version
-inst=$home/node-$port
-pidfile=$inst/kafka.pid
-logfile=$inst/kafka.log
+if [ "$nodes" = 1 ]; then cluster=$home/node-$port; else cluster=$home/cluster-$nodes-$port; fi
 
 die() { echo "kafka.sh: $*" >&2; exit 1; }
+
+node_dir() { if [ "$nodes" = 1 ]; then echo "$cluster"; else echo "$cluster/node-$1"; fi; }
+node_port() { echo $((port + $1 - 1)); }
+controller_port() { echo $((port + 1000 + $1 - 1)); }
+pidfile() { echo "$(node_dir "$1")/kafka.pid"; }
 
 need_tools() {
   command -v java >/dev/null || die "Java 17 or newer is required (java not found on PATH)"
@@ -56,10 +63,9 @@ POM
   touch "$libs/.complete"
 }
 
-java_run() { java -Xms128m -Xmx512m -Dlog4j2.configurationFile="$home/log4j2.properties" -cp "$libs/*" "$@"; }
+java_run() { java -Xms64m -Xmx256m -Dlog4j2.configurationFile="$home/log4j2.properties" -cp "$libs/*" "$@"; }
 
-write_config() {
-  mkdir -p "$inst/data"
+write_log_config() {
   cat > "$home/log4j2.properties" <<'L4J'
 status = warn
 appender.out.type = Console
@@ -73,86 +79,148 @@ logger.kafka.level = WARN
 logger.state.name = state.change.logger
 logger.state.level = WARN
 L4J
-  cat > "$inst/server.properties" <<PROPS
+}
+
+write_config() {
+  local i=$1 dir; dir=$(node_dir "$i")
+  mkdir -p "$dir/data"
+  local replicas=$((nodes < 3 ? nodes : 3))
+  local min_isr=$((nodes < 3 ? 1 : 2))
+  local quorum
+  if [ "$nodes" = 1 ]; then
+    quorum="controller.quorum.bootstrap.servers=127.0.0.1:$(controller_port 1)"
+  else
+    quorum="controller.quorum.voters=$(for j in $(seq 1 "$nodes"); do printf '%s@127.0.0.1:%s,' "$j" "$(controller_port "$j")"; done | sed 's/,$//')"
+  fi
+  cat > "$dir/server.properties" <<PROPS
 process.roles=broker,controller
-node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:$controller_port
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+node.id=$i
+$quorum
+listeners=PLAINTEXT://127.0.0.1:$(node_port "$i"),CONTROLLER://127.0.0.1:$(controller_port "$i")
+advertised.listeners=PLAINTEXT://127.0.0.1:$(node_port "$i")
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
-log.dirs=$inst/data
+log.dirs=$dir/data
 num.partitions=1
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+default.replication.factor=$replicas
+min.insync.replicas=$min_isr
+offsets.topic.replication.factor=$replicas
+transaction.state.log.replication.factor=$replicas
+transaction.state.log.min.isr=$min_isr
+transaction.state.log.num.partitions=3
+offsets.topic.num.partitions=3
+share.coordinator.state.topic.replication.factor=$replicas
+share.coordinator.state.topic.min.isr=$min_isr
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 delete.topic.enable=true
-log.retention.hours=168
+message.max.bytes=1048588
+broker.heartbeat.interval.ms=500
+broker.session.timeout.ms=4000
 PROPS
 }
 
-running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+running() { local f; f=$(pidfile "$1"); [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
+
+bootstrap() { for i in $(seq 1 "$nodes"); do printf '127.0.0.1:%s,' "$(node_port "$i")"; done | sed 's/,$//'; }
 
 answers_metadata() {
-  java_run org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$port" --list >/dev/null 2>&1
+  java_run org.apache.kafka.tools.TopicCommand --bootstrap-server "$1" --list >/dev/null 2>&1
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+format_storage() {
+  local i=$1 dir; dir=$(node_dir "$i")
+  [ -f "$dir/data/meta.properties" ] && return 0
+  local mode=()
+  [ "$nodes" = 1 ] && mode=(--standalone)
+  java_run kafka.tools.StorageTool format "${mode[@]}" -t "$cluster_id" -c "$dir/server.properties" \
+    >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; die "formatting KRaft storage of node $i failed"; }
+}
+
+launch() {
+  local i=$1 dir; dir=$(node_dir "$i")
+  if running "$i"; then return 0; fi
+  local heap=1g; [ "$nodes" = 1 ] || heap=512m
+  nohup java -Xms128m -Xmx$heap -XX:+UseG1GC -Dlog4j2.configurationFile="$home/log4j2.properties" \
+    -cp "$libs/*" kafka.Kafka "$dir/server.properties" >>"$dir/kafka.log" 2>&1 </dev/null &
+  echo $! >"$(pidfile "$i")"
+}
+
+wait_ready() {
+  local deadline=$((SECONDS + 180))
+  until port_open "$(node_port 1)" && answers_metadata "$(bootstrap)"; do
+    for i in $(seq 1 "$nodes"); do
+      running "$i" || { tail -30 "$(node_dir "$i")/kafka.log" >&2; die "node $i exited during start-up"; }
+    done
+    [ $SECONDS -lt $deadline ] || { stop; die "Kafka not ready after 180 s (logs in $cluster)"; }
+    sleep 1
+  done
+}
 
 start() {
   fetch
-  if running; then
-    echo "kafka.sh: already running (pid $(cat "$pidfile"), port $port)"
+  write_log_config
+  local all_running=1
+  for i in $(seq 1 "$nodes"); do running "$i" || all_running=0; done
+  if [ $all_running = 1 ]; then
+    echo "kafka.sh: already running ($nodes node(s), bootstrap $(bootstrap))"
     return 0
   fi
-  port_open && die "port $port is taken by another process; set DFOS_KAFKA_PORT"
-  write_config
-  if [ ! -f "$inst/data/meta.properties" ]; then
-    java_run kafka.tools.StorageTool format --standalone -t "$(java_run kafka.tools.StorageTool random-uuid)" \
-      -c "$inst/server.properties" >"$inst/format.log" 2>&1 \
-      || { cat "$inst/format.log" >&2; die "formatting KRaft storage failed"; }
-  fi
-  nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Dlog4j2.configurationFile="$home/log4j2.properties" \
-    -cp "$libs/*" kafka.Kafka "$inst/server.properties" >"$logfile" 2>&1 </dev/null &
-  echo $! >"$pidfile"
-  local deadline=$((SECONDS + 120))
-  until port_open && answers_metadata; do
-    running || { tail -30 "$logfile" >&2; die "broker exited during start-up (log: $logfile)"; }
-    [ $SECONDS -lt $deadline ] || { stop; die "broker not ready after 120 s (log: $logfile)"; }
-    sleep 1
+  mkdir -p "$cluster"
+  [ -f "$cluster/cluster.id" ] || java_run kafka.tools.StorageTool random-uuid >"$cluster/cluster.id"
+  cluster_id=$(cat "$cluster/cluster.id")
+  for i in $(seq 1 "$nodes"); do
+    running "$i" && continue
+    port_open "$(node_port "$i")" && die "port $(node_port "$i") is taken by another process; set DFOS_KAFKA_PORT"
+    write_config "$i"
+    format_storage "$i"
+    launch "$i"
   done
-  echo "kafka.sh: broker ready on 127.0.0.1:$port (pid $(cat "$pidfile"))"
+  wait_ready
+  echo "kafka.sh: ready, $nodes node(s), bootstrap $(bootstrap)"
+}
+
+stop_node() {
+  local i=$1 signal=${2:-TERM} f; f=$(pidfile "$i")
+  if ! running "$i"; then rm -f "$f"; return 0; fi
+  local pid; pid=$(cat "$f")
+  kill -s "$signal" "$pid"
+  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  rm -f "$f"
+  echo "kafka.sh: stopped node $i (pid $pid)"
 }
 
 stop() {
-  if ! running; then echo "kafka.sh: not running"; rm -f "$pidfile"; return 0; fi
-  local pid; pid=$(cat "$pidfile")
-  kill "$pid"
-  for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-  rm -f "$pidfile"
-  echo "kafka.sh: stopped pid $pid"
+  for i in $(seq "$nodes" -1 1); do stop_node "$i"; done
 }
 
 status() {
-  if running; then echo "running pid $(cat "$pidfile") port $port"; else echo "stopped"; return 1; fi
+  local any=0
+  for i in $(seq 1 "$nodes"); do
+    if running "$i"; then echo "node $i running pid $(cat "$(pidfile "$i")") port $(node_port "$i")"; any=1
+    else echo "node $i stopped"; fi
+  done
+  [ $any = 1 ]
 }
 
 ready() {
   [ -f "$libs/.complete" ] || return 1
-  port_open && answers_metadata
+  write_log_config
+  port_open "$port" && answers_metadata "127.0.0.1:$port"
 }
 
 case "${1:-}" in
   start) start ;;
-  ready) ready ;;
   stop) stop ;;
   status) status ;;
+  ready) ready ;;
   fetch) fetch ;;
-  *) echo "usage: $0 start|stop|status|ready|fetch" >&2; exit 2 ;;
+  kill-node) stop_node "${2:?node number}" KILL ;;
+  start-node) write_log_config; cluster_id=$(cat "$cluster/cluster.id"); launch "${2:?node number}" ;;
+  bootstrap) bootstrap ;;
+  *) echo "usage: $0 start|stop|status|ready|fetch|kill-node I|start-node I|bootstrap" >&2; exit 2 ;;
 esac

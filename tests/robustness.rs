@@ -91,8 +91,8 @@ fn a_restarted_storage_daemon_serves_an_idle_mount_without_remount() {
     let mut d = Deployment::start("restart");
     let m = d.mount(USER1);
     ok(&format!("echo before > {}", m.p("a")));
-    d.stop_storaged();
-    d.start_storaged();
+    d.stop_node(0);
+    d.start_node(0);
     assert_eq!(ok(&format!("cat {}", m.p("a"))), "before\n");
     ok(&format!("echo after > {}", m.p("b")));
     assert_eq!(
@@ -106,10 +106,10 @@ fn a_dead_storage_daemon_gives_eio_after_the_deadline_then_recovers() {
     let mut d = Deployment::start("deadline");
     let m = d.mount_with_timeout(USER1, 3);
     ok(&format!("echo x > {}", m.p("a")));
-    d.kill_storaged();
+    d.kill_node(0);
     let err = fs::metadata(m.join("never-looked-up")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    d.start_storaged();
+    d.start_node(0);
     // The first requests may still be queued behind the stale ones.
     let mut attempts = 0;
     while fs::read_to_string(m.join("a")).ok().as_deref() != Some("x\n") {
@@ -145,7 +145,7 @@ fn random_bytes_on_the_request_topic_do_not_stop_the_storage_daemon() {
         fs::read_to_string(d.storage.join("User1/after-garbage")).unwrap(),
         "still-serving\n"
     );
-    let log = fs::read_to_string(d.log_path("storaged-1")).unwrap();
+    let log = fs::read_to_string(d.log_path("storaged-0-run1")).unwrap();
     assert!(
         log.contains("skipping message"),
         "garbage was not reported in the log"

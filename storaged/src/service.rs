@@ -189,6 +189,9 @@ impl Service {
         );
         while !stop.load(Ordering::Relaxed) {
             let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+                if let Err(e) = self.checkpoint.persist_all() {
+                    log::warn!("op=checkpoint node={} error={e}", self.config.node_id);
+                }
                 continue;
             };
             let message = match polled {

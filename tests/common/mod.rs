@@ -8,6 +8,8 @@
 //! when a test panics, so no mount or process is left behind.
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -97,18 +99,38 @@ fn stop_child(child: &mut Child, grace: Duration) {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// One storage daemon of a deployment: a replica with its own directory.
+struct Node {
+    storage: PathBuf,
+    process: Option<Child>,
+    runs: u32,
+}
+
 pub struct Deployment {
     pub dir: tempfile::TempDir,
     pub namespace: String,
+    /// Storage root of node 0.
     pub storage: PathBuf,
     pub credentials: PathBuf,
-    storaged: Option<Child>,
-    storaged_runs: u32,
+    pub brokers: String,
+    replication_factor: u32,
+    nodes: Vec<Node>,
 }
 
 impl Deployment {
-    /// A fresh deployment with users User1 and User2 and a running storaged.
+    /// A fresh deployment with users User1 and User2 and one running storaged.
     pub fn start(name: &str) -> Deployment {
+        Deployment::start_replicated(name, 1, &brokers(), 1)
+    }
+
+    /// `replicas` running storage daemons on `brokers`, whose topics get
+    /// `replication_factor`.
+    pub fn start_replicated(
+        name: &str,
+        replicas: usize,
+        brokers: &str,
+        replication_factor: u32,
+    ) -> Deployment {
         let dir = tempfile::Builder::new()
             .prefix(&format!("dfos-{name}-"))
             .tempdir()
@@ -120,17 +142,21 @@ impl Deployment {
             name.replace('_', "-")
         );
         let mut d = Deployment {
-            storage: dir.path().join("storage"),
+            storage: dir.path().join("storage-0"),
             credentials: dir.path().join("id_passwd.txt"),
             dir,
             namespace,
-            storaged: None,
-            storaged_runs: 0,
+            brokers: brokers.to_owned(),
+            replication_factor,
+            nodes: Vec::new(),
         };
         for (user, password) in [USER1, USER2] {
             d.add_user(user, password);
         }
-        d.start_storaged();
+        for _ in 0..replicas {
+            let node = d.add_node();
+            d.start_node(node);
+        }
         d
     }
 
@@ -146,44 +172,118 @@ impl Deployment {
         assert!(child.wait().unwrap().success(), "storaged user add {user}");
     }
 
+    /// A new local directory beside the deployment (a model, a source tree).
+    pub fn local_dir(&self, name: &str) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    }
+
     pub fn log_path(&self, what: &str) -> PathBuf {
         self.dir.path().join(format!("{what}.log"))
     }
 
-    pub fn start_storaged(&mut self) {
-        assert!(self.storaged.is_none(), "storaged already running");
-        self.storaged_runs += 1;
-        let log = std::fs::File::create(self.log_path(&format!("storaged-{}", self.storaged_runs)))
-            .unwrap();
+    /// A new replica with an empty storage directory, not yet started.
+    pub fn add_node(&mut self) -> usize {
+        let index = self.nodes.len();
+        self.nodes.push(Node {
+            storage: self.dir.path().join(format!("storage-{index}")),
+            process: None,
+            runs: 0,
+        });
+        index
+    }
+
+    pub fn node_storage(&self, node: usize) -> &Path {
+        &self.nodes[node].storage
+    }
+
+    fn storaged_args(&self, node: usize) -> Vec<String> {
+        vec![
+            "--brokers".into(),
+            self.brokers.clone(),
+            "--namespace".into(),
+            self.namespace.clone(),
+            "--credentials".into(),
+            self.credentials.display().to_string(),
+            "--storage".into(),
+            self.nodes[node].storage.display().to_string(),
+            "--node-id".into(),
+            format!("node{node}"),
+            "--replication-factor".into(),
+            self.replication_factor.to_string(),
+        ]
+    }
+
+    pub fn start_node(&mut self, node: usize) {
+        assert!(
+            self.nodes[node].process.is_none(),
+            "node {node} already running"
+        );
+        self.nodes[node].runs += 1;
+        let log_name = format!("storaged-{node}-run{}", self.nodes[node].runs);
+        let log = std::fs::File::create(self.log_path(&log_name)).unwrap();
         let child = Command::new(bin("storaged"))
-            .args([
-                "--brokers",
-                &brokers(),
-                "--namespace",
-                &self.namespace,
-                "--credentials",
-            ])
-            .arg(&self.credentials)
-            .arg("--storage")
-            .arg(&self.storage)
+            .args(self.storaged_args(node))
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        self.storaged = Some(child);
+        self.nodes[node].process = Some(child);
     }
 
-    pub fn stop_storaged(&mut self) {
-        if let Some(mut child) = self.storaged.take() {
+    /// SIGTERM: a clean stop.
+    pub fn stop_node(&mut self, node: usize) {
+        if let Some(mut child) = self.nodes[node].process.take() {
             stop_child(&mut child, Duration::from_secs(10));
         }
     }
 
-    pub fn kill_storaged(&mut self) {
-        if let Some(mut child) = self.storaged.take() {
+    /// SIGKILL: a crash at whatever point the daemon is.
+    pub fn kill_node(&mut self, node: usize) {
+        if let Some(mut child) = self.nodes[node].process.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    pub fn node_pid(&self, node: usize) -> u32 {
+        self.nodes[node]
+            .process
+            .as_ref()
+            .expect("node running")
+            .id()
+    }
+
+    /// `storaged status` of a node: its applied offsets and lag.
+    pub fn node_status(&self, node: usize) -> String {
+        let out = Command::new(bin("storaged"))
+            .args(self.storaged_args(node))
+            .arg("status")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "storaged status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until `node` has applied everything in the request log.
+    pub fn wait_caught_up(&self, node: usize, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let status = self.node_status(node);
+            if status.lines().any(|l| l.trim() == "total lag 0") {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "node {node} did not catch up:\n{status}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
         }
     }
 
@@ -220,7 +320,7 @@ impl Deployment {
         let log_path = self.log_path(&format!("mountd-{user}"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = self
-            .mountd_command(user, &path, timeout_secs, &brokers())
+            .mountd_command(user, &path, timeout_secs, &self.brokers)
             .env("DFOS_PASSWORD", password)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -264,7 +364,7 @@ impl Deployment {
             user,
             &path,
             timeout_secs,
-            brokers_override.unwrap_or(&brokers()),
+            brokers_override.unwrap_or(&self.brokers),
         );
         let out = cmd
             .env("DFOS_PASSWORD", password)
@@ -285,7 +385,7 @@ impl Deployment {
         use rdkafka::client::DefaultClientContext;
         use rdkafka::config::ClientConfig;
         let Ok(admin) = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &self.brokers)
             .create::<AdminClient<DefaultClientContext>>()
         else {
             return;
@@ -311,7 +411,9 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        self.stop_storaged();
+        for node in 0..self.nodes.len() {
+            self.stop_node(node);
+        }
         self.delete_topics();
         if std::thread::panicking() {
             eprintln!("--- logs kept in {} ---", self.dir.path().display());

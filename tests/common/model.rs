@@ -1,0 +1,195 @@
+//! A random workload applied to a dfos mount and to a local directory (the
+//! model) side by side, and a digest of a directory tree to compare them.
+//!
+//! Each step performs one operation on both sides and checks that both give
+//! the same outcome: the same data, or the same errno.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+const DIRS: [&str; 4] = ["", "d0", "d1", "d0/e"];
+const MAX_OFFSET: u64 = 3 << 20;
+const MAX_WRITE: usize = 1_500_000;
+
+pub struct Workload {
+    rng: StdRng,
+    /// Steps taken so far, for messages.
+    pub steps: usize,
+}
+
+/// What one side of a step gave: bytes read (or nothing), or an errno.
+type Outcome = Result<Vec<u8>, i32>;
+
+fn outcome(r: io::Result<Vec<u8>>) -> Outcome {
+    r.map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+impl Workload {
+    pub fn new(seed: u64) -> Workload {
+        Workload {
+            rng: StdRng::seed_from_u64(seed),
+            steps: 0,
+        }
+    }
+
+    fn path(&mut self) -> String {
+        let dir = DIRS[self.rng.gen_range(0..DIRS.len())];
+        let name = if self.rng.gen_bool(0.2) {
+            format!("d{}", self.rng.gen_range(0..2))
+        } else {
+            format!("f{}", self.rng.gen_range(0..6))
+        };
+        if dir.is_empty() {
+            name
+        } else {
+            format!("{dir}/{name}")
+        }
+    }
+
+    /// One random operation on both trees; panics if their outcomes differ.
+    /// Returns a description of the step.
+    pub fn step(&mut self, mount: &Path, model: &Path) -> String {
+        self.steps += 1;
+        let path = self.path();
+        let (m, l) = (mount.join(&path), model.join(&path));
+        let choice = self.rng.gen_range(0..100);
+        let (what, remote, local): (String, Outcome, Outcome) = match choice {
+            0..=34 => {
+                let offset = self.rng.gen_range(0..MAX_OFFSET);
+                let len = self.rng.gen_range(1..MAX_WRITE);
+                let mut data = vec![0u8; len];
+                self.rng.fill(&mut data[..]);
+                let write = |p: &Path| -> io::Result<Vec<u8>> {
+                    let f = OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(p)?;
+                    f.write_all_at(&data, offset)?;
+                    f.sync_all()?;
+                    Ok(Vec::new())
+                };
+                (
+                    format!("write {path} @{offset} +{len}"),
+                    outcome(write(&m)),
+                    outcome(write(&l)),
+                )
+            }
+            35..=44 => {
+                let size = self.rng.gen_range(0..MAX_OFFSET);
+                let truncate = |p: &Path| -> io::Result<Vec<u8>> {
+                    OpenOptions::new().write(true).open(p)?.set_len(size)?;
+                    Ok(Vec::new())
+                };
+                (
+                    format!("truncate {path} {size}"),
+                    outcome(truncate(&m)),
+                    outcome(truncate(&l)),
+                )
+            }
+            45..=59 => (
+                format!("read {path}"),
+                outcome(fs::read(&m)),
+                outcome(fs::read(&l)),
+            ),
+            60..=69 => {
+                let to = self.path();
+                let rename = |from: &Path, to: &Path| fs::rename(from, to).map(|_| Vec::new());
+                (
+                    format!("rename {path} {to}"),
+                    outcome(rename(&m, &mount.join(&to))),
+                    outcome(rename(&l, &model.join(&to))),
+                )
+            }
+            70..=77 => {
+                let unlink = |p: &Path| fs::remove_file(p).map(|_| Vec::new());
+                (
+                    format!("unlink {path}"),
+                    outcome(unlink(&m)),
+                    outcome(unlink(&l)),
+                )
+            }
+            78..=87 => {
+                let mkdir = |p: &Path| fs::create_dir(p).map(|_| Vec::new());
+                (
+                    format!("mkdir {path}"),
+                    outcome(mkdir(&m)),
+                    outcome(mkdir(&l)),
+                )
+            }
+            88..=92 => {
+                let rmdir = |p: &Path| fs::remove_dir(p).map(|_| Vec::new());
+                (
+                    format!("rmdir {path}"),
+                    outcome(rmdir(&m)),
+                    outcome(rmdir(&l)),
+                )
+            }
+            _ => {
+                let stat = |p: &Path| -> io::Result<Vec<u8>> {
+                    let meta = fs::metadata(p)?;
+                    let size = if meta.is_dir() { 0 } else { meta.len() };
+                    Ok(format!(
+                        "{} {size} {:o}",
+                        meta.is_dir(),
+                        meta.permissions().mode() & 0o7777
+                    )
+                    .into_bytes())
+                };
+                (format!("stat {path}"), outcome(stat(&m)), outcome(stat(&l)))
+            }
+        };
+        assert!(
+            remote == local,
+            "step {} `{what}` differs: mount {:?}, model {:?}",
+            self.steps,
+            remote.as_ref().map(|v| v.len()),
+            local.as_ref().map(|v| v.len())
+        );
+        what
+    }
+}
+
+/// One line per entry below `root` (".dfos" excluded): path, kind, mode,
+/// size and SHA-256 of the bytes, sorted. Equal listings mean equal trees.
+pub fn tree_listing(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, rel: &str, out: &mut Vec<String>) {
+        let dir = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
+        for entry in fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            if rel.is_empty() && name == ".dfos" {
+                continue;
+            }
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = fs::symlink_metadata(root.join(&path)).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                out.push(format!("{path} dir {mode:o}"));
+                walk(root, &path, out);
+            } else {
+                let digest = Sha256::digest(fs::read(root.join(&path)).unwrap());
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                out.push(format!("{path} file {mode:o} {} {hex}", meta.len()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, "", &mut out);
+    out.sort();
+    out
+}
