@@ -25,6 +25,7 @@ use dfos_protocol::{
 use tokio::sync::Semaphore;
 
 use crate::inodes::{self, InodeTable};
+use crate::readahead::ReadCache;
 use crate::rpc::{RpcError, Transport};
 
 /// Chunks of one inode in flight at once: 8 × 512 KiB = 4 MiB per file.
@@ -165,18 +166,11 @@ impl WriteStream {
     }
 }
 
-/// The last chunk read from an inode, to serve the kernel's 128 KiB reads
-/// from one 512 KiB round trip.
-struct ReadBlock {
-    offset: u64,
-    data: Arc<Vec<u8>>,
-}
-
 pub struct DfosFs<T: Transport> {
     transport: T,
     inodes: Mutex<InodeTable>,
     writes: Mutex<HashMap<u64, Arc<WriteStream>>>,
-    reads: Mutex<HashMap<u64, ReadBlock>>,
+    reads: ReadCache,
     listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
 }
@@ -198,7 +192,7 @@ impl<T: Transport> DfosFs<T> {
             transport,
             inodes: Mutex::default(),
             writes: Mutex::default(),
-            reads: Mutex::default(),
+            reads: ReadCache::default(),
             listings: Mutex::default(),
             next_handle: AtomicU64::new(1),
         }
@@ -237,7 +231,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     fn drop_cached_data(&self, ino: u64) {
-        self.reads.lock().unwrap().remove(&ino);
+        self.reads.forget(ino);
     }
 
     /// Makes buffered writes of `ino` visible on the server.
@@ -416,56 +410,10 @@ impl<T: Transport> DfosFs<T> {
     /// Reads up to `size` bytes; shorter only at end of file.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         self.flush(ino).await?;
-        let mut out = Vec::with_capacity(size as usize);
-        while out.len() < size as usize {
-            let at = offset + out.len() as u64;
-            let piece = self
-                .read_piece(ino, at, (size as usize - out.len()).min(CHUNK_SIZE))
-                .await?;
-            let short = piece.len() < (size as usize - out.len()).min(CHUNK_SIZE);
-            out.extend_from_slice(&piece);
-            if short {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    /// At most one chunk, from the cached block when it covers the range.
-    /// A cached block shorter than a chunk ended at end of file.
-    async fn read_piece(&self, ino: u64, offset: u64, size: usize) -> FsResult<Vec<u8>> {
-        let end = offset + size as u64;
-        let cached = self.reads.lock().unwrap().get(&ino).and_then(|b| {
-            let block_end = b.offset + b.data.len() as u64;
-            let covers = b.offset <= offset && (end <= block_end || b.data.len() < CHUNK_SIZE);
-            covers.then(|| (b.offset, b.data.clone()))
-        });
-        let (block_offset, data) = match cached {
-            Some(hit) => hit,
-            None => {
-                let path = self.path_of(ino)?;
-                let request = Request::Read {
-                    path,
-                    offset,
-                    len: CHUNK_SIZE as u32,
-                };
-                let Payload::Data(data) = self.call(request).await? else {
-                    return Err(FsError::UnexpectedReply);
-                };
-                let data = Arc::new(data);
-                self.reads.lock().unwrap().insert(
-                    ino,
-                    ReadBlock {
-                        offset,
-                        data: data.clone(),
-                    },
-                );
-                (offset, data)
-            }
-        };
-        let start = ((offset - block_offset) as usize).min(data.len());
-        let stop = ((end - block_offset) as usize).min(data.len());
-        Ok(data[start..stop].to_vec())
+        let path = self.path_of(ino)?;
+        self.reads
+            .read(&self.transport, ino, &path, offset, size)
+            .await
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {

@@ -3,12 +3,14 @@
 //! Mounts one user's remote store as a local folder. The layers, bottom up:
 //! - [`rpc`]: request/reply over Kafka with a deadline on every request;
 //! - [`inodes`]: inode numbers for a path-based protocol;
-//! - [`fs`]: the filesystem core (caches, write buffers), kernel-free;
+//! - [`readahead`]: cached file blocks and sequential read-ahead;
+//! - [`fs`]: the filesystem core (write buffers, consistency), kernel-free;
 //! - [`fuse`]: the thin fuser adapter and the errno mapping.
 
 pub mod fs;
 pub mod fuse;
 pub mod inodes;
+pub mod readahead;
 pub mod rpc;
 
 use std::path::PathBuf;

@@ -156,10 +156,20 @@ impl Workload {
     }
 }
 
+/// Names, kinds, modes and sizes below `root`, without reading contents:
+/// cheap enough to compare after every step.
+pub fn tree_shape(root: &Path) -> Vec<String> {
+    listing(root, false)
+}
+
 /// One line per entry below `root` (".dfos" excluded): path, kind, mode,
 /// size and SHA-256 of the bytes, sorted. Equal listings mean equal trees.
 pub fn tree_listing(root: &Path) -> Vec<String> {
-    fn walk(root: &Path, rel: &str, out: &mut Vec<String>) {
+    listing(root, true)
+}
+
+fn listing(root: &Path, with_contents: bool) -> Vec<String> {
+    fn walk(root: &Path, rel: &str, with_contents: bool, out: &mut Vec<String>) {
         let dir = if rel.is_empty() {
             root.to_path_buf()
         } else {
@@ -180,7 +190,9 @@ pub fn tree_listing(root: &Path) -> Vec<String> {
             let mode = meta.permissions().mode() & 0o7777;
             if meta.is_dir() {
                 out.push(format!("{path} dir {mode:o}"));
-                walk(root, &path, out);
+                walk(root, &path, with_contents, out);
+            } else if !with_contents {
+                out.push(format!("{path} file {mode:o} {}", meta.len()));
             } else {
                 let digest = Sha256::digest(fs::read(root.join(&path)).unwrap());
                 let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -189,7 +201,7 @@ pub fn tree_listing(root: &Path) -> Vec<String> {
         }
     }
     let mut out = Vec::new();
-    walk(root, "", &mut out);
+    walk(root, "", with_contents, &mut out);
     out.sort();
     out
 }

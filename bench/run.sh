@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# dfos benchmarks: each workload on a dfos mount and on a baseline measured
+# in the same run (a local directory on the same disk, or raw Kafka), median
+# of 3 runs, printed as a table of ratios against the issue's targets.
+# A report, not a test: it exits 0 even when a target is missed.
+#
+#   bench/run.sh            full run (includes a 4 GiB copy for memory)
+#   bench/run.sh --quick    smaller sizes, one run each, for a smoke check
+#   DFOS_MODEL_STEPS=N      also run the randomized model test with N steps
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
+cd "$repo"
+
+quick=0; [ "${1:-}" = --quick ] && quick=1
+runs=3; seq_mb=256; big_mb=4096; tree_files=1000; wide=10000
+if [ $quick = 1 ]; then runs=1; seq_mb=64; big_mb=512; wide=2000; fi
+
+ensure_toolchain
+ensure_fuse
+started_kafka=0
+work=$repo/.cache/bench
+ns=bench-$$-$RANDOM
+mnt=$work/mnt
+storaged_pid=""; mountd_pid=""
+cleanup() {
+  [ -n "$mountd_pid" ] && kill "$mountd_pid" 2>/dev/null && wait "$mountd_pid" 2>/dev/null || true
+  grep -q " $mnt " /proc/mounts && umount -l "$mnt" || true
+  [ -n "$storaged_pid" ] && kill "$storaged_pid" 2>/dev/null && wait "$storaged_pid" 2>/dev/null || true
+  target/release/dfos-bench delete-namespace --namespace "$ns" >/dev/null 2>&1 || true
+  rm -rf "$work"
+  [ $started_kafka = 1 ] && scripts/kafka.sh stop >&2 || true
+}
+trap cleanup EXIT
+
+if ! scripts/kafka.sh ready; then scripts/kafka.sh start; started_kafka=1; fi
+build
+rm -rf "$work"; mkdir -p "$work/local" "$work/storage" "$mnt"
+
+target/release/storaged --brokers "$DFOS_BROKERS" --namespace "$ns" --storage "$work/storage" \
+  --credentials id_passwd.txt >"$work/storaged.log" 2>&1 &
+storaged_pid=$!
+DFOS_PASSWORD=1234 target/release/mountd --brokers "$DFOS_BROKERS" --namespace "$ns" --user User1 "$mnt" \
+  >"$work/mountd.log" 2>&1 &
+mountd_pid=$!
+for _ in $(seq 1 600); do grep -q " $mnt " /proc/mounts && break; sleep 0.1; done
+grep -q " $mnt " /proc/mounts || { cat "$work/mountd.log"; die "mount did not appear"; }
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# Seconds taken by a shell command.
+calc() { awk "BEGIN { print $* }"; }
+timed() { local t0 t1; t0=$(date +%s.%N); bash -c "$1" >/dev/null; t1=$(date +%s.%N); calc "$t1 - $t0"; }
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+rate() { calc "$1 / $2"; }
+fmt() { printf '%.1f' "$1"; }
+
+rows=()
+row() { # workload dfos baseline unit target(ratio) [higher-is-better=1]
+  local ratio; ratio=$(calc "$2 / $3")
+  local verdict=ok; [ "$(calc "$ratio < $5")" = 1 ] && verdict=MISSED
+  rows+=("| $1 | $(fmt "$2") $4 | $(fmt "$3") $4 | $(printf '%.2f' "$ratio")× | ≥ $5× $verdict |")
+}
+
+# Runs "setup; timed command" $runs times on a directory; prints the median rate.
+bench_rate() { # dir amount setup command cleanup
+  local dir=$1 amount=$2 setup=$3 cmd=$4 clean=$5 samples=()
+  for _ in $(seq 1 $runs); do
+    (cd "$dir" && bash -c "$setup")
+    drop_caches
+    local secs; secs=$(cd "$dir" && timed "$cmd")
+    samples+=("$(rate "$amount" "$secs")")
+    (cd "$dir" && bash -c "$clean")
+  done
+  printf '%s\n' "${samples[@]}" | median
+}
+
+say "sequential write ${seq_mb} MiB"
+write_cmd="dd if=/dev/zero of=seq.bin bs=1M count=$seq_mb conv=fsync status=none"
+mb=$(calc "$seq_mb * 1.048576")
+dfos_w=$(bench_rate "$mnt" "$mb" "rm -f seq.bin" "$write_cmd" ":")
+local_w=$(bench_rate "$work/local" "$mb" "rm -f seq.bin" "$write_cmd" ":")
+row "sequential write ${seq_mb} MiB (dd bs=1M conv=fsync)" "$dfos_w" "$local_w" MB/s 0.4
+
+say "sequential read, caches dropped"
+read_cmd="dd if=seq.bin of=/dev/null bs=1M status=none"
+dfos_r=$(bench_rate "$mnt" "$mb" ":" "$read_cmd" ":")
+local_r=$(bench_rate "$work/local" "$mb" ":" "$read_cmd" ":")
+row "sequential read ${seq_mb} MiB, caches dropped" "$dfos_r" "$local_r" MB/s 0.4
+
+say "raw Kafka baseline"
+kw=(); kr=()
+for _ in $(seq 1 $runs); do
+  read -r w r < <(target/release/dfos-bench --brokers "$DFOS_BROKERS" kafka-baseline --bytes $((seq_mb << 20)))
+  kw+=("$w"); kr+=("$r")
+done
+kafka_w=$(printf '%s\n' "${kw[@]}" | median); kafka_r=$(printf '%s\n' "${kr[@]}" | median)
+row "write ${seq_mb} MiB vs raw Kafka produce" "$dfos_w" "$kafka_w" MB/s 0.6
+row "cold read ${seq_mb} MiB vs raw Kafka consume" "$dfos_r" "$kafka_r" MB/s 0.6
+rm -f "$mnt/seq.bin" "$work/local/seq.bin"
+
+src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tokio-1.* 2>/dev/null | head -1)
+[ -n "$src" ] || die "no tokio source in the cargo registry to copy"
+files=$(find "$src" -type f | wc -l)
+say "cp -r + diff -r of $files files"
+dfos_cp=$(bench_rate "$mnt" "$files" "rm -rf tree" "cp -r '$src' tree && diff -r '$src' tree" ":")
+local_cp=$(bench_rate "$work/local" "$files" "rm -rf tree" "cp -r '$src' tree && diff -r '$src' tree" ":")
+row "cp -r + diff -r, $files-file source tree" "$dfos_cp" "$local_cp" files/s 0.1
+say "rm -r of the tree"
+dfos_rm=$(bench_rate "$mnt" "$files" "[ -d tree ] || cp -r '$src' tree" "rm -r tree" ":")
+local_rm=$(bench_rate "$work/local" "$files" "[ -d tree ] || cp -r '$src' tree" "rm -r tree" ":")
+row "rm -r of the tree" "$dfos_rm" "$local_rm" files/s 0.25
+
+say "cat and ls -l of $tree_files files of 4 KiB"
+make_small="mkdir -p small && cd small && for i in \$(seq 1 $tree_files); do head -c 4096 /dev/urandom > f\$i; done"
+(cd "$mnt" && bash -c "$make_small"); (cd "$work/local" && bash -c "$make_small")
+dfos_cat=$(bench_rate "$mnt" "$tree_files" ":" "cat small/* > /dev/null" ":")
+local_cat=$(bench_rate "$work/local" "$tree_files" ":" "cat small/* > /dev/null" ":")
+row "cat of $tree_files files of 4 KiB, caches dropped" "$dfos_cat" "$local_cat" files/s 0.2
+dfos_ls=$(bench_rate "$mnt" "$tree_files" ":" "ls -l small" ":")
+local_ls=$(bench_rate "$work/local" "$tree_files" ":" "ls -l small" ":")
+row "ls -l of a $tree_files-entry directory, caches dropped" "$dfos_ls" "$local_ls" entries/s 0.6
+
+say "ls of a $wide-entry directory"
+(cd "$mnt" && mkdir wide && cd wide && seq -f 'entry-%06g' 1 "$wide" | xargs touch)
+wide_samples=()
+for _ in $(seq 1 $runs); do drop_caches; wide_samples+=("$(cd "$mnt" && timed "ls wide")"); done
+wide_secs=$(printf '%s\n' "${wide_samples[@]}" | median)
+
+say "getattr round trip"
+read -r rtt_med rtt_p99 < <(target/release/dfos-bench --brokers "$DFOS_BROKERS" rpc-latency \
+  --namespace "$ns" --user User1 --password 1234 --count 1000)
+
+say "memory while copying a ${big_mb} MiB file"
+peak_rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+dd if=/dev/zero of="$mnt/big.bin" bs=1M count="$big_mb" conv=fsync status=none
+rss_mountd=$(( $(peak_rss "$mountd_pid") / 1024 )); rss_storaged=$(( $(peak_rss "$storaged_pid") / 1024 ))
+rm -f "$mnt/big.bin"
+
+cat <<TABLE
+
+Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); runs per workload: $runs (median)
+
+| workload | dfos | baseline | ratio | target |
+|---|---|---|---|---|
+$(printf '%s\n' "${rows[@]}")
+| ls of a $wide-entry directory, caches dropped | $(printf '%.3f' "$wide_secs") s | — | — | < 1 s $( [ "$(calc "$wide_secs < 1")" = 1 ] && echo ok || echo MISSED) |
+| getattr round trip through Kafka | median $rtt_med µs, p99 $rtt_p99 µs | — | — | report |
+| peak RSS copying ${big_mb} MiB | mountd $rss_mountd MiB, storaged $rss_storaged MiB | — | — | ≤ 256 MiB each $( [ "$rss_mountd" -le 256 ] && [ "$rss_storaged" -le 256 ] && echo ok || echo MISSED) |
+TABLE
+
+if [ -n "${DFOS_MODEL_STEPS:-}" ]; then
+  say "randomized model test, $DFOS_MODEL_STEPS steps"
+  cargo test --release --test model -- --nocapture
+fi

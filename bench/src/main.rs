@@ -1,0 +1,199 @@
+//! Helpers for `bench/run.sh` that need a Kafka client: the raw-Kafka
+//! baseline (the same bytes, chunking and producer settings as mountd, with
+//! no filesystem in between) and the latency of one request round trip.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use dfos_protocol::limits::CHUNK_SIZE;
+use dfos_protocol::Request;
+use mountd::fs::MAX_WRITES_IN_FLIGHT;
+use mountd::rpc::{KafkaRpc, KafkaSettings, Transport};
+
+#[derive(Parser)]
+struct Cli {
+    #[arg(long, env = "DFOS_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Produce BYTES in mountd-sized chunks to a fresh topic, then consume
+    /// them back; prints "write_MBps read_MBps".
+    KafkaBaseline {
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Time COUNT sequential getattr requests through Kafka and a storage
+    /// daemon; prints "median_us p99_us".
+    RpcLatency {
+        #[arg(long, default_value = "")]
+        namespace: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
+    /// Delete the topics of a namespace (after a benchmark run).
+    DeleteNamespace {
+        #[arg(long)]
+        namespace: String,
+    },
+}
+
+fn config(brokers: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers);
+    cc
+}
+
+async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
+    let topic = format!("dfos-bench-baseline-{:08x}", rand::random::<u32>());
+    let admin: AdminClient<DefaultClientContext> = config(brokers).create()?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    admin
+        .create_topics(
+            [&NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "1048588")],
+            &options,
+        )
+        .await?;
+    // The settings mountd's request producer uses.
+    let producer: FutureProducer = config(brokers)
+        .set("linger.ms", "0")
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "30000")
+        .create()?;
+    let chunk = vec![0x5a_u8; CHUNK_SIZE];
+    let messages = bytes.div_ceil(CHUNK_SIZE as u64);
+    // A warm-up message: connection, metadata and producer id are set up
+    // before the clock starts, as they are for a mount that is already up.
+    let warm_up = FutureRecord::<(), [u8]>::to(&topic).payload(&chunk);
+    producer
+        .send(warm_up, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)?;
+    let start = Instant::now();
+    // As many chunks in flight as mountd allows per file.
+    let mut in_flight = std::collections::VecDeque::new();
+    for _ in 0..messages {
+        if in_flight.len() >= MAX_WRITES_IN_FLIGHT as usize {
+            let delivery: rdkafka::producer::DeliveryFuture = in_flight.pop_front().unwrap();
+            delivery.await?.map_err(|(e, _)| e)?;
+        }
+        let record = FutureRecord::<(), [u8]>::to(&topic).payload(&chunk);
+        match producer.send_result(record) {
+            Ok(delivery) => in_flight.push_back(delivery),
+            Err((e, _)) => bail!("produce failed: {e}"),
+        }
+    }
+    for delivery in in_flight {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    let write_secs = start.elapsed().as_secs_f64();
+
+    let consumer: BaseConsumer = config(brokers)
+        .set("group.id", "dfos-bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    match consumer.poll(Duration::from_secs(30)) {
+        Some(Ok(_)) => {}
+        _ => bail!("warm-up message not consumed"),
+    }
+    let start = Instant::now();
+    let mut received = 0u64;
+    while received < messages {
+        match consumer.poll(Duration::from_secs(30)) {
+            Some(Ok(m)) => {
+                std::hint::black_box(m.payload());
+                received += 1;
+            }
+            Some(Err(e)) => bail!("consume failed: {e}"),
+            None => bail!("consume stalled after {received} messages"),
+        }
+    }
+    let read_secs = start.elapsed().as_secs_f64();
+    drop(consumer);
+    let _ = admin.delete_topics(&[&topic], &options).await;
+    let mb = bytes as f64 / 1e6;
+    println!("{:.1} {:.1}", mb / write_secs, mb / read_secs);
+    Ok(())
+}
+
+async fn rpc_latency(
+    brokers: &str,
+    namespace: &str,
+    user: &str,
+    password: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let settings = KafkaSettings {
+        brokers: brokers.to_owned(),
+        namespace: namespace.to_owned(),
+        deadline: Duration::from_secs(30),
+        options: Vec::new(),
+    };
+    let rpc = KafkaRpc::connect(settings, user).await.context("connect")?;
+    rpc.login(password).await.context("login")?;
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = Instant::now();
+        rpc.submit(Request::GetAttr {
+            path: String::new(),
+        })?
+        .await?;
+        samples.push(start.elapsed().as_micros() as u64);
+    }
+    rpc.shutdown().await;
+    samples.sort_unstable();
+    let median = samples[samples.len() / 2];
+    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+    println!("{median} {p99}");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::KafkaBaseline { bytes } => kafka_baseline(&cli.brokers, bytes).await,
+            Command::DeleteNamespace { namespace } => {
+                let topics = dfos_protocol::Topics::new(&namespace);
+                let admin: AdminClient<DefaultClientContext> = config(&cli.brokers).create()?;
+                let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+                admin
+                    .delete_topics(&[&topics.requests(), &topics.events()], &options)
+                    .await?;
+                Ok(())
+            }
+            Command::RpcLatency {
+                namespace,
+                user,
+                password,
+                count,
+            } => rpc_latency(&cli.brokers, &namespace, &user, &password, count).await,
+        }
+    })
+}
