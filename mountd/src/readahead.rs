@@ -110,9 +110,9 @@ impl ReadCache {
             }
             let mut ahead = Vec::new();
             for index in last + 1..=last + state.window {
-                if !state.blocks.contains_key(&index) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = state.blocks.entry(index) {
                     let block = fetch(transport, path, index)?;
-                    state.blocks.insert(index, block.clone());
+                    slot.insert(block.clone());
                     ahead.push(block);
                 }
             }
