@@ -25,16 +25,8 @@ fn copy_in_and_out_of_a_64mib_a_one_byte_and_an_empty_file() {
         ok(&format!("cp '{}' {}", src.join(name).display(), m.p("")));
         drop_caches();
         ok(&format!("cp {} '{}'", m.p(name), out.join(name).display()));
-        ok(&format!(
-            "cmp '{}' '{}'",
-            src.join(name).display(),
-            out.join(name).display()
-        ));
-        ok(&format!(
-            "cmp '{}' '{}'",
-            src.join(name).display(),
-            d.storage.join("User1").join(name).display()
-        ));
+        ok(&format!("cmp '{}' '{}'", src.join(name).display(), out.join(name).display()));
+        ok(&format!("cmp '{}' '{}'", src.join(name).display(), d.storage.join("User1").join(name).display()));
     }
     assert_eq!(fs::metadata(m.join("empty")).unwrap().len(), 0);
     assert_eq!(
@@ -49,13 +41,8 @@ fn random_offset_writes_then_truncate_match_a_local_file() {
     let m = d.mount(USER1);
     let local_path = d.dir.path().join("model.bin");
     let mut local = fs::File::create(&local_path).unwrap();
-    let mut remote = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(m.join("f.bin"))
-        .unwrap();
+    let mut remote =
+        fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(m.join("f.bin")).unwrap();
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     for round in 0..60 {
@@ -78,25 +65,15 @@ fn random_offset_writes_then_truncate_match_a_local_file() {
     ok(&format!("cmp '{}' {}", local_path.display(), m.p("f.bin")));
     drop_caches();
     ok(&format!("cmp '{}' {}", local_path.display(), m.p("f.bin")));
-    ok(&format!(
-        "cmp '{}' '{}'",
-        local_path.display(),
-        d.storage.join("User1/f.bin").display()
-    ));
+    ok(&format!("cmp '{}' '{}'", local_path.display(), d.storage.join("User1/f.bin").display()));
 }
 
 #[test]
 fn ls_l_shows_sizes_and_modes() {
     let d = Deployment::start("ls-l");
     let m = d.mount(USER1);
-    ok(&format!(
-        "head -c 12345 /dev/urandom > {0}; chmod 640 {0}",
-        m.p("a")
-    ));
-    ok(&format!(
-        "head -c 3 /dev/zero > {0}; chmod 755 {0}",
-        m.p("b")
-    ));
+    ok(&format!("head -c 12345 /dev/urandom > {0}; chmod 640 {0}", m.p("a")));
+    ok(&format!("head -c 3 /dev/zero > {0}; chmod 755 {0}", m.p("b")));
     ok(&format!("mkdir -m 700 {}", m.p("dir")));
     let listing = ok(&format!("ls -l {}", m.p("")));
     let fields = |name: &str| -> (String, String) {
@@ -111,10 +88,7 @@ fn ls_l_shows_sizes_and_modes() {
     assert_eq!(fields("b"), ("-rwxr-xr-x".into(), "3".into()));
     assert_eq!(fields("dir").0, "drwx------");
     let on_disk = fs::metadata(d.storage.join("User1/a")).unwrap();
-    assert_eq!(
-        (on_disk.len(), on_disk.permissions().mode() & 0o777),
-        (12345, 0o640)
-    );
+    assert_eq!((on_disk.len(), on_disk.permissions().mode() & 0o777), (12345, 0o640));
 }
 
 #[test]
@@ -125,19 +99,13 @@ fn mkdir_p_mv_file_mv_directory_and_rm_r() {
     ok(&format!("echo hello > {}", m.p("f.txt")));
     ok(&format!("mv {} {}", m.p("f.txt"), m.p("a/b/c/")));
     assert_eq!(ok(&format!("cat {}", m.p("a/b/c/f.txt"))), "hello\n");
-    ok(&format!(
-        "head -c 2000000 /dev/urandom > {}",
-        m.p("a/b/data")
-    ));
+    ok(&format!("head -c 2000000 /dev/urandom > {}", m.p("a/b/data")));
     let sum = ok(&format!("cd {} && sha256sum data", m.p("a/b")));
     ok(&format!("mv {} {}", m.p("a"), m.p("z")));
     assert!(!m.join("a").exists());
     assert_eq!(ok(&format!("cd {} && sha256sum data", m.p("z/b"))), sum);
     assert_eq!(ok(&format!("cat {}", m.p("z/b/c/f.txt"))), "hello\n");
-    assert_eq!(
-        fs::read_to_string(d.storage.join("User1/z/b/c/f.txt")).unwrap(),
-        "hello\n"
-    );
+    assert_eq!(fs::read_to_string(d.storage.join("User1/z/b/c/f.txt")).unwrap(), "hello\n");
     // rename(2) replaces an existing file, and an empty directory.
     ok(&format!("echo new > {}; echo old > {}", m.p("n"), m.p("o")));
     ok(&format!("mv -f {} {}", m.p("n"), m.p("o")));
@@ -170,11 +138,7 @@ fn errors_are_the_posix_ones() {
     ok(&format!("touch {}", m.p("file")));
     let err = fs::create_dir(m.join("file/x")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
-    let err = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(m.join("file"))
-        .unwrap_err();
+    let err = fs::OpenOptions::new().write(true).create_new(true).open(m.join("file")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
     let long = "n".repeat(256);
     let err = fs::File::create(m.join(&long)).unwrap_err();
@@ -185,49 +149,22 @@ fn errors_are_the_posix_ones() {
 fn append_truncate_chmod_and_touch() {
     let d = Deployment::start("attrs");
     let m = d.mount(USER1);
-    ok(&format!(
-        "echo one > {0}; echo more >> {0}; echo more >> {0}",
-        m.p("notes.txt")
-    ));
-    assert_eq!(
-        ok(&format!("cat {}", m.p("notes.txt"))),
-        "one\nmore\nmore\n"
-    );
+    ok(&format!("echo one > {0}; echo more >> {0}; echo more >> {0}", m.p("notes.txt")));
+    assert_eq!(ok(&format!("cat {}", m.p("notes.txt"))), "one\nmore\nmore\n");
     ok(&format!("truncate -s 3 {}", m.p("notes.txt")));
     assert_eq!(ok(&format!("cat {}", m.p("notes.txt"))), "one");
     ok(&format!("truncate -s 10 {}", m.p("notes.txt")));
     drop_caches();
     assert_eq!(fs::read(m.join("notes.txt")).unwrap(), b"one\0\0\0\0\0\0\0");
-    assert_eq!(
-        fs::read(d.storage.join("User1/notes.txt")).unwrap(),
-        b"one\0\0\0\0\0\0\0"
-    );
+    assert_eq!(fs::read(d.storage.join("User1/notes.txt")).unwrap(), b"one\0\0\0\0\0\0\0");
     ok(&format!("chmod 600 {}", m.p("notes.txt")));
-    assert_eq!(
-        ok(&format!("stat -c %a {}", m.p("notes.txt"))).trim(),
-        "600"
-    );
-    ok(&format!(
-        "touch -d '2001-02-03 04:05:06 UTC' {}",
-        m.p("notes.txt")
-    ));
-    assert_eq!(
-        ok(&format!("stat -c %Y {}", m.p("notes.txt"))).trim(),
-        "981173106"
-    );
+    assert_eq!(ok(&format!("stat -c %a {}", m.p("notes.txt"))).trim(), "600");
+    ok(&format!("touch -d '2001-02-03 04:05:06 UTC' {}", m.p("notes.txt")));
+    assert_eq!(ok(&format!("stat -c %Y {}", m.p("notes.txt"))).trim(), "981173106");
     ok(&format!("touch -d yesterday {}", m.p("notes.txt")));
-    let mtime: i64 = ok(&format!("stat -c %Y {}", m.p("notes.txt")))
-        .trim()
-        .parse()
-        .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    assert!(
-        (now - 86400 - mtime).abs() < 120,
-        "mtime {mtime} is not yesterday"
-    );
+    let mtime: i64 = ok(&format!("stat -c %Y {}", m.p("notes.txt"))).trim().parse().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now - 86400 - mtime).abs() < 120, "mtime {mtime} is not yesterday");
     assert!(ok(&format!("ls -l --time-style=+%F {}", m.p(""))).contains("-rw------- "));
     ok(&format!("df {}", m.p("")));
 }
@@ -236,18 +173,12 @@ fn append_truncate_chmod_and_touch() {
 fn a_directory_of_2000_entries_lists_completely() {
     let d = Deployment::start("bigdir");
     let m = d.mount(USER1);
-    ok(&format!(
-        "mkdir {0} && cd {0} && seq -f 'file-%05g' 1 2000 | xargs touch",
-        m.p("many")
-    ));
+    ok(&format!("mkdir {0} && cd {0} && seq -f 'file-%05g' 1 2000 | xargs touch", m.p("many")));
     drop_caches();
     let names = ok(&format!("ls {}", m.p("many")));
     let expected: Vec<String> = (1..=2000).map(|i| format!("file-{i:05}")).collect();
     assert_eq!(names.lines().collect::<Vec<_>>(), expected);
     let long = ok(&format!("ls -l {} | grep -c '^-rw'", m.p("many")));
     assert_eq!(long.trim(), "2000");
-    assert_eq!(
-        ok(&format!("find {} -type f | wc -l", m.p("many"))).trim(),
-        "2000"
-    );
+    assert_eq!(ok(&format!("find {} -type f | wc -l", m.p("many"))).trim(), "2000");
 }

@@ -14,10 +14,7 @@ use common::model::{tree_listing, tree_shape, Workload};
 use common::*;
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 #[test]
@@ -30,28 +27,12 @@ fn random_operations_match_a_local_directory() {
     let mut workload = Workload::new(seed);
     for step in 1..=steps {
         let what = workload.step(&m.path, &model);
-        assert_eq!(
-            tree_shape(&m.path),
-            tree_shape(&model),
-            "tree shapes differ after step {step}: {what}"
-        );
+        assert_eq!(tree_shape(&m.path), tree_shape(&model), "tree shapes differ after step {step}: {what}");
         if step % 25 == 0 || step == steps {
-            assert_eq!(
-                tree_listing(&m.path),
-                tree_listing(&model),
-                "contents differ after step {step}: {what}"
-            );
+            assert_eq!(tree_listing(&m.path), tree_listing(&model), "contents differ after step {step}: {what}");
         }
     }
     drop_caches();
-    assert_eq!(
-        tree_listing(&m.path),
-        tree_listing(&model),
-        "contents differ after dropping caches"
-    );
-    assert_eq!(
-        tree_listing(&d.storage.join("User1")),
-        tree_listing(&model),
-        "storage node differs"
-    );
+    assert_eq!(tree_listing(&m.path), tree_listing(&model), "contents differ after dropping caches");
+    assert_eq!(tree_listing(&d.storage.join("User1")), tree_listing(&model), "storage node differs");
 }

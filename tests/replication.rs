@@ -22,33 +22,18 @@ fn assert_same_trees(d: &Deployment, nodes: &[usize], expected: &[String]) {
     for &node in nodes {
         d.wait_caught_up(node, CATCH_UP);
         let tree = user_tree(d, node);
-        assert!(
-            tree == expected,
-            "node {node} differs:\n{:#?}\nexpected:\n{:#?}",
-            tree,
-            expected
-        );
+        assert!(tree == expected, "node {node} differs:\n{:#?}\nexpected:\n{:#?}", tree, expected);
     }
 }
 
 /// Starts `cp SRC MOUNT/copy.bin` and returns once `watched` (the copy as
 /// a storage node sees it) holds at least `bytes`.
 fn copy_until(m: &Mount, src: &Path, watched: &Path, bytes: u64) -> std::process::Child {
-    let mut cp = Command::new("cp")
-        .arg(src)
-        .arg(m.join("copy.bin"))
-        .spawn()
-        .unwrap();
+    let mut cp = Command::new("cp").arg(src).arg(m.join("copy.bin")).spawn().unwrap();
     let start = Instant::now();
     while fs::metadata(watched).map_or(0, |m| m.len()) < bytes {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "copy never reached {bytes} bytes"
-        );
-        assert!(
-            cp.try_wait().unwrap().is_none(),
-            "cp finished before the failure was injected"
-        );
+        assert!(start.elapsed() < Duration::from_secs(300), "copy never reached {bytes} bytes");
+        assert!(cp.try_wait().unwrap().is_none(), "cp finished before the failure was injected");
         std::thread::sleep(Duration::from_millis(20));
     }
     cp
@@ -60,26 +45,14 @@ fn a_replica_killed_mid_copy_loses_nothing_and_converges() {
     let m = d.mount(USER1);
     let src = d.dir.path().join("src.bin");
     fs::write(&src, random_bytes(200 << 20, 7)).unwrap();
-    let mut cp = copy_until(
-        &m,
-        &src,
-        &d.node_storage(1).join("User1/copy.bin"),
-        100 << 20,
-    );
+    let mut cp = copy_until(&m, &src, &d.node_storage(1).join("User1/copy.bin"), 100 << 20);
     d.kill_node(1);
-    assert!(
-        cp.wait().unwrap().success(),
-        "cp failed after a replica was killed"
-    );
+    assert!(cp.wait().unwrap().success(), "cp failed after a replica was killed");
     ok(&format!("cmp '{}' {}", src.display(), m.p("copy.bin")));
     d.start_node(1);
     let expected = user_tree(&d, 0);
     assert_same_trees(&d, &[0, 1], &expected);
-    ok(&format!(
-        "cmp '{}' '{}'",
-        src.display(),
-        d.node_storage(1).join("User1/copy.bin").display()
-    ));
+    ok(&format!("cmp '{}' '{}'", src.display(), d.node_storage(1).join("User1/copy.bin").display()));
 }
 
 #[test]
@@ -148,10 +121,7 @@ fn all_replicas_down_gives_eio_then_the_same_mount_recovers() {
     d.start_node(1);
     let start = Instant::now();
     while fs::read_to_string(m.join("a")).ok().as_deref() != Some("x\n") {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "mount did not recover"
-        );
+        assert!(start.elapsed() < Duration::from_secs(30), "mount did not recover");
         std::thread::sleep(Duration::from_millis(300));
     }
     ok(&format!("echo z > {}", m.p("c")));
@@ -179,19 +149,12 @@ impl KafkaCluster {
     fn start(port: u16) -> KafkaCluster {
         let cluster = KafkaCluster { port };
         let out = cluster.script(&["start"]);
-        assert!(
-            out.status.success(),
-            "cluster start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "cluster start: {}", String::from_utf8_lossy(&out.stderr));
         cluster
     }
 
     fn bootstrap(&self) -> String {
-        (0..3)
-            .map(|i| format!("127.0.0.1:{}", self.port + i))
-            .collect::<Vec<_>>()
-            .join(",")
+        (0..3).map(|i| format!("127.0.0.1:{}", self.port + i)).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -212,10 +175,7 @@ fn a_three_broker_cluster_survives_losing_a_broker_mid_copy() {
     let mut cp = copy_until(&m, &src, &target, 40 << 20);
     let out = cluster.script(&["kill-node", "2"]);
     assert!(out.status.success());
-    assert!(
-        cp.wait().unwrap().success(),
-        "cp failed after a broker was killed"
-    );
+    assert!(cp.wait().unwrap().success(), "cp failed after a broker was killed");
     drop_caches();
     ok(&format!("cmp '{}' {}", src.display(), m.p("copy.bin")));
     ok(&format!("cmp '{}' '{}'", src.display(), target.display()));

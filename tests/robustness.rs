@@ -28,39 +28,17 @@ fn two_users_mounted_at_once_see_only_their_own_files() {
     fails(&format!("ls {}", m2.p("escape/")));
     fails(&format!("cat {}", m2.p("leak")));
     fails(&format!("echo overwrite > {}", m2.p("leak")));
-    assert_eq!(
-        fs::read_to_string(d.storage.join("User1/secret.txt")).unwrap(),
-        "secret\n"
-    );
+    assert_eq!(fs::read_to_string(d.storage.join("User1/secret.txt")).unwrap(), "secret\n");
 
     // Below the mount: User2's session cannot name User1's files either.
     let mut raw = RawClient::new(&d.namespace);
     let token2 = raw.login(USER2);
-    let read = |path: &str| Request::Read {
-        path: path.into(),
-        offset: 0,
-        len: 100,
-    };
-    assert_eq!(
-        raw.call("User1", &token2, read("secret.txt")),
-        Err(ErrorCode::AccessDenied)
-    );
-    assert_eq!(
-        raw.call("User2", &token2, read("../User1/secret.txt")),
-        Err(ErrorCode::Invalid)
-    );
-    assert_eq!(
-        raw.call("User2", &token2, read("/etc/passwd")),
-        Err(ErrorCode::Invalid)
-    );
-    assert_eq!(
-        raw.call("User2", &token2, read("leak")),
-        Err(ErrorCode::AccessDenied)
-    );
-    assert_eq!(
-        raw.call("User2", "", read("mine.txt")),
-        Err(ErrorCode::AccessDenied)
-    );
+    let read = |path: &str| Request::Read { path: path.into(), offset: 0, len: 100 };
+    assert_eq!(raw.call("User1", &token2, read("secret.txt")), Err(ErrorCode::AccessDenied));
+    assert_eq!(raw.call("User2", &token2, read("../User1/secret.txt")), Err(ErrorCode::Invalid));
+    assert_eq!(raw.call("User2", &token2, read("/etc/passwd")), Err(ErrorCode::Invalid));
+    assert_eq!(raw.call("User2", &token2, read("leak")), Err(ErrorCode::AccessDenied));
+    assert_eq!(raw.call("User2", "", read("mine.txt")), Err(ErrorCode::AccessDenied));
     assert!(
         matches!(raw.call("User2", &token2, read("mine.txt")), Ok(dfos_protocol::Payload::Data(d)) if d == b"mine\n")
     );
@@ -95,10 +73,7 @@ fn a_restarted_storage_daemon_serves_an_idle_mount_without_remount() {
     d.start_node(0);
     assert_eq!(ok(&format!("cat {}", m.p("a"))), "before\n");
     ok(&format!("echo after > {}", m.p("b")));
-    assert_eq!(
-        fs::read_to_string(d.storage.join("User1/b")).unwrap(),
-        "after\n"
-    );
+    assert_eq!(fs::read_to_string(d.storage.join("User1/b")).unwrap(), "after\n");
 }
 
 #[test]
@@ -132,22 +107,10 @@ fn random_bytes_on_the_request_topic_do_not_stop_the_storage_daemon() {
         raw.produce_raw("User2", &random_bytes(len, 100 + i as u64));
     }
     // A length prefix that claims an enormous string.
-    raw.produce_raw(
-        "User1",
-        &[1, 1, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
-    );
+    raw.produce_raw("User1", &[1, 1, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
     ok(&format!("echo still-serving > {}", m.p("after-garbage")));
-    assert_eq!(
-        ok(&format!("cat {}", m.p("after-garbage"))),
-        "still-serving\n"
-    );
-    assert_eq!(
-        fs::read_to_string(d.storage.join("User1/after-garbage")).unwrap(),
-        "still-serving\n"
-    );
+    assert_eq!(ok(&format!("cat {}", m.p("after-garbage"))), "still-serving\n");
+    assert_eq!(fs::read_to_string(d.storage.join("User1/after-garbage")).unwrap(), "still-serving\n");
     let log = fs::read_to_string(d.log_path("storaged-0-run1")).unwrap();
-    assert!(
-        log.contains("skipping message"),
-        "garbage was not reported in the log"
-    );
+    assert!(log.contains("skipping message"), "garbage was not reported in the log");
 }

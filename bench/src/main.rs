@@ -66,8 +66,7 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
     admin
         .create_topics(
-            [&NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
-                .set("max.message.bytes", "1048588")],
+            [&NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "1048588")],
             &options,
         )
         .await?;
@@ -83,10 +82,7 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
     // A warm-up message: connection, metadata and producer id are set up
     // before the clock starts, as they are for a mount that is already up.
     let warm_up = FutureRecord::<(), [u8]>::to(&topic).payload(&chunk);
-    producer
-        .send(warm_up, Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| e)?;
+    producer.send(warm_up, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
     let start = Instant::now();
     // As many chunks in flight as mountd allows per file.
     let mut in_flight = std::collections::VecDeque::new();
@@ -138,13 +134,7 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn rpc_latency(
-    brokers: &str,
-    namespace: &str,
-    user: &str,
-    password: &str,
-    count: usize,
-) -> anyhow::Result<()> {
+async fn rpc_latency(brokers: &str, namespace: &str, user: &str, password: &str, count: usize) -> anyhow::Result<()> {
     let settings = KafkaSettings {
         brokers: brokers.to_owned(),
         namespace: namespace.to_owned(),
@@ -156,10 +146,7 @@ async fn rpc_latency(
     let mut samples = Vec::with_capacity(count);
     for _ in 0..count {
         let start = Instant::now();
-        rpc.submit(Request::GetAttr {
-            path: String::new(),
-        })?
-        .await?;
+        rpc.submit(Request::GetAttr { path: String::new() })?.await?;
         samples.push(start.elapsed().as_micros() as u64);
     }
     rpc.shutdown().await;
@@ -172,10 +159,7 @@ async fn rpc_latency(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
             Command::KafkaBaseline { bytes } => kafka_baseline(&cli.brokers, bytes).await,
@@ -183,17 +167,12 @@ fn main() -> anyhow::Result<()> {
                 let topics = dfos_protocol::Topics::new(&namespace);
                 let admin: AdminClient<DefaultClientContext> = config(&cli.brokers).create()?;
                 let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
-                admin
-                    .delete_topics(&[&topics.requests(), &topics.events()], &options)
-                    .await?;
+                admin.delete_topics(&[&topics.requests(), &topics.events()], &options).await?;
                 Ok(())
             }
-            Command::RpcLatency {
-                namespace,
-                user,
-                password,
-                count,
-            } => rpc_latency(&cli.brokers, &namespace, &user, &password, count).await,
+            Command::RpcLatency { namespace, user, password, count } => {
+                rpc_latency(&cli.brokers, &namespace, &user, &password, count).await
+            }
         }
     })
 }

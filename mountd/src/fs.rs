@@ -17,14 +17,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dfos_protocol::limits::CHUNK_SIZE;
-use dfos_protocol::{
-    DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime,
-};
+use dfos_protocol::{Change, DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime};
 use tokio::sync::Semaphore;
 
 use crate::inodes::{self, InodeTable};
+use crate::metacache::MetaCache;
 use crate::readahead::ReadCache;
 use crate::rpc::{RpcError, Transport};
 
@@ -54,6 +54,13 @@ impl From<ErrorCode> for FsError {
 
 pub type FsResult<T> = Result<T, FsError>;
 
+/// Something the kernel cached that a remote change made stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    Entry { parent: u64, name: String },
+    Inode(u64),
+}
+
 /// A file or directory as the kernel sees it: number plus attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -71,17 +78,20 @@ struct WriteStream {
     buffer: tokio::sync::Mutex<WriteBuffer>,
     in_flight: Arc<Semaphore>,
     error: Arc<Mutex<Option<FsError>>>,
+    /// Sequence number of the last chunk sent, and the file's attributes
+    /// as that chunk's reply reported them: the state after every write.
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    last_attr: Arc<Mutex<Option<FileAttr>>>,
 }
 
 impl WriteStream {
     fn new() -> Self {
         WriteStream {
-            buffer: tokio::sync::Mutex::new(WriteBuffer {
-                offset: 0,
-                data: Vec::new(),
-            }),
+            buffer: tokio::sync::Mutex::new(WriteBuffer { offset: 0, data: Vec::new() }),
             in_flight: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT as usize)),
             error: Arc::new(Mutex::new(None)),
+            sent: Arc::new(AtomicU64::new(0)),
+            last_attr: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -91,28 +101,21 @@ impl WriteStream {
 
     /// Sends one chunk. The request is enqueued before this returns (while
     /// the caller holds the buffer lock), so chunks reach the log in order.
-    async fn send<T: Transport>(
-        &self,
-        transport: &T,
-        path: &str,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> FsResult<()> {
-        let permit = self
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let reply = transport.submit(Request::Write {
-            path: path.to_owned(),
-            offset,
-            data,
-        })?;
-        let error = self.error.clone();
+    async fn send<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: Vec<u8>) -> FsResult<()> {
+        let permit = self.in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let reply = transport.submit(Request::Write { path: path.to_owned(), offset, data })?;
+        let seq = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
+        let (error, sent, last_attr) = (self.error.clone(), self.sent.clone(), self.last_attr.clone());
         tokio::spawn(async move {
             match reply.await {
-                Ok(Payload::Written { .. }) => {}
+                Ok(Payload::Written { attr }) => {
+                    // Chunks are applied in order, so the newest chunk's
+                    // reply describes the file after all of them.
+                    let mut last = last_attr.lock().unwrap();
+                    if sent.load(Ordering::SeqCst) == seq {
+                        *last = Some(attr);
+                    }
+                }
                 Ok(_) => *error.lock().unwrap() = Some(FsError::UnexpectedReply),
                 Err(e) => *error.lock().unwrap() = Some(e.into()),
             }
@@ -121,13 +124,7 @@ impl WriteStream {
         Ok(())
     }
 
-    async fn write<T: Transport>(
-        &self,
-        transport: &T,
-        path: &str,
-        offset: u64,
-        data: &[u8],
-    ) -> FsResult<()> {
+    async fn write<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: &[u8]) -> FsResult<()> {
         self.take_error()?;
         let mut buffer = self.buffer.lock().await;
         let contiguous = buffer.offset + buffer.data.len() as u64 == offset;
@@ -150,19 +147,17 @@ impl WriteStream {
     }
 
     /// Sends what is buffered and waits until every chunk is acknowledged.
-    async fn flush<T: Transport>(&self, transport: &T, path: &str) -> FsResult<()> {
+    /// Returns the file's attributes after the last write, when known.
+    async fn flush<T: Transport>(&self, transport: &T, path: &str) -> FsResult<Option<FileAttr>> {
         let mut buffer = self.buffer.lock().await;
         if !buffer.data.is_empty() {
             let pending = std::mem::take(&mut buffer.data);
             self.send(transport, path, buffer.offset, pending).await?;
         }
-        let all = self
-            .in_flight
-            .acquire_many(MAX_WRITES_IN_FLIGHT)
-            .await
-            .expect("semaphore never closed");
+        let all = self.in_flight.acquire_many(MAX_WRITES_IN_FLIGHT).await.expect("semaphore never closed");
         drop(all);
-        self.take_error()
+        self.take_error()?;
+        Ok(self.last_attr.lock().unwrap().take())
     }
 }
 
@@ -171,6 +166,7 @@ pub struct DfosFs<T: Transport> {
     inodes: Mutex<InodeTable>,
     writes: Mutex<HashMap<u64, Arc<WriteStream>>>,
     reads: ReadCache,
+    meta: Mutex<MetaCache>,
     listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
 }
@@ -186,9 +182,18 @@ fn name_str(name: &std::ffi::OsStr) -> FsResult<&str> {
     name.to_str().ok_or(FsError::BadName)
 }
 
+/// How long this mount trusts what it cached about names and attributes
+/// when no event says otherwise (see `metacache.rs`).
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(10);
+
 impl<T: Transport> DfosFs<T> {
     pub fn new(transport: T) -> Self {
+        Self::with_cache_ttl(transport, DEFAULT_CACHE_TTL)
+    }
+
+    pub fn with_cache_ttl(transport: T, cache_ttl: Duration) -> Self {
         DfosFs {
+            meta: Mutex::new(MetaCache::new(cache_ttl)),
             transport,
             inodes: Mutex::default(),
             writes: Mutex::default(),
@@ -203,12 +208,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     pub fn path_of(&self, ino: u64) -> FsResult<String> {
-        self.inodes
-            .lock()
-            .unwrap()
-            .path(ino)
-            .map(str::to_owned)
-            .ok_or(FsError::Stale(ino))
+        self.inodes.lock().unwrap().path(ino).map(str::to_owned).ok_or(FsError::Stale(ino))
     }
 
     fn child_path(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<String> {
@@ -216,10 +216,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     fn remember(&self, path: &str, attr: FileAttr) -> Entry {
-        Entry {
-            ino: self.inodes.lock().unwrap().remember(path),
-            attr,
-        }
+        Entry { ino: self.inodes.lock().unwrap().remember(path), attr }
     }
 
     fn new_handle(&self) -> u64 {
@@ -236,10 +233,14 @@ impl<T: Transport> DfosFs<T> {
 
     /// Makes buffered writes of `ino` visible on the server.
     pub async fn flush(&self, ino: u64) -> FsResult<()> {
-        match self.stream(ino) {
-            Some(stream) => stream.flush(&self.transport, &self.path_of(ino)?).await,
-            None => Ok(()),
+        let Some(stream) = self.stream(ino) else {
+            return Ok(());
+        };
+        let path = self.path_of(ino)?;
+        if let Some(attr) = stream.flush(&self.transport, &path).await? {
+            self.meta.lock().unwrap().put_attr(&path, attr);
         }
+        Ok(())
     }
 
     /// Flushes the inode at `path`, if the kernel knows one.
@@ -256,12 +257,7 @@ impl<T: Transport> DfosFs<T> {
         let inos: Vec<u64> = self.writes.lock().unwrap().keys().copied().collect();
         let prefix = format!("{path}/");
         for ino in inos {
-            let inside = self
-                .inodes
-                .lock()
-                .unwrap()
-                .path(ino)
-                .is_some_and(|p| p == path || p.starts_with(&prefix));
+            let inside = self.inodes.lock().unwrap().path(ino).is_some_and(|p| p == path || p.starts_with(&prefix));
             if inside {
                 self.flush(ino).await?;
             }
@@ -272,7 +268,7 @@ impl<T: Transport> DfosFs<T> {
     pub async fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<Entry> {
         let path = self.child_path(parent, name)?;
         self.flush_path(&path).await?;
-        let attr = expect_attr(self.call(Request::Lookup { path: path.clone() }).await?)?;
+        let attr = self.attr_of_path(&path, true).await?;
         Ok(self.remember(&path, attr))
     }
 
@@ -286,7 +282,27 @@ impl<T: Transport> DfosFs<T> {
     pub async fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
         self.flush(ino).await?;
         let path = self.path_of(ino)?;
-        expect_attr(self.call(Request::GetAttr { path }).await?)
+        self.attr_of_path(&path, false).await
+    }
+
+    /// Attributes from the cache when fresh, else from a storage node.
+    async fn attr_of_path(&self, path: &str, lookup: bool) -> FsResult<FileAttr> {
+        let generation = {
+            let meta = self.meta.lock().unwrap();
+            if let Some(attr) = meta.attr(path) {
+                return Ok(attr);
+            }
+            if meta.known_absent(path) {
+                return Err(ErrorCode::NotFound.into());
+            }
+            meta.generation()
+        };
+        let path = path.to_owned();
+        let request =
+            if lookup { Request::Lookup { path: path.clone() } } else { Request::GetAttr { path: path.clone() } };
+        let attr = expect_attr(self.call(request).await?)?;
+        self.meta.lock().unwrap().put_attr_if_unchanged(generation, &path, attr.clone());
+        Ok(attr)
     }
 
     pub async fn setattr(
@@ -300,36 +316,22 @@ impl<T: Transport> DfosFs<T> {
         self.flush(ino).await?;
         self.drop_cached_data(ino);
         let path = self.path_of(ino)?;
-        expect_attr(
-            self.call(Request::SetAttr {
-                path,
-                size,
-                mode,
-                atime,
-                mtime,
-            })
-            .await?,
-        )
+        self.meta.lock().unwrap().drop_attr(&path);
+        let attr = expect_attr(self.call(Request::SetAttr { path: path.clone(), size, mode, atime, mtime }).await?)?;
+        self.meta.lock().unwrap().put_attr(&path, attr.clone());
+        Ok(attr)
     }
 
     /// Reads the whole listing of a directory into a handle, so the kernel's
     /// paged readdir calls see one consistent snapshot.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let path = self.path_of(ino)?;
+        let generation = self.meta.lock().unwrap().generation();
         let mut entries = Vec::new();
         let mut after = None;
         loop {
-            let page = self
-                .call(Request::ReadDir {
-                    path: path.clone(),
-                    after: after.take(),
-                })
-                .await?;
-            let Payload::Entries {
-                entries: page,
-                more,
-            } = page
-            else {
+            let page = self.call(Request::ReadDir { path: path.clone(), after: after.take() }).await?;
+            let Payload::Entries { entries: page, more } = page else {
                 return Err(FsError::UnexpectedReply);
             };
             after = page.last().map(|e| e.name.clone());
@@ -338,21 +340,15 @@ impl<T: Transport> DfosFs<T> {
                 break;
             }
         }
+        let named = entries.iter().map(|e| (e.name.clone(), e.attr.clone()));
+        self.meta.lock().unwrap().put_listing_if_unchanged(generation, &path, named);
         let handle = self.new_handle();
-        self.listings
-            .lock()
-            .unwrap()
-            .insert(handle, Arc::new(entries));
+        self.listings.lock().unwrap().insert(handle, Arc::new(entries));
         Ok(handle)
     }
 
     pub fn listing(&self, handle: u64) -> FsResult<Arc<Vec<DirEntry>>> {
-        self.listings
-            .lock()
-            .unwrap()
-            .get(&handle)
-            .cloned()
-            .ok_or(FsError::BadHandle(handle))
+        self.listings.lock().unwrap().get(&handle).cloned().ok_or(FsError::BadHandle(handle))
     }
 
     pub fn releasedir(&self, handle: u64) {
@@ -365,13 +361,7 @@ impl<T: Transport> DfosFs<T> {
         let table = self.inodes.lock().unwrap();
         table
             .path(ino)
-            .and_then(|p| {
-                if p.is_empty() {
-                    None
-                } else {
-                    table.ino_of(inodes::parent_of(p))
-                }
-            })
+            .and_then(|p| if p.is_empty() { None } else { table.ino_of(inodes::parent_of(p)) })
             .unwrap_or(inodes::ROOT_INO)
     }
 
@@ -388,14 +378,8 @@ impl<T: Transport> DfosFs<T> {
         exclusive: bool,
     ) -> FsResult<(Entry, u64)> {
         let path = self.child_path(parent, name)?;
-        let attr = expect_attr(
-            self.call(Request::Create {
-                path: path.clone(),
-                mode,
-                exclusive,
-            })
-            .await?,
-        )?;
+        let attr = expect_attr(self.call(Request::Create { path: path.clone(), mode, exclusive }).await?)?;
+        self.meta.lock().unwrap().created(&path, attr.clone());
         let entry = self.remember(&path, attr);
         self.drop_cached_data(entry.ino);
         Ok((entry, self.new_handle()))
@@ -411,21 +395,14 @@ impl<T: Transport> DfosFs<T> {
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         self.flush(ino).await?;
         let path = self.path_of(ino)?;
-        self.reads
-            .read(&self.transport, ino, &path, offset, size)
-            .await
+        self.reads.read(&self.transport, ino, &path, offset, size).await
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let path = self.path_of(ino)?;
         self.drop_cached_data(ino);
-        let stream = self
-            .writes
-            .lock()
-            .unwrap()
-            .entry(ino)
-            .or_insert_with(|| Arc::new(WriteStream::new()))
-            .clone();
+        self.meta.lock().unwrap().drop_attr(&path);
+        let stream = self.writes.lock().unwrap().entry(ino).or_insert_with(|| Arc::new(WriteStream::new())).clone();
         stream.write(&self.transport, &path, offset, data).await?;
         Ok(data.len() as u32)
     }
@@ -438,13 +415,8 @@ impl<T: Transport> DfosFs<T> {
 
     pub async fn mkdir(&self, parent: u64, name: &std::ffi::OsStr, mode: u32) -> FsResult<Entry> {
         let path = self.child_path(parent, name)?;
-        let attr = expect_attr(
-            self.call(Request::Mkdir {
-                path: path.clone(),
-                mode,
-            })
-            .await?,
-        )?;
+        let attr = expect_attr(self.call(Request::Mkdir { path: path.clone(), mode }).await?)?;
+        self.meta.lock().unwrap().created(&path, attr.clone());
         Ok(self.remember(&path, attr))
     }
 
@@ -452,6 +424,7 @@ impl<T: Transport> DfosFs<T> {
         let path = self.child_path(parent, name)?;
         self.flush_path(&path).await?;
         self.call(Request::Unlink { path: path.clone() }).await?;
+        self.meta.lock().unwrap().removed(&path);
         self.inodes.lock().unwrap().detach(&path);
         Ok(())
     }
@@ -459,6 +432,7 @@ impl<T: Transport> DfosFs<T> {
     pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
         let path = self.child_path(parent, name)?;
         self.call(Request::Rmdir { path: path.clone() }).await?;
+        self.meta.lock().unwrap().removed(&path);
         self.inodes.lock().unwrap().detach(&path);
         Ok(())
     }
@@ -476,14 +450,52 @@ impl<T: Transport> DfosFs<T> {
         // Buffered writes carry the old path; they must land before it changes.
         self.flush_tree(&from).await?;
         self.flush_path(&to).await?;
-        self.call(Request::Rename {
-            from: from.clone(),
-            to: to.clone(),
-            mode,
-        })
-        .await?;
+        self.call(Request::Rename { from: from.clone(), to: to.clone(), mode }).await?;
+        self.meta.lock().unwrap().renamed(&from, &to);
         self.inodes.lock().unwrap().rename(&from, &to);
         Ok(())
+    }
+
+    /// Another mount changed something: drop what this mount cached about
+    /// it, and say what the kernel must drop.
+    pub fn remote_change(&self, change: &Change) -> Vec<Invalidation> {
+        let mut meta = self.meta.lock().unwrap();
+        let inodes = self.inodes.lock().unwrap();
+        let mut out = Vec::new();
+        let entry = |path: &str, out: &mut Vec<Invalidation>| {
+            let name = path.rsplit_once('/').map_or(path, |(_, name)| name);
+            if let Some(parent) = inodes.ino_of(inodes::parent_of(path)) {
+                out.push(Invalidation::Entry { parent, name: name.to_owned() });
+            }
+            if let Some(ino) = inodes.ino_of(path) {
+                self.reads.forget(ino);
+                out.push(Invalidation::Inode(ino));
+            }
+        };
+        match change {
+            Change::Modified { path } => {
+                meta.drop_attr(path);
+                if let Some(ino) = inodes.ino_of(path) {
+                    self.reads.forget(ino);
+                    out.push(Invalidation::Inode(ino));
+                }
+            }
+            Change::Created { path } => {
+                meta.invalidate(path);
+                entry(path, &mut out);
+            }
+            Change::Removed { path } => {
+                meta.invalidate_tree(path);
+                entry(path, &mut out);
+            }
+            Change::Renamed { from, to } => {
+                meta.invalidate_tree(from);
+                meta.invalidate_tree(to);
+                entry(from, &mut out);
+                entry(to, &mut out);
+            }
+        }
+        out
     }
 
     pub async fn statfs(&self) -> FsResult<FsStats> {
@@ -510,10 +522,7 @@ mod tests {
 
     impl Transport for Arc<LocalTransport> {
         fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
-            let result = self
-                .store
-                .apply("u", now(), &request)
-                .map_err(|e| RpcError::Remote(e.code()));
+            let result = self.store.apply("u", now(), &request).map_err(|e| RpcError::Remote(e.code()));
             Ok(Box::pin(async move { result }))
         }
     }
@@ -525,10 +534,7 @@ mod tests {
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
     }
 
     #[test]
@@ -536,19 +542,14 @@ mod tests {
         rt().block_on(async {
             let (dir, fs) = core();
             let (entry, _) = fs.create(1, OsStr::new("f"), 0o644, true).await.unwrap();
-            let data: Vec<u8> = (0..3 * CHUNK_SIZE + 17)
-                .map(|i| (i * 7 % 251) as u8)
-                .collect();
+            let data: Vec<u8> = (0..3 * CHUNK_SIZE + 17).map(|i| (i * 7 % 251) as u8).collect();
             for piece in data.chunks(128 * 1024 + 3).enumerate() {
                 let offset = piece.0 * (128 * 1024 + 3);
                 fs.write(entry.ino, offset as u64, piece.1).await.unwrap();
             }
             fs.flush(entry.ino).await.unwrap();
             assert_eq!(std::fs::read(dir.path().join("u/f")).unwrap(), data);
-            let back = fs
-                .read(entry.ino, 5, (2 * CHUNK_SIZE) as u32)
-                .await
-                .unwrap();
+            let back = fs.read(entry.ino, 5, (2 * CHUNK_SIZE) as u32).await.unwrap();
             assert_eq!(back, &data[5..5 + 2 * CHUNK_SIZE]);
             assert_eq!(fs.getattr(entry.ino).await.unwrap().size, data.len() as u64);
         });
@@ -559,21 +560,13 @@ mod tests {
         rt().block_on(async {
             let (dir, fs) = core();
             let d = fs.mkdir(1, OsStr::new("d"), 0o755).await.unwrap();
-            let (f, _) = fs
-                .create(d.ino, OsStr::new("f"), 0o644, true)
-                .await
-                .unwrap();
+            let (f, _) = fs.create(d.ino, OsStr::new("f"), 0o644, true).await.unwrap();
             fs.write(f.ino, 0, b"pending").await.unwrap();
-            fs.rename(1, OsStr::new("d"), 1, OsStr::new("e"), RenameMode::Replace)
-                .await
-                .unwrap();
+            fs.rename(1, OsStr::new("d"), 1, OsStr::new("e"), RenameMode::Replace).await.unwrap();
             fs.write(f.ino, 7, b"!").await.unwrap();
             fs.flush(f.ino).await.unwrap();
             assert_eq!(fs.path_of(f.ino).unwrap(), "e/f");
-            assert_eq!(
-                std::fs::read(dir.path().join("u/e/f")).unwrap(),
-                b"pending!"
-            );
+            assert_eq!(std::fs::read(dir.path().join("u/e/f")).unwrap(), b"pending!");
         });
     }
 

@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr as KernelAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr as KernelAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use dfos_protocol::limits::CHUNK_SIZE;
@@ -67,14 +66,8 @@ fn system_time(t: Timestamp) -> SystemTime {
 
 fn timestamp(t: SystemTime) -> Timestamp {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Timestamp {
-            secs: d.as_secs() as i64,
-            nanos: d.subsec_nanos(),
-        },
-        Err(before) => Timestamp {
-            secs: -(before.duration().as_secs() as i64),
-            nanos: 0,
-        },
+        Ok(d) => Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() },
+        Err(before) => Timestamp { secs: -(before.duration().as_secs() as i64), nanos: 0 },
     }
 }
 
@@ -103,11 +96,7 @@ impl<T: Transport> FuseAdapter<T> {
     pub fn new(fs: Arc<DfosFs<T>>, runtime: tokio::runtime::Handle) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        FuseAdapter {
-            fs,
-            runtime,
-            attrs: KernelAttrs { uid, gid },
-        }
+        FuseAdapter { fs, runtime, attrs: KernelAttrs { uid, gid } }
     }
 
     /// Runs `work` on the runtime and hands its result to `answer`.
@@ -121,26 +110,15 @@ impl<T: Transport> FuseAdapter<T> {
         self.runtime.spawn(async move { answer(future.await) });
     }
 
-    fn reply_entry(
-        &self,
-        reply: ReplyEntry,
-    ) -> impl FnOnce(Result<Entry, FsError>) + Send + 'static {
+    fn reply_entry(&self, reply: ReplyEntry) -> impl FnOnce(Result<Entry, FsError>) + Send + 'static {
         let attrs = self.attrs;
         move |result| match result {
-            Ok(entry) => reply.entry(
-                &TTL,
-                &attrs.kernel_attr(entry.ino, &entry.attr),
-                Generation(0),
-            ),
+            Ok(entry) => reply.entry(&TTL, &attrs.kernel_attr(entry.ino, &entry.attr), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn reply_attr(
-        &self,
-        ino: u64,
-        reply: ReplyAttr,
-    ) -> impl FnOnce(Result<FileAttr, FsError>) + Send + 'static {
+    fn reply_attr(&self, ino: u64, reply: ReplyAttr) -> impl FnOnce(Result<FileAttr, FsError>) + Send + 'static {
         let attrs = self.attrs;
         move |result| match result {
             Ok(attr) => reply.attr(&TTL, &attrs.kernel_attr(ino, &attr)),
@@ -190,18 +168,14 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1024 * 1024);
         let _ = config.set_max_readahead(1024 * 1024);
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
         let answer = self.reply_entry(reply);
-        self.spawn(
-            move |fs| async move { fs.lookup(parent.0, &name).await },
-            answer,
-        );
+        self.spawn(move |fs| async move { fs.lookup(parent.0, &name).await }, answer);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -233,43 +207,23 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     ) {
         let answer = self.reply_attr(ino.0, reply);
         let (atime, mtime) = (atime.map(set_time), mtime.map(set_time));
-        self.spawn(
-            move |fs| async move { fs.setattr(ino.0, size, mode, atime, mtime).await },
-            answer,
-        );
+        self.spawn(move |fs| async move { fs.setattr(ino.0, size, mode, atime, mtime).await }, answer);
     }
 
-    fn mkdir(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let name = name.to_owned();
         let answer = self.reply_entry(reply);
-        self.spawn(
-            move |fs| async move { fs.mkdir(parent.0, &name, mode & !umask).await },
-            answer,
-        );
+        self.spawn(move |fs| async move { fs.mkdir(parent.0, &name, mode & !umask).await }, answer);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(
-            move |fs| async move { fs.unlink(parent.0, &name).await },
-            empty(reply),
-        );
+        self.spawn(move |fs| async move { fs.unlink(parent.0, &name).await }, empty(reply));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(
-            move |fs| async move { fs.rmdir(parent.0, &name).await },
-            empty(reply),
-        );
+        self.spawn(move |fs| async move { fs.rmdir(parent.0, &name).await }, empty(reply));
     }
 
     fn rename(
@@ -292,10 +246,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         };
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.spawn(
-            move |fs| async move {
-                fs.rename(parent.0, &name, newparent.0, &newname, mode)
-                    .await
-            },
+            move |fs| async move { fs.rename(parent.0, &name, newparent.0, &newname, mode).await },
             empty(reply),
         );
     }
@@ -349,14 +300,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         );
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply));
     }
 
@@ -373,14 +317,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply));
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.spawn(move |fs| async move { fs.fsync(ino.0).await }, empty(reply));
     }
 
@@ -394,14 +331,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         );
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let entries = match self.fs.listing(fh.0) {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno(&e)),
@@ -411,21 +341,11 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         for index in offset as usize..total {
             let full = if index < dots.len() {
                 let (dot_ino, name) = dots[index];
-                reply.add(
-                    INodeNo(dot_ino),
-                    index as u64 + 1,
-                    FileType::Directory,
-                    name,
-                )
+                reply.add(INodeNo(dot_ino), index as u64 + 1, FileType::Directory, name)
             } else {
                 let entry = &entries[index - dots.len()];
                 // Plain readdir does not count lookups; the number is a hint.
-                reply.add(
-                    INodeNo(u64::MAX),
-                    index as u64 + 1,
-                    file_type(entry.attr.kind),
-                    &entry.name,
-                )
+                reply.add(INodeNo(u64::MAX), index as u64 + 1, file_type(entry.attr.kind), &entry.name)
             };
             if full {
                 break;
@@ -434,14 +354,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         reply.ok();
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let entries = match self.fs.listing(fh.0) {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno(&e)),
@@ -481,14 +394,8 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
                 Ok(child) => child,
                 Err(e) => return reply.error(errno(&e)),
             };
-            if reply.add(
-                INodeNo(child),
-                next,
-                &entry.name,
-                &TTL,
-                &maker.kernel_attr(child, &entry.attr),
-                Generation(0),
-            ) {
+            if reply.add(INodeNo(child), next, &entry.name, &TTL, &maker.kernel_attr(child, &entry.attr), Generation(0))
+            {
                 // Not handed to the kernel after all, so not counted.
                 self.fs.forget(child, 1);
                 break;
@@ -497,14 +404,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         reply.ok();
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -542,20 +442,11 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         let attrs = self.attrs;
         let exclusive = flags & libc::O_EXCL != 0;
         self.spawn(
-            move |fs| async move {
-                fs.create(parent.0, &name, mode & 0o7777 & !umask, exclusive)
-                    .await
-            },
+            move |fs| async move { fs.create(parent.0, &name, mode & 0o7777 & !umask, exclusive).await },
             move |result| match result {
                 Ok((entry, fh)) => {
                     let attr = attrs.kernel_attr(entry.ino, &entry.attr);
-                    reply.created(
-                        &TTL,
-                        &attr,
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::empty(),
-                    )
+                    reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty())
                 }
                 Err(e) => reply.error(errno(&e)),
             },
@@ -592,10 +483,7 @@ mod tests {
     #[test]
     fn transport_failures_and_deadlines_are_eio() {
         assert_eq!(errno(&FsError::Rpc(RpcError::Timeout)).code(), libc::EIO);
-        assert_eq!(
-            errno(&FsError::Rpc(RpcError::Kafka("down".into()))).code(),
-            libc::EIO
-        );
+        assert_eq!(errno(&FsError::Rpc(RpcError::Kafka("down".into()))).code(), libc::EIO);
         assert_eq!(errno(&FsError::Stale(9)).code(), libc::ENOENT);
         assert_eq!(errno(&FsError::BadName).code(), libc::EINVAL);
     }

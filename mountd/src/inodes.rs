@@ -26,18 +26,8 @@ pub struct InodeTable {
 
 impl Default for InodeTable {
     fn default() -> Self {
-        let mut table = InodeTable {
-            nodes: HashMap::new(),
-            by_path: HashMap::new(),
-            next: ROOT_INO + 1,
-        };
-        table.nodes.insert(
-            ROOT_INO,
-            Node {
-                path: Some(String::new()),
-                lookups: 1,
-            },
-        );
+        let mut table = InodeTable { nodes: HashMap::new(), by_path: HashMap::new(), next: ROOT_INO + 1 };
+        table.nodes.insert(ROOT_INO, Node { path: Some(String::new()), lookups: 1 });
         table.by_path.insert(String::new(), ROOT_INO);
         table
     }
@@ -70,21 +60,12 @@ impl InodeTable {
     /// Records one kernel lookup of `path` and returns its number.
     pub fn remember(&mut self, path: &str) -> u64 {
         if let Some(&ino) = self.by_path.get(path) {
-            self.nodes
-                .get_mut(&ino)
-                .expect("by_path and nodes agree")
-                .lookups += 1;
+            self.nodes.get_mut(&ino).expect("by_path and nodes agree").lookups += 1;
             return ino;
         }
         let ino = self.next;
         self.next += 1;
-        self.nodes.insert(
-            ino,
-            Node {
-                path: Some(path.to_owned()),
-                lookups: 1,
-            },
-        );
+        self.nodes.insert(ino, Node { path: Some(path.to_owned()), lookups: 1 });
         self.by_path.insert(path.to_owned(), ino);
         ino
     }

@@ -2,14 +2,18 @@
 //!
 //! Mounts one user's remote store as a local folder. The layers, bottom up:
 //! - [`rpc`]: request/reply over Kafka with a deadline on every request;
+//! - [`events`]: other mounts' changes, to invalidate caches;
+//! - [`metacache`]: names and attributes this mount knows;
 //! - [`inodes`]: inode numbers for a path-based protocol;
 //! - [`readahead`]: cached file blocks and sequential read-ahead;
 //! - [`fs`]: the filesystem core (write buffers, consistency), kernel-free;
 //! - [`fuse`]: the thin fuser adapter and the errno mapping.
 
+pub mod events;
 pub mod fs;
 pub mod fuse;
 pub mod inodes;
+pub mod metacache;
 pub mod readahead;
 pub mod rpc;
 
@@ -31,26 +35,24 @@ pub struct Config {
     pub mountpoint: PathBuf,
     /// Let other local users see the mount (needs user_allow_other).
     pub allow_other: bool,
+    /// How long names and attributes are trusted without news from
+    /// `dfos.events` (which normally invalidates them within milliseconds).
+    pub cache_ttl: Duration,
 }
 
 /// Connects, logs in, mounts, and serves until SIGINT, SIGTERM or an
 /// external unmount. Nothing is mounted unless login succeeded.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let deadline = config.kafka.deadline;
     let brokers = config.kafka.brokers.clone();
     let rpc = runtime.block_on(async {
-        let rpc = KafkaRpc::connect(config.kafka.clone(), &config.user)
-            .await
-            .map_err(|e| match e {
-                RpcError::Timeout => {
-                    anyhow::anyhow!("cannot reach Kafka at {brokers} within {deadline:?}")
-                }
-                other => anyhow::anyhow!("cannot reach Kafka at {brokers}: {other}"),
-            })?;
+        let rpc = KafkaRpc::connect(config.kafka.clone(), &config.user).await.map_err(|e| match e {
+            RpcError::Timeout => {
+                anyhow::anyhow!("cannot reach Kafka at {brokers} within {deadline:?}")
+            }
+            other => anyhow::anyhow!("cannot reach Kafka at {brokers}: {other}"),
+        })?;
         match rpc.login(&config.password).await {
             Ok(()) => Ok(rpc),
             Err(e) => {
@@ -59,22 +61,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     RpcError::Remote(ErrorCode::AccessDenied) => {
                         bail!("authentication failed for user {}", config.user)
                     }
-                    RpcError::Timeout => bail!(
-                        "no storage daemon answered within {deadline:?} (is storaged running?)"
-                    ),
+                    RpcError::Timeout => bail!("no storage daemon answered within {deadline:?} (is storaged running?)"),
                     other => bail!("login failed: {other}"),
                 }
             }
         }
     })?;
-    log::info!(
-        "op=login user={} ok; mounting at {}",
-        config.user,
-        config.mountpoint.display()
-    );
+    log::info!("op=login user={} ok; mounting at {}", config.user, config.mountpoint.display());
 
-    let fs = Arc::new(fs::DfosFs::new(rpc.clone()));
-    let adapter = fuse::FuseAdapter::new(fs, runtime.handle().clone());
+    let fs = Arc::new(fs::DfosFs::with_cache_ttl(rpc.clone(), config.cache_ttl));
+    let adapter = fuse::FuseAdapter::new(fs.clone(), runtime.handle().clone());
     let mut fuse_config = FuseConfig::default();
     fuse_config.mount_options = vec![
         MountOption::FSName(format!("dfos:{}", config.user)),
@@ -92,16 +88,32 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Ok(session) => session,
         Err(e) => {
             runtime.block_on(rpc.shutdown());
-            return Err(e)
-                .with_context(|| format!("cannot mount at {}", config.mountpoint.display()));
+            return Err(e).with_context(|| format!("cannot mount at {}", config.mountpoint.display()));
         }
     };
 
+    let notifier = session.notifier();
+    let listener = events::EventListener::start(&config.kafka, &config.user, rpc.origin(), move |change| {
+        for invalidation in fs.remote_change(change) {
+            // ENOENT only means the kernel had nothing cached.
+            let _ = match invalidation {
+                fs::Invalidation::Entry { parent, name } => notifier.inval_entry(fuser::INodeNo(parent), name.as_ref()),
+                fs::Invalidation::Inode(ino) => notifier.inval_inode(fuser::INodeNo(ino), 0, 0),
+            };
+        }
+    });
+    let mut listener = match listener {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            log::warn!(
+                "op=events user={} cannot follow other mounts' changes: {e}; caches expire by TTL only",
+                config.user
+            );
+            None
+        }
+    };
     let mut unmounter = session.unmount_callable();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     let signal_handle = signals.handle();
     let signal_thread = std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
@@ -112,6 +124,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     });
     let served = session.run();
+    if let Some(listener) = listener.as_mut() {
+        listener.stop();
+    }
     signal_handle.close();
     let _ = signal_thread.join();
     runtime.block_on(rpc.shutdown());

@@ -24,6 +24,10 @@ struct Cli {
     /// Let other local users access the mount.
     #[arg(long)]
     allow_other: bool,
+    /// Seconds names and attributes stay cached unless another mount's
+    /// change event drops them sooner.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    cache_ttl: u64,
     /// librdkafka setting passed through, e.g. -X security.protocol=SSL.
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
     kafka: Vec<(String, String)>,
@@ -31,15 +35,12 @@ struct Cli {
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 fn password(cli: &Cli) -> anyhow::Result<String> {
     if let Some(file) = &cli.password_file {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
         return Ok(text.lines().next().unwrap_or_default().to_owned());
     }
     if let Ok(password) = std::env::var("DFOS_PASSWORD") {
@@ -64,6 +65,7 @@ fn main() {
             password,
             mountpoint: cli.mountpoint.clone(),
             allow_other: cli.allow_other,
+            cache_ttl: Duration::from_secs(cli.cache_ttl),
         })
     });
     if let Err(e) = outcome {

@@ -43,11 +43,7 @@ pub struct ReadCache {
 }
 
 fn fetch<T: Transport>(transport: &T, path: &str, index: u64) -> FsResult<Block> {
-    let request = Request::Read {
-        path: path.to_owned(),
-        offset: index * CHUNK,
-        len: CHUNK_SIZE as u32,
-    };
+    let request = Request::Read { path: path.to_owned(), offset: index * CHUNK, len: CHUNK_SIZE as u32 };
     let pending = transport.submit(request)?;
     Ok(async move {
         match pending.await {
@@ -83,19 +79,15 @@ impl ReadCache {
             let mut inodes = self.inodes.lock().unwrap();
             let state = inodes.entry(ino).or_default();
             // The kernel's own read-ahead sends reads slightly out of order.
-            let sequential = offset.abs_diff(state.next_offset) <= 2 * CHUNK;
-            state.window = if sequential {
-                (state.window * 2).clamp(1, MAX_WINDOW_BLOCKS)
-            } else {
-                0
-            };
+            // A first read at offset 0 is not yet a run: most files are
+            // small, and fetching past their end would cost a round trip.
+            let sequential = offset > 0 && offset.abs_diff(state.next_offset) <= 2 * CHUNK;
+            state.window = if sequential { (state.window * 2).clamp(1, MAX_WINDOW_BLOCKS) } else { 0 };
             state.next_offset = state.next_offset.max(offset + size as u64);
             if !sequential {
                 state.next_offset = offset + size as u64;
             }
-            state
-                .blocks
-                .retain(|&index, _| index + 1 >= first && index <= last + MAX_WINDOW_BLOCKS);
+            state.blocks.retain(|&index, _| index + 1 >= first && index <= last + MAX_WINDOW_BLOCKS);
             let mut needed = Vec::new();
             for index in first..=last {
                 let block = match state.blocks.get(&index) {

@@ -27,8 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use dfos_protocol::{
-    decode_reply, encode_envelope, Envelope, ErrorCode, Payload, Request, Timestamp, Topics,
-    PROTOCOL_VERSION,
+    decode_reply, encode_envelope, Envelope, ErrorCode, Payload, Request, Timestamp, Topics, PROTOCOL_VERSION,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,13 +52,8 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 pub fn now() -> Timestamp {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Timestamp {
-        secs: d.as_secs() as i64,
-        nanos: d.subsec_nanos(),
-    }
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() }
 }
 
 /// Settings for connecting to Kafka, shared by every client of a mount.
@@ -72,7 +66,7 @@ pub struct KafkaSettings {
 }
 
 impl KafkaSettings {
-    fn client_config(&self) -> ClientConfig {
+    pub fn client_config(&self) -> ClientConfig {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &self.brokers);
         for (k, v) in &self.options {
@@ -104,20 +98,15 @@ impl KafkaRpc {
         let topics = Topics::new(&settings.namespace);
         let mount_id = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
         let reply_topic = topics.reply(&mount_id);
-        let admin: AdminClient<DefaultClientContext> = settings
-            .client_config()
-            .create()
+        let admin: AdminClient<DefaultClientContext> =
+            settings.client_config().create().map_err(|e| RpcError::Kafka(e.to_string()))?;
+        let options =
+            AdminOptions::new().request_timeout(Some(settings.deadline)).operation_timeout(Some(settings.deadline));
+        let topic = NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(-1)).set("retention.ms", "3600000");
+        let created = tokio::time::timeout(settings.deadline, admin.create_topics([&topic], &options))
+            .await
+            .map_err(|_| RpcError::Timeout)?
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
-        let options = AdminOptions::new()
-            .request_timeout(Some(settings.deadline))
-            .operation_timeout(Some(settings.deadline));
-        let topic = NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(-1))
-            .set("retention.ms", "3600000");
-        let created =
-            tokio::time::timeout(settings.deadline, admin.create_topics([&topic], &options))
-                .await
-                .map_err(|_| RpcError::Timeout)?
-                .map_err(|e| RpcError::Kafka(e.to_string()))?;
         for result in created {
             result.map_err(|(t, code)| RpcError::Kafka(format!("cannot create {t}: {code}")))?;
         }
@@ -126,10 +115,7 @@ impl KafkaRpc {
             .set("linger.ms", "0")
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set(
-                "message.timeout.ms",
-                settings.deadline.as_millis().to_string(),
-            )
+            .set("message.timeout.ms", settings.deadline.as_millis().to_string())
             .create()
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let rpc = Arc::new(KafkaRpc {
@@ -169,19 +155,18 @@ impl KafkaRpc {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.reply_topic, 0, Offset::Beginning)
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        consumer.assign(&tpl).map_err(|e| RpcError::Kafka(e.to_string()))?;
         Ok(consumer)
+    }
+
+    /// This mount's identity in events: its reply topic.
+    pub fn origin(&self) -> &str {
+        &self.reply_topic
     }
 
     /// Logs in and keeps the session token for every later request.
     pub async fn login(self: &Arc<Self>, password: &str) -> Result<(), RpcError> {
-        let reply = self
-            .submit(Request::Login {
-                password: password.to_owned(),
-            })?
-            .await?;
+        let reply = self.submit(Request::Login { password: password.to_owned() })?.await?;
         match reply {
             Payload::LoggedIn { token } => {
                 *self.token.write().unwrap() = token;
@@ -198,20 +183,13 @@ impl KafkaRpc {
         if let Some(handle) = self.listener.lock().unwrap().take() {
             let _ = handle.join();
         }
-        let admin: Result<AdminClient<DefaultClientContext>, _> =
-            self.settings.client_config().create();
+        let admin: Result<AdminClient<DefaultClientContext>, _> = self.settings.client_config().create();
         if let Ok(admin) = admin {
             let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
-            let deleted = tokio::time::timeout(
-                Duration::from_secs(6),
-                admin.delete_topics(&[&self.reply_topic], &options),
-            )
-            .await;
+            let deleted =
+                tokio::time::timeout(Duration::from_secs(6), admin.delete_topics(&[&self.reply_topic], &options)).await;
             if !matches!(deleted, Ok(Ok(_))) {
-                log::warn!(
-                    "op=shutdown topic={} could not delete reply topic; retention removes it",
-                    self.reply_topic
-                );
+                log::warn!("op=shutdown topic={} could not delete reply topic; retention removes it", self.reply_topic);
             }
         }
     }
@@ -234,16 +212,11 @@ fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<
                 Some((_, waiter)) => {
                     let _ = waiter.send(reply.result.map_err(RpcError::Remote));
                 }
-                None => log::trace!(
-                    "op=reply req={} node={} duplicate or late reply dropped",
-                    reply.request_id,
-                    reply.node
-                ),
+                None => {
+                    log::trace!("op=reply req={} node={} duplicate or late reply dropped", reply.request_id, reply.node)
+                }
             },
-            Err(e) => log::warn!(
-                "op=reply offset={} undecodable reply skipped: {e}",
-                message.offset()
-            ),
+            Err(e) => log::warn!("op=reply offset={} undecodable reply skipped: {e}", message.offset()),
         }
     }
 }
@@ -264,9 +237,7 @@ impl Transport for Arc<KafkaRpc> {
         let bytes = encode_envelope(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         self.pending.insert(request_id, tx);
-        let record = FutureRecord::to(&self.requests_topic)
-            .key(&self.user)
-            .payload(&bytes);
+        let record = FutureRecord::to(&self.requests_topic).key(&self.user).payload(&bytes);
         let delivery = match self.producer.send_result(record) {
             Ok(d) => d,
             Err((e, _)) => {
@@ -284,15 +255,8 @@ impl Transport for Arc<KafkaRpc> {
                 }
             }
         });
-        log::debug!(
-            "op={op} user={} path={path:?} req={request_id} submitted",
-            self.user
-        );
-        let (pending, deadline, user) = (
-            self.pending.clone(),
-            self.settings.deadline,
-            self.user.clone(),
-        );
+        log::debug!("op={op} user={} path={path:?} req={request_id} submitted", self.user);
+        let (pending, deadline, user) = (self.pending.clone(), self.settings.deadline, self.user.clone());
         Ok(Box::pin(async move {
             let outcome = match tokio::time::timeout(deadline, rx).await {
                 Ok(Ok(result)) => result,

@@ -4,7 +4,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::limits::MAX_MESSAGE_BYTES;
-use crate::{Envelope, Reply};
+use crate::{Envelope, Event, Reply};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -23,8 +23,7 @@ fn config() -> impl bincode::config::Config {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let bytes = bincode::serde::encode_to_vec(value, config())
-        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    let bytes = bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(CodecError::TooLarge(bytes.len()));
     }
@@ -35,8 +34,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(CodecError::TooLarge(bytes.len()));
     }
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }
@@ -59,6 +58,14 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Reply, CodecError> {
     decode(bytes)
 }
 
+pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
+    encode(event)
+}
+
+pub fn decode_event(bytes: &[u8]) -> Result<Event, CodecError> {
+    decode(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,11 +80,7 @@ mod tests {
             user: "U".into(),
             token: "t".into(),
             client_time: Timestamp { secs: 1, nanos: 2 },
-            request: Request::Write {
-                path: "a/b".into(),
-                offset: 300,
-                data: vec![1, 2, 3],
-            },
+            request: Request::Write { path: "a/b".into(), offset: 300, data: vec![1, 2, 3] },
         }
     }
 
@@ -89,8 +92,7 @@ mod tests {
         let expected: Vec<u8> = vec![
             1, // version
             7, // request id (varint)
-            12, b'd', b'f', b'o', b's', b'.', b'r', b'e', b'p', b'l', b'y', b'.', b'm', 1,
-            b'U', // user
+            12, b'd', b'f', b'o', b's', b'.', b'r', b'e', b'p', b'l', b'y', b'.', b'm', 1, b'U', // user
             1, b't', // token
             2, 2,  // time: secs zigzag(1)=2, nanos 2
             10, // Request::Write is variant 10
@@ -103,11 +105,7 @@ mod tests {
 
     #[test]
     fn golden_bytes_of_an_error_reply() {
-        let reply = Reply {
-            request_id: 1,
-            node: "n".into(),
-            result: Err(ErrorCode::NotEmpty),
-        };
+        let reply = Reply { request_id: 1, node: "n".into(), result: Err(ErrorCode::NotEmpty) };
         assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 1, 2]);
     }
 
@@ -116,33 +114,34 @@ mod tests {
         // A string length claiming ~2^60 bytes.
         let mut bytes = vec![1, 7, 253];
         bytes.extend_from_slice(&(1u64 << 60).to_le_bytes());
-        assert!(matches!(
-            decode_envelope(&bytes),
-            Err(CodecError::Decode(_))
-        ));
+        assert!(matches!(decode_envelope(&bytes), Err(CodecError::Decode(_))));
     }
 
     #[test]
     fn oversized_and_trailing_input_is_refused() {
-        assert!(matches!(
-            decode_envelope(&vec![0; MAX_MESSAGE_BYTES + 1]),
-            Err(CodecError::TooLarge(_))
-        ));
+        assert!(matches!(decode_envelope(&vec![0; MAX_MESSAGE_BYTES + 1]), Err(CodecError::TooLarge(_))));
         let mut bytes = encode_envelope(&sample_envelope()).unwrap();
         bytes.push(0);
-        assert!(matches!(
-            decode_envelope(&bytes),
-            Err(CodecError::Trailing(1))
-        ));
+        assert!(matches!(decode_envelope(&bytes), Err(CodecError::Trailing(1))));
         let big = Envelope {
-            request: Request::Write {
-                path: "x".into(),
-                offset: 0,
-                data: vec![0; MAX_MESSAGE_BYTES],
-            },
+            request: Request::Write { path: "x".into(), offset: 0, data: vec![0; MAX_MESSAGE_BYTES] },
             ..sample_envelope()
         };
         assert!(encode_envelope(&big).is_err());
+    }
+
+    #[test]
+    fn golden_bytes_of_an_event() {
+        let event = Event {
+            version: PROTOCOL_VERSION,
+            user: "U".into(),
+            origin: "o".into(),
+            request_id: 3,
+            change: Change::Renamed { from: "a".into(), to: "b".into() },
+        };
+        let bytes = encode_event(&event).unwrap();
+        assert_eq!(bytes, vec![1, 1, b'U', 1, b'o', 3, 3, 1, b'a', 1, b'b']);
+        assert_eq!(decode_event(&bytes).unwrap(), event);
     }
 
     proptest! {

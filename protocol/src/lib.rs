@@ -11,7 +11,7 @@ pub mod limits;
 pub mod message;
 pub mod topics;
 
-pub use codec::{decode_envelope, decode_reply, encode_envelope, encode_reply, CodecError};
+pub use codec::{decode_envelope, decode_event, decode_reply, encode_envelope, encode_event, encode_reply, CodecError};
 pub use error::ErrorCode;
 pub use message::*;
 pub use topics::Topics;

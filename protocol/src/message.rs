@@ -91,6 +91,9 @@ pub enum Request {
     Write {
         path: String,
         offset: u64,
+        /// Raw bytes on the wire (same encoding as a `u8` sequence, but
+        /// copied in one piece instead of element by element).
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     SetAttr {
@@ -131,22 +134,7 @@ impl Request {
     /// their applied offset after every mutation; other requests can be
     /// replayed freely.
     pub fn mutates(&self) -> bool {
-        match self {
-            Request::Create { .. }
-            | Request::Mkdir { .. }
-            | Request::Unlink { .. }
-            | Request::Rmdir { .. }
-            | Request::Rename { .. }
-            | Request::Write { .. }
-            | Request::SetAttr { .. } => true,
-            Request::Login { .. }
-            | Request::Lookup { .. }
-            | Request::GetAttr { .. }
-            | Request::ReadDir { .. }
-            | Request::Read { .. }
-            | Request::StatFs
-            | Request::Fsync { .. } => false,
-        }
+        self.change().is_some()
     }
 
     /// The main path, for log lines ("" for requests without one).
@@ -219,7 +207,7 @@ pub enum Payload {
         entries: Vec<DirEntry>,
         more: bool,
     },
-    Data(Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A write applied; `attr` is the file after it.
     Written {
         attr: FileAttr,
@@ -235,4 +223,57 @@ pub struct Reply {
     /// Which storage node answered; with replicas several may.
     pub node: String,
     pub result: Result<Payload, ErrorCode>,
+}
+
+/// One effect of a mutation, as other mounts need to hear of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Contents or attributes changed (write, truncate, chmod, utimes).
+    Modified {
+        path: String,
+    },
+    Created {
+        path: String,
+    },
+    Removed {
+        path: String,
+    },
+    Renamed {
+        from: String,
+        to: String,
+    },
+}
+
+/// What travels on `dfos.events` (key = user) after each applied mutation,
+/// so other mounts of the same user can drop what they cached. Every
+/// replica publishes it; receivers deduplicate by origin and request id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub version: u16,
+    pub user: String,
+    /// Reply topic of the mount whose request caused it.
+    pub origin: String,
+    pub request_id: u64,
+    pub change: Change,
+}
+
+impl Request {
+    /// The change this request makes once applied successfully.
+    pub fn change(&self) -> Option<Change> {
+        match self {
+            Request::Write { path, .. } | Request::SetAttr { path, .. } => {
+                Some(Change::Modified { path: path.clone() })
+            }
+            Request::Create { path, .. } | Request::Mkdir { path, .. } => Some(Change::Created { path: path.clone() }),
+            Request::Unlink { path } | Request::Rmdir { path } => Some(Change::Removed { path: path.clone() }),
+            Request::Rename { from, to, .. } => Some(Change::Renamed { from: from.clone(), to: to.clone() }),
+            Request::Login { .. }
+            | Request::Lookup { .. }
+            | Request::GetAttr { .. }
+            | Request::ReadDir { .. }
+            | Request::Read { .. }
+            | Request::StatFs
+            | Request::Fsync { .. } => None,
+        }
+    }
 }

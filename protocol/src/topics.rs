@@ -16,11 +16,7 @@ const REPLY_STEM: &str = "dfos.reply.";
 impl Topics {
     /// `namespace` empty gives the plain names of DESIGN.md (`dfos.requests`).
     pub fn new(namespace: &str) -> Self {
-        let prefix = if namespace.is_empty() {
-            String::new()
-        } else {
-            format!("{namespace}.")
-        };
+        let prefix = if namespace.is_empty() { String::new() } else { format!("{namespace}.") };
         Topics { prefix }
     }
 
@@ -39,16 +35,9 @@ impl Topics {
     /// storaged only produces to topics that are reply topics of its own
     /// namespace, so a forged envelope cannot make it write elsewhere.
     pub fn is_reply_topic(&self, topic: &str) -> bool {
-        topic
-            .strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_prefix(REPLY_STEM))
-            .is_some_and(|id| {
-                !id.is_empty()
-                    && id.len() <= 200
-                    && id
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            })
+        topic.strip_prefix(&self.prefix).and_then(|rest| rest.strip_prefix(REPLY_STEM)).is_some_and(|id| {
+            !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
     }
 }
 

@@ -54,16 +54,8 @@ impl Checkpoint {
     pub fn open(storage: &Path, topic: &str, partitions: usize) -> io::Result<Self> {
         fs::create_dir_all(storage.join(STATE_DIR))?;
         let path = checkpoint_path(storage, topic);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        let mut applied: Vec<i64> = read_applied(storage, topic)?
-            .into_iter()
-            .map(|o| o.unwrap_or(NONE))
-            .collect();
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let mut applied: Vec<i64> = read_applied(storage, topic)?.into_iter().map(|o| o.unwrap_or(NONE)).collect();
         if applied.len() < partitions {
             let old = applied.len();
             applied.resize(partitions, NONE);
@@ -71,20 +63,12 @@ impl Checkpoint {
                 file.write_all_at(&NONE.to_le_bytes(), (partition * SLOT) as u64)?;
             }
         }
-        Ok(Checkpoint {
-            file,
-            path,
-            applied,
-            dirty: false,
-        })
+        Ok(Checkpoint { file, path, applied, dirty: false })
     }
 
     /// The last offset applied in `partition`, if any.
     pub fn applied(&self, partition: i32) -> Option<i64> {
-        self.applied
-            .get(partition as usize)
-            .copied()
-            .filter(|&o| o >= 0)
+        self.applied.get(partition as usize).copied().filter(|&o| o >= 0)
     }
 
     /// Remembers `offset` in memory; `durable` also writes it to the file.
@@ -95,8 +79,7 @@ impl Checkpoint {
         }
         self.applied[index] = offset;
         if durable {
-            self.file
-                .write_all_at(&offset.to_le_bytes(), (index * SLOT) as u64)?;
+            self.file.write_all_at(&offset.to_le_bytes(), (index * SLOT) as u64)?;
         } else {
             self.dirty = true;
         }
@@ -133,19 +116,10 @@ mod tests {
         c.advance(2, 7, false).unwrap();
         drop(c);
         let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
-        assert_eq!(
-            (c.applied(0), c.applied(1), c.applied(2)),
-            (None, Some(41), None)
-        );
+        assert_eq!((c.applied(0), c.applied(1), c.applied(2)), (None, Some(41), None));
         c.advance(0, 3, false).unwrap();
-        assert_eq!(
-            read_applied(dir.path(), "t").unwrap(),
-            vec![None, Some(41), None]
-        );
+        assert_eq!(read_applied(dir.path(), "t").unwrap(), vec![None, Some(41), None]);
         c.persist_all().unwrap();
-        assert_eq!(
-            read_applied(dir.path(), "t").unwrap(),
-            vec![Some(3), Some(41), None]
-        );
+        assert_eq!(read_applied(dir.path(), "t").unwrap(), vec![Some(3), Some(41), None]);
     }
 }

@@ -13,23 +13,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
     #[error("cannot read or write credentials file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}:{line}: expected `user:argon2-hash`")]
     Malformed { path: PathBuf, line: usize },
-    #[error(
-        "invalid user name {0:?}: use 1-64 letters, digits, '_', '-' or '.', not starting with '.'"
-    )]
+    #[error("invalid user name {0:?}: use 1-64 letters, digits, '_', '-' or '.', not starting with '.'")]
     BadUserName(String),
     #[error("user {0} already exists (use `storaged user passwd`)")]
     UserExists(String),
@@ -47,9 +40,7 @@ pub fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 pub fn hash_password(password: &str) -> Result<String, CredentialsError> {
@@ -70,10 +61,7 @@ fn parse(path: &Path, text: &str) -> Result<HashMap<String, String>, Credentials
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let malformed = || CredentialsError::Malformed {
-            path: path.to_owned(),
-            line: index + 1,
-        };
+        let malformed = || CredentialsError::Malformed { path: path.to_owned(), line: index + 1 };
         let (user, hash) = line.split_once(':').ok_or_else(malformed)?;
         if !valid_user_name(user) || PasswordHash::new(hash).is_err() {
             return Err(malformed());
@@ -87,20 +75,12 @@ fn read(path: &Path) -> Result<HashMap<String, String>, CredentialsError> {
     match fs::read_to_string(path) {
         Ok(text) => parse(path, &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
-        Err(source) => Err(CredentialsError::Io {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => Err(CredentialsError::Io { path: path.to_owned(), source }),
     }
 }
 
 /// Adds a user (`replace == false`) or changes a password (`replace == true`).
-pub fn set_password(
-    path: &Path,
-    user: &str,
-    password: &str,
-    replace: bool,
-) -> Result<(), CredentialsError> {
+pub fn set_password(path: &Path, user: &str, password: &str, replace: bool) -> Result<(), CredentialsError> {
     if !valid_user_name(user) {
         return Err(CredentialsError::BadUserName(user.to_owned()));
     }
@@ -113,14 +93,8 @@ pub fn set_password(
     users.insert(user.to_owned(), hash_password(password)?);
     let mut names: Vec<_> = users.keys().cloned().collect();
     names.sort();
-    let io_err = |source| CredentialsError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let io_err = |source| CredentialsError::Io { path: path.to_owned(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile_in(dir).map_err(io_err)?;
     for name in names {
         writeln!(tmp.1, "{name}:{}", users[&name]).map_err(io_err)?;
@@ -132,12 +106,7 @@ pub fn set_password(
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, fs::File)> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(format!(".id_passwd.{}.tmp", std::process::id()));
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)?;
+    let file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
     Ok((path, file))
 }
 
@@ -151,10 +120,7 @@ impl Credentials {
     /// Fails if the file exists but cannot be parsed: a daemon should not
     /// start with a broken user list.
     pub fn open(path: &Path) -> Result<Self, CredentialsError> {
-        let creds = Credentials {
-            path: path.to_owned(),
-            cache: Mutex::new((None, HashMap::new())),
-        };
+        let creds = Credentials { path: path.to_owned(), cache: Mutex::new((None, HashMap::new())) };
         creds.refresh()?;
         Ok(creds)
     }
@@ -173,10 +139,7 @@ impl Credentials {
     /// A file broken by a manual edit keeps the last good user list.
     pub fn hash_of(&self, user: &str) -> Option<String> {
         if let Err(e) = self.refresh() {
-            log::error!(
-                "op=credentials path={} error={e}; keeping the previous user list",
-                self.path.display()
-            );
+            log::error!("op=credentials path={} error={e}; keeping the previous user list", self.path.display());
         }
         self.cache.lock().unwrap().1.get(user).cloned()
     }
@@ -185,10 +148,7 @@ impl Credentials {
     pub fn verify(&self, user: &str, password: &str) -> Option<String> {
         let hash = self.hash_of(user)?;
         let parsed = PasswordHash::new(&hash).ok()?;
-        Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .ok()
-            .map(|_| hash)
+        Argon2::default().verify_password(password.as_bytes(), &parsed).ok().map(|_| hash)
     }
 }
 
@@ -201,10 +161,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("id_passwd.txt");
         set_password(&path, "alice", "pw1", false).unwrap();
-        assert!(matches!(
-            set_password(&path, "alice", "x", false),
-            Err(CredentialsError::UserExists(_))
-        ));
+        assert!(matches!(set_password(&path, "alice", "x", false), Err(CredentialsError::UserExists(_))));
         let creds = Credentials::open(&path).unwrap();
         assert!(creds.verify("alice", "pw1").is_some());
         assert!(creds.verify("alice", "wrong").is_none());
@@ -222,9 +179,6 @@ mod tests {
         assert!(set_password(&path, "../x", "p", false).is_err());
         assert!(set_password(&path, "nobody", "p", true).is_err());
         fs::write(&path, "alice-no-colon\n").unwrap();
-        assert!(matches!(
-            Credentials::open(&path),
-            Err(CredentialsError::Malformed { line: 1, .. })
-        ));
+        assert!(matches!(Credentials::open(&path), Err(CredentialsError::Malformed { line: 1, .. })));
     }
 }

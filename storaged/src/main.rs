@@ -9,23 +9,12 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    #[arg(
-        long,
-        global = true,
-        env = "DFOS_BROKERS",
-        default_value = "localhost:9092"
-    )]
+    #[arg(long, global = true, env = "DFOS_BROKERS", default_value = "localhost:9092")]
     brokers: String,
     /// Data root; each user's files live in DIR/<user>/.
     #[arg(long, global = true, default_value = "storage", value_name = "DIR")]
     storage: PathBuf,
-    #[arg(
-        long,
-        global = true,
-        env = "DFOS_CREDENTIALS",
-        default_value = "id_passwd.txt",
-        value_name = "FILE"
-    )]
+    #[arg(long, global = true, env = "DFOS_CREDENTIALS", default_value = "id_passwd.txt", value_name = "FILE")]
     credentials: PathBuf,
     #[arg(long, global = true, default_value = "node1", value_name = "ID")]
     node_id: String,
@@ -61,9 +50,7 @@ enum UserAction {
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 fn read_password() -> anyhow::Result<String> {
@@ -105,11 +92,7 @@ fn main() -> anyhow::Result<()> {
             };
             let password = read_password()?;
             storaged::credentials::set_password(credentials, name, &password, replace)?;
-            eprintln!(
-                "{} user {name} in {}",
-                if replace { "updated" } else { "added" },
-                credentials.display()
-            );
+            eprintln!("{} user {name} in {}", if replace { "updated" } else { "added" }, credentials.display());
             Ok(())
         }
         None => storaged::run(config),

@@ -30,7 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
-    decode_envelope, encode_reply, Envelope, ErrorCode, Payload, Reply, Request, Topics,
+    decode_envelope, encode_event, encode_reply, Envelope, ErrorCode, Event, Payload, Reply, Request, Topics,
     PROTOCOL_VERSION,
 };
 
@@ -72,39 +72,33 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
     let new_topics: Vec<NewTopic> = [(&requests, &request_retention), (&events, &event_retention)]
         .into_iter()
         .map(|(name, retention)| {
-            NewTopic::new(
-                name,
-                DEFAULT_REQUEST_PARTITIONS,
-                TopicReplication::Fixed(config.replication_factor),
-            )
-            .set("max.message.bytes", "1048588")
-            .set("min.insync.replicas", &min_isr)
-            .set("retention.ms", retention)
-            .set("retention.bytes", "-1")
+            NewTopic::new(name, DEFAULT_REQUEST_PARTITIONS, TopicReplication::Fixed(config.replication_factor))
+                .set("max.message.bytes", "1048588")
+                .set("min.insync.replicas", &min_isr)
+                .set("retention.ms", retention)
+                .set("retention.bytes", "-1")
         })
         .collect();
     let timeout = Duration::from_secs(config.timeout_secs);
-    let options = AdminOptions::new()
-        .request_timeout(Some(timeout))
-        .operation_timeout(Some(timeout));
-    let results = tokio::time::timeout(
-        timeout + Duration::from_secs(1),
-        admin.create_topics(&new_topics, &options),
-    )
-    .await
-    .map_err(|_| ServiceError::BrokerTimeout(config.brokers.clone(), timeout))??;
+    let options = AdminOptions::new().request_timeout(Some(timeout)).operation_timeout(Some(timeout));
+    let results = tokio::time::timeout(timeout + Duration::from_secs(1), admin.create_topics(&new_topics, &options))
+        .await
+        .map_err(|_| ServiceError::BrokerTimeout(config.brokers.clone(), timeout))??;
     for result in results {
         match result {
             Ok(_) | Err((_, Code::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(ServiceError::Topic {
-                    topic,
-                    reason: code.to_string(),
-                })
-            }
+            Err((topic, code)) => return Err(ServiceError::Topic { topic, reason: code.to_string() }),
         }
     }
     Ok(())
+}
+
+/// What one applied request sends: its reply, and the change event other
+/// mounts of the user use to drop their caches.
+pub struct Handled {
+    pub reply_topic: String,
+    pub reply: Reply,
+    pub event: Option<Event>,
 }
 
 /// Requests older than this get no reply and read-only ones are not even
@@ -124,22 +118,10 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(
-        config: Config,
-        store: Store,
-        credentials: Credentials,
-        partitions: usize,
-    ) -> std::io::Result<Self> {
+    pub fn new(config: Config, store: Store, credentials: Credentials, partitions: usize) -> std::io::Result<Self> {
         let topics = Topics::new(&config.namespace);
         let checkpoint = Checkpoint::open(store.root(), &topics.requests(), partitions)?;
-        Ok(Service {
-            config,
-            topics,
-            store,
-            credentials,
-            checkpoint,
-            in_doubt: vec![true; partitions],
-        })
+        Ok(Service { config, topics, store, credentials, checkpoint, in_doubt: vec![true; partitions] })
     }
 
     fn consumer(&self) -> Result<BaseConsumer, ServiceError> {
@@ -175,10 +157,7 @@ impl Service {
             .set("linger.ms", "0")
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set(
-                "message.timeout.ms",
-                (self.config.timeout_secs * 1000).to_string(),
-            )
+            .set("message.timeout.ms", (self.config.timeout_secs * 1000).to_string())
             .create()?;
         log::info!(
             "op=start node={} topic={requests} partitions={} storage={} checkpoint={}",
@@ -202,48 +181,53 @@ impl Service {
                 }
             };
             let (partition, offset) = (message.partition(), message.offset());
-            if let Some(reply) =
-                self.handle(message.payload().unwrap_or_default(), partition, offset)
-            {
-                self.send_reply(&producer, reply);
+            if let Some(handled) = self.handle(message.payload().unwrap_or_default(), partition, offset) {
+                let request_id = handled.reply.request_id;
+                // The event goes first, so other mounts hear of a change no
+                // later than the mount that made it hears it is done.
+                if let Some(event) = &handled.event {
+                    let events = self.topics.events();
+                    self.send(&producer, &events, Some(&event.user), encode_event(event), request_id);
+                }
+                self.send(&producer, &handled.reply_topic, None, encode_reply(&handled.reply), request_id);
             }
         }
         log::info!("op=stop node={}", self.config.node_id);
         if let Err(e) = self.checkpoint.persist_all() {
-            log::error!(
-                "op=stop node={} cannot write checkpoint: {e}",
-                self.config.node_id
-            );
+            log::error!("op=stop node={} cannot write checkpoint: {e}", self.config.node_id);
         }
         let _ = producer.flush(Duration::from_secs(5));
         Ok(())
     }
 
-    fn send_reply(
+    fn send(
         &self,
         producer: &ThreadedProducer<DefaultProducerContext>,
-        (topic, reply): (String, Reply),
+        topic: &str,
+        key: Option<&str>,
+        encoded: Result<Vec<u8>, dfos_protocol::CodecError>,
+        request_id: u64,
     ) {
-        let bytes = match encode_reply(&reply) {
+        let bytes = match encoded {
             Ok(b) => b,
             Err(e) => {
-                log::error!("op=reply req={} error={e}", reply.request_id);
+                log::error!("op=send topic={topic} req={request_id} error={e}");
                 return;
             }
         };
-        let mut record = BaseRecord::<(), [u8]>::to(&topic).payload(&bytes);
+        let mut record = BaseRecord::<str, [u8]>::to(topic).payload(&bytes);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => return,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
+                Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err((e, _)) => {
-                    log::warn!("op=reply topic={topic} req={} error={e}", reply.request_id);
+                    log::warn!("op=send topic={topic} req={request_id} error={e}");
                     return;
                 }
             }
@@ -251,44 +235,40 @@ impl Service {
     }
 
     /// Applies the message at `partition`/`offset` at most once, records the
-    /// offset, and returns the reply with its topic (`None`: no reply).
-    pub fn handle(&mut self, bytes: &[u8], partition: i32, offset: i64) -> Option<(String, Reply)> {
-        if self
-            .checkpoint
-            .applied(partition)
-            .is_some_and(|applied| offset <= applied)
-        {
+    /// offset, and returns what to send (`None`: nothing, the request is
+    /// garbage, already applied, or too old for anyone to wait for it).
+    pub fn handle(&mut self, bytes: &[u8], partition: i32, offset: i64) -> Option<Handled> {
+        if self.checkpoint.applied(partition).is_some_and(|applied| offset <= applied) {
             log::debug!("op=replay partition={partition} offset={offset} already applied, skipped");
             return None;
         }
         let outcome = self.decide(bytes, partition, offset);
-        let mutated = outcome
-            .as_ref()
-            .is_some_and(|(envelope, _)| envelope.request.mutates());
+        let mutated = outcome.as_ref().is_some_and(|(envelope, _)| envelope.request.mutates());
         if let Err(e) = self.checkpoint.advance(partition, offset, mutated) {
             // Without a durable offset a crash could re-apply this request
             // differently; stopping is safer than diverging silently.
             panic!("cannot record applied offset {offset} of partition {partition}: {e}");
         }
         let (envelope, result) = outcome?;
-        let fresh = crate::session::age_secs(envelope.client_time) <= REPLY_HORIZON_SECS;
-        fresh.then(|| {
-            let reply = Reply {
+        if crate::session::age_secs(envelope.client_time) > REPLY_HORIZON_SECS {
+            return None;
+        }
+        let event = match (&result, envelope.request.change()) {
+            (Ok(_), Some(change)) => Some(Event {
+                version: PROTOCOL_VERSION,
+                user: envelope.user.clone(),
+                origin: envelope.reply_to.clone(),
                 request_id: envelope.request_id,
-                node: self.config.node_id.clone(),
-                result,
-            };
-            (envelope.reply_to, reply)
-        })
+                change,
+            }),
+            _ => None,
+        };
+        let reply = Reply { request_id: envelope.request_id, node: self.config.node_id.clone(), result };
+        Some(Handled { reply_topic: envelope.reply_to, reply, event })
     }
 
     /// Decodes and executes; `None` for messages that are skipped.
-    fn decide(
-        &mut self,
-        bytes: &[u8],
-        partition: i32,
-        offset: i64,
-    ) -> Option<(Envelope, Result<Payload, ErrorCode>)> {
+    fn decide(&mut self, bytes: &[u8], partition: i32, offset: i64) -> Option<(Envelope, Result<Payload, ErrorCode>)> {
         let envelope = match decode_envelope(bytes) {
             Ok(e) => e,
             Err(e) => {
@@ -317,11 +297,7 @@ impl Service {
                 result = self.settle_in_doubt(&envelope, result);
             }
         }
-        let level = if result.is_ok() {
-            log::Level::Debug
-        } else {
-            log::Level::Info
-        };
+        let level = if result.is_ok() { log::Level::Debug } else { log::Level::Info };
         log::log!(
             level,
             "op={} user={} path={:?} req={} partition={partition} offset={offset} result={}",
@@ -342,24 +318,13 @@ impl Service {
     /// mkdir finds the name taken, an unlink, rmdir or rename finds the
     /// source gone. That outcome means "already done", so it is answered as
     /// the first application was. Writes and setattrs are idempotent anyway.
-    fn settle_in_doubt(
-        &self,
-        envelope: &Envelope,
-        result: Result<Payload, ErrorCode>,
-    ) -> Result<Payload, ErrorCode> {
+    fn settle_in_doubt(&self, envelope: &Envelope, result: Result<Payload, ErrorCode>) -> Result<Payload, ErrorCode> {
         let attr_of = |path: &str| {
-            let getattr = Request::GetAttr {
-                path: path.to_owned(),
-            };
-            self.store
-                .apply(&envelope.user, envelope.client_time, &getattr)
-                .map_err(|e| e.code())
+            let getattr = Request::GetAttr { path: path.to_owned() };
+            self.store.apply(&envelope.user, envelope.client_time, &getattr).map_err(|e| e.code())
         };
         match (&envelope.request, &result) {
-            (
-                Request::Create { path, .. } | Request::Mkdir { path, .. },
-                Err(ErrorCode::Exists),
-            ) => {
+            (Request::Create { path, .. } | Request::Mkdir { path, .. }, Err(ErrorCode::Exists)) => {
                 log::info!(
                     "op=replay user={} path={path:?} req={} settled as already applied",
                     envelope.user,
@@ -367,10 +332,7 @@ impl Service {
                 );
                 attr_of(path)
             }
-            (
-                Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. },
-                Err(ErrorCode::NotFound),
-            ) => {
+            (Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. }, Err(ErrorCode::NotFound)) => {
                 log::info!(
                     "op=replay user={} path={:?} req={} settled as already applied",
                     envelope.user,
@@ -391,35 +353,25 @@ impl Service {
             return Err(ErrorCode::AccessDenied);
         }
         if let Request::Login { password } = &envelope.request {
-            let hash = self
-                .credentials
-                .verify(&envelope.user, password)
-                .ok_or(ErrorCode::AccessDenied)?;
-            self.store
-                .user_root(&envelope.user)
-                .map_err(|e| crate::store::io_error_code(&e))?;
+            let hash = self.credentials.verify(&envelope.user, password).ok_or(ErrorCode::AccessDenied)?;
+            self.store.user_root(&envelope.user).map_err(|e| crate::store::io_error_code(&e))?;
             let token = session::issue(&envelope.user, &hash, envelope.client_time);
             return Ok(Payload::LoggedIn { token });
         }
-        let hash = self
-            .credentials
-            .hash_of(&envelope.user)
-            .ok_or(ErrorCode::AccessDenied)?;
+        let hash = self.credentials.hash_of(&envelope.user).ok_or(ErrorCode::AccessDenied)?;
         if !session::verify(&envelope.token, &envelope.user, &hash, envelope.client_time) {
             return Err(ErrorCode::AccessDenied);
         }
-        self.store
-            .apply(&envelope.user, envelope.client_time, &envelope.request)
-            .map_err(|e| {
-                log::debug!(
-                    "op={} user={} path={:?} req={} detail={e}",
-                    envelope.request.name(),
-                    envelope.user,
-                    envelope.request.path(),
-                    envelope.request_id
-                );
-                e.code()
-            })
+        self.store.apply(&envelope.user, envelope.client_time, &envelope.request).map_err(|e| {
+            log::debug!(
+                "op={} user={} path={:?} req={} detail={e}",
+                envelope.request.name(),
+                envelope.user,
+                envelope.request.path(),
+                envelope.request_id
+            );
+            e.code()
+        })
     }
 }
 
@@ -427,17 +379,10 @@ impl Service {
 pub fn request_partitions(config: &Config) -> Result<usize, ServiceError> {
     let consumer: BaseConsumer = client_config(config).create()?;
     let topic = Topics::new(&config.namespace).requests();
-    let metadata =
-        consumer.fetch_metadata(Some(&topic), Duration::from_secs(config.timeout_secs))?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map_or(0, |t| t.partitions().len());
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(config.timeout_secs))?;
+    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
     if partitions == 0 {
-        return Err(ServiceError::Topic {
-            topic,
-            reason: "no partitions".into(),
-        });
+        return Err(ServiceError::Topic { topic, reason: "no partitions".into() });
     }
     Ok(partitions)
 }
@@ -446,23 +391,16 @@ pub fn request_partitions(config: &Config) -> Result<usize, ServiceError> {
 pub fn status(config: &Config) -> Result<String, ServiceError> {
     use std::fmt::Write;
     let topic = Topics::new(&config.namespace).requests();
-    let applied = read_applied(&config.storage, &topic).map_err(|e| ServiceError::Topic {
-        topic: topic.clone(),
-        reason: e.to_string(),
-    })?;
+    let applied = read_applied(&config.storage, &topic)
+        .map_err(|e| ServiceError::Topic { topic: topic.clone(), reason: e.to_string() })?;
     let partitions = request_partitions(config)?;
     let consumer: BaseConsumer = client_config(config).create()?;
-    let mut out = format!(
-        "node storage {} topic {topic}\npartition  applied       end       lag\n",
-        config.storage.display()
-    );
+    let mut out =
+        format!("node storage {} topic {topic}\npartition  applied       end       lag\n", config.storage.display());
     let mut total = 0;
     for partition in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(
-            &topic,
-            partition as i32,
-            Duration::from_secs(config.timeout_secs),
-        )?;
+        let (low, high) =
+            consumer.fetch_watermarks(&topic, partition as i32, Duration::from_secs(config.timeout_secs))?;
         let applied = applied.get(partition).copied().flatten();
         // `high` is the next offset to be written; everything below it and
         // at or above `low` is a request this node must apply.
@@ -490,17 +428,8 @@ mod tests {
 
     fn open_service(dir: &std::path::Path) -> Service {
         let creds = dir.join("id_passwd.txt");
-        let config = Config {
-            namespace: "t".into(),
-            ..Config::default()
-        };
-        Service::new(
-            config,
-            Store::new(&dir.join("storage")).unwrap(),
-            Credentials::open(&creds).unwrap(),
-            12,
-        )
-        .unwrap()
+        let config = Config { namespace: "t".into(), ..Config::default() };
+        Service::new(config, Store::new(&dir.join("storage")).unwrap(), Credentials::open(&creds).unwrap(), 12).unwrap()
     }
 
     impl Harness {
@@ -510,39 +439,22 @@ mod tests {
             crate::credentials::set_password(&creds, "alice", "pw", false).unwrap();
             crate::credentials::set_password(&creds, "bob", "pw2", false).unwrap();
             let service = open_service(dir.path());
-            Harness {
-                dir,
-                service,
-                log: Vec::new(),
-            }
+            Harness { dir, service, log: Vec::new() }
         }
 
         /// Appends to partition 0 and applies; returns the reply's result.
         fn send(&mut self, bytes: Vec<u8>) -> Option<Result<Payload, ErrorCode>> {
             self.log.push(bytes);
             let offset = self.log.len() as i64 - 1;
-            self.service
-                .handle(&self.log[offset as usize], 0, offset)
-                .map(|(_, r)| r.result)
+            self.service.handle(&self.log[offset as usize], 0, offset).map(|h| h.reply.result)
         }
 
-        fn call(
-            &mut self,
-            user: &str,
-            token: &str,
-            request: Request,
-        ) -> Result<Payload, ErrorCode> {
+        fn call(&mut self, user: &str, token: &str, request: Request) -> Result<Payload, ErrorCode> {
             self.send(envelope(user, token, request)).expect("a reply")
         }
 
         fn login(&mut self, user: &str, password: &str) -> String {
-            match self.call(
-                user,
-                "",
-                Request::Login {
-                    password: password.into(),
-                },
-            ) {
+            match self.call(user, "", Request::Login { password: password.into() }) {
                 Ok(Payload::LoggedIn { token }) => token,
                 other => panic!("{other:?}"),
             }
@@ -550,17 +462,10 @@ mod tests {
 
         /// Simulates kill -9 and restart: a new service on the same disk,
         /// to which Kafka redelivers the log from `from` on.
-        fn crash_and_replay_from(
-            &mut self,
-            from: usize,
-        ) -> Vec<Option<Result<Payload, ErrorCode>>> {
+        fn crash_and_replay_from(&mut self, from: usize) -> Vec<Option<Result<Payload, ErrorCode>>> {
             self.service = open_service(self.dir.path());
             (from..self.log.len())
-                .map(|offset| {
-                    self.service
-                        .handle(&self.log[offset], 0, offset as i64)
-                        .map(|(_, r)| r.result)
-                })
+                .map(|offset| self.service.handle(&self.log[offset], 0, offset as i64).map(|h| h.reply.result))
                 .collect()
         }
 
@@ -570,19 +475,14 @@ mod tests {
     }
 
     fn envelope(user: &str, token: &str, request: Request) -> Vec<u8> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
         encode_envelope(&Envelope {
             version: PROTOCOL_VERSION,
             request_id: 1,
             reply_to: "t.dfos.reply.m1".into(),
             user: user.into(),
             token: token.into(),
-            client_time: Timestamp {
-                secs: now.as_secs() as i64,
-                nanos: 0,
-            },
+            client_time: Timestamp { secs: now.as_secs() as i64, nanos: 0 },
             request,
         })
         .unwrap()
@@ -591,21 +491,13 @@ mod tests {
     #[test]
     fn login_then_tokens_are_checked_per_user() {
         let mut h = Harness::new();
-        let bad = Request::Login {
-            password: "bad".into(),
-        };
+        let bad = Request::Login { password: "bad".into() };
         assert_eq!(h.call("alice", "", bad), Err(ErrorCode::AccessDenied));
         let token = h.login("alice", "pw");
-        let mkdir = Request::Mkdir {
-            path: "d".into(),
-            mode: 0o755,
-        };
+        let mkdir = Request::Mkdir { path: "d".into(), mode: 0o755 };
         assert!(h.call("alice", &token, mkdir.clone()).is_ok());
         // Alice's token does not open Bob's store, nor does a forged one.
-        assert_eq!(
-            h.call("bob", &token, mkdir.clone()),
-            Err(ErrorCode::AccessDenied)
-        );
+        assert_eq!(h.call("bob", &token, mkdir.clone()), Err(ErrorCode::AccessDenied));
         assert_eq!(h.call("alice", "1.00", mkdir), Err(ErrorCode::AccessDenied));
         assert!(!h.dir.path().join("storage/bob/d").exists());
     }
@@ -618,15 +510,7 @@ mod tests {
         let mut foreign = decode_envelope(&envelope("alice", "", Request::StatFs)).unwrap();
         foreign.reply_to = "t.dfos.requests".into();
         assert!(h.send(encode_envelope(&foreign).unwrap()).is_none());
-        assert!(h
-            .call(
-                "alice",
-                "",
-                Request::Login {
-                    password: "pw".into()
-                }
-            )
-            .is_ok());
+        assert!(h.call("alice", "", Request::Login { password: "pw".into() }).is_ok());
     }
 
     /// DESIGN.md's hard case: rename a→b, create a, crash, replay. The
@@ -635,35 +519,16 @@ mod tests {
     fn a_replayed_log_window_never_reapplies() {
         let mut h = Harness::new();
         let token = h.login("alice", "pw");
-        let create = |p: &str| Request::Create {
-            path: p.into(),
-            mode: 0o644,
-            exclusive: true,
-        };
-        let write_a = |data: &[u8]| Request::Write {
-            path: "a".into(),
-            offset: 0,
-            data: data.to_vec(),
-        };
+        let create = |p: &str| Request::Create { path: p.into(), mode: 0o644, exclusive: true };
+        let write_a = |data: &[u8]| Request::Write { path: "a".into(), offset: 0, data: data.to_vec() };
         h.call("alice", &token, create("a")).unwrap();
         h.call("alice", &token, write_a(b"old")).unwrap();
-        h.call(
-            "alice",
-            &token,
-            Request::Rename {
-                from: "a".into(),
-                to: "b".into(),
-                mode: RenameMode::Replace,
-            },
-        )
-        .unwrap();
+        h.call("alice", &token, Request::Rename { from: "a".into(), to: "b".into(), mode: RenameMode::Replace })
+            .unwrap();
         h.call("alice", &token, create("a")).unwrap();
         h.call("alice", &token, write_a(b"new")).unwrap();
         let replies = h.crash_and_replay_from(0);
-        assert!(
-            replies.iter().all(Option::is_none),
-            "already-applied offsets must be skipped: {replies:?}"
-        );
+        assert!(replies.iter().all(Option::is_none), "already-applied offsets must be skipped: {replies:?}");
         assert_eq!(std::fs::read(h.user_file("a")).unwrap(), b"new");
         assert_eq!(std::fs::read(h.user_file("b")).unwrap(), b"old");
     }
@@ -674,36 +539,16 @@ mod tests {
     fn the_mutation_in_doubt_after_a_crash_is_settled_as_applied() {
         let mut h = Harness::new();
         let token = h.login("alice", "pw");
-        h.call(
-            "alice",
-            &token,
-            Request::Create {
-                path: "x".into(),
-                mode: 0o644,
-                exclusive: true,
-            },
-        )
-        .unwrap();
-        let rename = envelope(
-            "alice",
-            &token,
-            Request::Rename {
-                from: "x".into(),
-                to: "y".into(),
-                mode: RenameMode::Replace,
-            },
-        );
+        h.call("alice", &token, Request::Create { path: "x".into(), mode: 0o644, exclusive: true }).unwrap();
+        let rename =
+            envelope("alice", &token, Request::Rename { from: "x".into(), to: "y".into(), mode: RenameMode::Replace });
         h.log.push(rename);
         // Applied on disk, but the process died before the offset was written.
         std::fs::rename(h.user_file("x"), h.user_file("y")).unwrap();
         let replies = h.crash_and_replay_from(h.log.len() - 1);
         assert_eq!(replies, vec![Some(Ok(Payload::Done))]);
         // Only the first mutation is in doubt: a later failing one fails.
-        let again = Request::Rename {
-            from: "x".into(),
-            to: "y".into(),
-            mode: RenameMode::Replace,
-        };
+        let again = Request::Rename { from: "x".into(), to: "y".into(), mode: RenameMode::Replace };
         assert_eq!(h.call("alice", &token, again), Err(ErrorCode::NotFound));
     }
 }

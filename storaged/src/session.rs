@@ -16,10 +16,7 @@ use dfos_protocol::Timestamp;
 pub const SESSION_LIFETIME_SECS: i64 = 30 * 24 * 3600;
 
 fn mac(user: &str, password_hash: &str, expiry: i64) -> Hmac<Sha256> {
-    let key = Sha256::new()
-        .chain_update(b"dfos-session-v1\0")
-        .chain_update(password_hash.as_bytes())
-        .finalize();
+    let key = Sha256::new().chain_update(b"dfos-session-v1\0").chain_update(password_hash.as_bytes()).finalize();
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length");
     mac.update(user.as_bytes());
     mac.update(b"\0");
@@ -35,17 +32,12 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// How many seconds ago `t` was by this daemon's clock (negative if ahead).
 pub fn age_secs(t: Timestamp) -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     now - t.secs
 }
 
@@ -69,10 +61,7 @@ pub fn verify(token: &str, user: &str, password_hash: &str, now: Timestamp) -> b
 mod tests {
     use super::*;
 
-    const NOW: Timestamp = Timestamp {
-        secs: 1000,
-        nanos: 0,
-    };
+    const NOW: Timestamp = Timestamp { secs: 1000, nanos: 0 };
 
     #[test]
     fn a_token_verifies_only_for_its_user_key_and_lifetime() {
@@ -80,24 +69,13 @@ mod tests {
         assert!(verify(&token, "alice", "hashA", NOW));
         assert!(!verify(&token, "bob", "hashA", NOW));
         assert!(!verify(&token, "alice", "hashB", NOW));
-        let late = Timestamp {
-            secs: NOW.secs + SESSION_LIFETIME_SECS,
-            nanos: 0,
-        };
+        let late = Timestamp { secs: NOW.secs + SESSION_LIFETIME_SECS, nanos: 0 };
         assert!(!verify(&token, "alice", "hashA", late));
     }
 
     #[test]
     fn forged_tokens_fail() {
-        for bad in [
-            "",
-            ".",
-            "abc",
-            "99999999999.00",
-            "1.zz",
-            "1000000000000.",
-            &"9".repeat(100),
-        ] {
+        for bad in ["", ".", "abc", "99999999999.00", "1.zz", "1000000000000.", &"9".repeat(100)] {
             assert!(!verify(bad, "alice", "hashA", NOW), "{bad:?}");
         }
         let token = issue("alice", "hashA", NOW);

@@ -15,8 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dfos_protocol::limits::{CHUNK_SIZE, MAX_NAME_BYTES, READDIR_PAGE_BYTES};
 use dfos_protocol::{
-    DirEntry, ErrorCode, FileAttr, FileKind, FsStats, Payload, RenameMode, Request, SetTime,
-    Timestamp,
+    DirEntry, ErrorCode, FileAttr, FileKind, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
 };
 
 use crate::paths::{self, PathError};
@@ -40,9 +39,7 @@ impl StoreError {
         match self {
             StoreError::Path(PathError::NotRelative | PathError::Nul) => ErrorCode::Invalid,
             StoreError::Path(PathError::TooLong) => ErrorCode::NameTooLong,
-            StoreError::Path(PathError::ThroughSymlink) | StoreError::Symlink => {
-                ErrorCode::AccessDenied
-            }
+            StoreError::Path(PathError::ThroughSymlink) | StoreError::Symlink => ErrorCode::AccessDenied,
             StoreError::TooLarge => ErrorCode::TooLarge,
             StoreError::NotApplicable(_) => ErrorCode::Invalid,
             StoreError::Io(e) => io_error_code(e),
@@ -79,16 +76,12 @@ fn to_system_time(t: Timestamp) -> SystemTime {
     if t.secs >= 0 {
         UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos.min(999_999_999))
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
-            + Duration::from_nanos(t.nanos.min(999_999_999) as u64)
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos.min(999_999_999) as u64)
     }
 }
 
 fn timestamp(secs: i64, nanos: i64) -> Timestamp {
-    Timestamp {
-        secs,
-        nanos: nanos.clamp(0, 999_999_999) as u32,
-    }
+    Timestamp { secs, nanos: nanos.clamp(0, 999_999_999) as u32 }
 }
 
 pub fn attr_of(meta: &fs::Metadata) -> FileAttr {
@@ -116,10 +109,7 @@ pub fn attr_of(meta: &fs::Metadata) -> FileAttr {
 
 fn open_nofollow(path: &Path, write: bool) -> StoreResult<File> {
     let mut options = OpenOptions::new();
-    options
-        .read(!write)
-        .write(write)
-        .custom_flags(libc::O_NOFOLLOW);
+    options.read(!write).write(write).custom_flags(libc::O_NOFOLLOW);
     options.open(path).map_err(|e| {
         if e.raw_os_error() == Some(libc::ELOOP) {
             StoreError::Symlink
@@ -148,9 +138,7 @@ fn read_at_most(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
 impl Store {
     pub fn new(root: &Path) -> io::Result<Self> {
         fs::create_dir_all(root)?;
-        Ok(Store {
-            root: root.to_owned(),
-        })
+        Ok(Store { root: root.to_owned() })
     }
 
     pub fn root(&self) -> &Path {
@@ -173,28 +161,18 @@ impl Store {
         let root = self.user_root(user)?;
         let at = |rel: &str| paths::resolve(&root, rel);
         match request {
-            Request::Login { .. } => {
-                Err(StoreError::NotApplicable("login is handled by the service"))
-            }
+            Request::Login { .. } => Err(StoreError::NotApplicable("login is handled by the service")),
             Request::Lookup { path } | Request::GetAttr { path } => {
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(at(path)?)?)))
             }
             Request::ReadDir { path, after } => read_dir(&at(path)?, after.as_deref()),
-            Request::Create {
-                path,
-                mode,
-                exclusive,
-            } => create(&at(path)?, *mode, *exclusive, now),
+            Request::Create { path, mode, exclusive } => create(&at(path)?, *mode, *exclusive, now),
             Request::Mkdir { path, mode } => {
                 let dir = at(path)?;
                 fs::create_dir(&dir)?;
                 let file = open_nofollow(&dir, false)?;
                 file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
-                file.set_times(
-                    FileTimes::new()
-                        .set_accessed(to_system_time(now))
-                        .set_modified(to_system_time(now)),
-                )?;
+                file.set_times(FileTimes::new().set_accessed(to_system_time(now)).set_modified(to_system_time(now)))?;
                 Ok(Payload::Attr(attr_of(&file.metadata()?)))
             }
             Request::Unlink { path } => {
@@ -231,17 +209,9 @@ impl Store {
                 let file = open_nofollow(&at(path)?, true)?;
                 file.write_all_at(data, *offset)?;
                 file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
-                Ok(Payload::Written {
-                    attr: attr_of(&file.metadata()?),
-                })
+                Ok(Payload::Written { attr: attr_of(&file.metadata()?) })
             }
-            Request::SetAttr {
-                path,
-                size,
-                mode,
-                atime,
-                mtime,
-            } => {
+            Request::SetAttr { path, size, mode, atime, mtime } => {
                 let target = at(path)?;
                 let file = open_nofollow(&target, size.is_some())?;
                 if let Some(size) = size {
@@ -278,19 +248,12 @@ impl Store {
 
 fn create(path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResult<Payload> {
     let mut options = OpenOptions::new();
-    options
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(mode & 0o7777);
+    options.write(true).custom_flags(libc::O_NOFOLLOW).mode(mode & 0o7777);
     let file = match options.clone().create_new(true).open(path) {
         Ok(file) => {
             // The daemon's umask must not change the mode the client asked for.
             file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
-            file.set_times(
-                FileTimes::new()
-                    .set_accessed(to_system_time(now))
-                    .set_modified(to_system_time(now)),
-            )?;
+            file.set_times(FileTimes::new().set_accessed(to_system_time(now)).set_modified(to_system_time(now)))?;
             file
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !exclusive => options.open(path)?,
@@ -305,19 +268,11 @@ fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
         RenameMode::NoReplace => {
             use std::ffi::CString;
             use std::os::unix::ffi::OsStrExt;
-            let c = |p: &Path| {
-                CString::new(p.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul))
-            };
+            let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul));
             let (from, to) = (c(from)?, c(to)?);
             // SAFETY: both arguments are valid NUL-terminated strings that outlive the call.
             let rc = unsafe {
-                libc::renameat2(
-                    libc::AT_FDCWD,
-                    from.as_ptr(),
-                    libc::AT_FDCWD,
-                    to.as_ptr(),
-                    libc::RENAME_NOREPLACE,
-                )
+                libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
             };
             if rc != 0 {
                 return Err(io::Error::last_os_error().into());
@@ -342,10 +297,7 @@ fn read_dir(dir: &Path, after: Option<&str>) -> StoreResult<Payload> {
         match entry.file_name().into_string() {
             Ok(name) if after.is_none_or(|a| name.as_str() > a) => names.push(name),
             Ok(_) => {}
-            Err(raw) => log::warn!(
-                "op=readdir path={} skipping non-UTF-8 name {raw:?}",
-                dir.display()
-            ),
+            Err(raw) => log::warn!("op=readdir path={} skipping non-UTF-8 name {raw:?}", dir.display()),
         }
     }
     names.sort_unstable();
@@ -361,10 +313,7 @@ fn read_dir(dir: &Path, after: Option<&str>) -> StoreResult<Payload> {
         // An entry removed since read_dir is simply left out.
         if let Ok(meta) = fs::symlink_metadata(dir.join(&name)) {
             budget -= cost;
-            entries.push(DirEntry {
-                name,
-                attr: attr_of(&meta),
-            });
+            entries.push(DirEntry { name, attr: attr_of(&meta) });
         }
     }
     Ok(Payload::Entries { entries, more })
@@ -373,8 +322,7 @@ fn read_dir(dir: &Path, after: Option<&str>) -> StoreResult<Payload> {
 fn statfs(root: &Path) -> StoreResult<Payload> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    let path =
-        CString::new(root.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul))?;
+    let path = CString::new(root.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul))?;
     // SAFETY: statvfs is plain old data; zeroed is a valid value and the call fills it.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is NUL-terminated and `st` is a valid out-pointer.
@@ -396,10 +344,7 @@ fn statfs(root: &Path) -> StoreResult<Payload> {
 mod tests {
     use super::*;
 
-    const T: Timestamp = Timestamp {
-        secs: 1_700_000_000,
-        nanos: 5,
-    };
+    const T: Timestamp = Timestamp { secs: 1_700_000_000, nanos: 5 };
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -414,37 +359,9 @@ mod tests {
     #[test]
     fn write_read_truncate_round_trip_with_envelope_times() {
         let (dir, s) = store();
-        s.apply(
-            "u",
-            T,
-            &Request::Create {
-                path: "f".into(),
-                mode: 0o640,
-                exclusive: true,
-            },
-        )
-        .unwrap();
-        s.apply(
-            "u",
-            T,
-            &Request::Write {
-                path: "f".into(),
-                offset: 3,
-                data: b"abc".to_vec(),
-            },
-        )
-        .unwrap();
-        let Payload::Data(d) = s
-            .apply(
-                "u",
-                T,
-                &Request::Read {
-                    path: "f".into(),
-                    offset: 0,
-                    len: 100,
-                },
-            )
-            .unwrap()
+        s.apply("u", T, &Request::Create { path: "f".into(), mode: 0o640, exclusive: true }).unwrap();
+        s.apply("u", T, &Request::Write { path: "f".into(), offset: 3, data: b"abc".to_vec() }).unwrap();
+        let Payload::Data(d) = s.apply("u", T, &Request::Read { path: "f".into(), offset: 0, len: 100 }).unwrap()
         else {
             panic!()
         };
@@ -453,13 +370,7 @@ mod tests {
             .apply(
                 "u",
                 T,
-                &Request::SetAttr {
-                    path: "f".into(),
-                    size: Some(2),
-                    mode: Some(0o600),
-                    atime: None,
-                    mtime: None,
-                },
+                &Request::SetAttr { path: "f".into(), size: Some(2), mode: Some(0o600), atime: None, mtime: None },
             )
             .unwrap()
         else {
@@ -472,91 +383,19 @@ mod tests {
     #[test]
     fn posix_errors_come_back_as_codes() {
         let (_d, s) = store();
-        s.apply(
-            "u",
-            T,
-            &Request::Mkdir {
-                path: "d".into(),
-                mode: 0o755,
-            },
-        )
-        .unwrap();
-        s.apply(
-            "u",
-            T,
-            &Request::Create {
-                path: "d/x".into(),
-                mode: 0o644,
-                exclusive: true,
-            },
-        )
-        .unwrap();
+        s.apply("u", T, &Request::Mkdir { path: "d".into(), mode: 0o755 }).unwrap();
+        s.apply("u", T, &Request::Create { path: "d/x".into(), mode: 0o644, exclusive: true }).unwrap();
+        assert_eq!(code(s.apply("u", T, &Request::Rmdir { path: "d".into() })), ErrorCode::NotEmpty);
+        assert_eq!(code(s.apply("u", T, &Request::Mkdir { path: "d".into(), mode: 0o755 })), ErrorCode::Exists);
+        assert_eq!(code(s.apply("u", T, &Request::GetAttr { path: "nope".into() })), ErrorCode::NotFound);
+        assert_eq!(code(s.apply("u", T, &Request::Unlink { path: "d".into() })), ErrorCode::IsDir);
         assert_eq!(
-            code(s.apply("u", T, &Request::Rmdir { path: "d".into() })),
-            ErrorCode::NotEmpty
-        );
-        assert_eq!(
-            code(s.apply(
-                "u",
-                T,
-                &Request::Mkdir {
-                    path: "d".into(),
-                    mode: 0o755
-                }
-            )),
+            code(s.apply("u", T, &Request::Create { path: "d/x".into(), mode: 0o644, exclusive: true })),
             ErrorCode::Exists
         );
-        assert_eq!(
-            code(s.apply(
-                "u",
-                T,
-                &Request::GetAttr {
-                    path: "nope".into()
-                }
-            )),
-            ErrorCode::NotFound
-        );
-        assert_eq!(
-            code(s.apply("u", T, &Request::Unlink { path: "d".into() })),
-            ErrorCode::IsDir
-        );
-        assert_eq!(
-            code(s.apply(
-                "u",
-                T,
-                &Request::Create {
-                    path: "d/x".into(),
-                    mode: 0o644,
-                    exclusive: true
-                }
-            )),
-            ErrorCode::Exists
-        );
-        assert_eq!(
-            code(s.apply(
-                "u",
-                T,
-                &Request::GetAttr {
-                    path: "../v".into()
-                }
-            )),
-            ErrorCode::Invalid
-        );
-        s.apply(
-            "u",
-            T,
-            &Request::Create {
-                path: "y".into(),
-                mode: 0o644,
-                exclusive: true,
-            },
-        )
-        .unwrap();
-        let no_replace = Request::Rename {
-            from: "y".into(),
-            to: "d/x".into(),
-            mode: RenameMode::NoReplace,
-        };
+        assert_eq!(code(s.apply("u", T, &Request::GetAttr { path: "../v".into() })), ErrorCode::Invalid);
+        s.apply("u", T, &Request::Create { path: "y".into(), mode: 0o644, exclusive: true }).unwrap();
+        let no_replace = Request::Rename { from: "y".into(), to: "d/x".into(), mode: RenameMode::NoReplace };
         assert_eq!(code(s.apply("u", T, &no_replace)), ErrorCode::Exists);
     }
 
@@ -568,24 +407,10 @@ mod tests {
         s.user_root("u").unwrap();
         std::os::unix::fs::symlink("../other", dir.path().join("u/link")).unwrap();
         std::os::unix::fs::symlink("../other/secret", dir.path().join("u/file")).unwrap();
-        let read = |p: &str| Request::Read {
-            path: p.into(),
-            offset: 0,
-            len: 10,
-        };
-        assert_eq!(
-            code(s.apply("u", T, &read("link/secret"))),
-            ErrorCode::AccessDenied
-        );
-        assert_eq!(
-            code(s.apply("u", T, &read("file"))),
-            ErrorCode::AccessDenied
-        );
-        let write = Request::Write {
-            path: "file".into(),
-            offset: 0,
-            data: b"x".to_vec(),
-        };
+        let read = |p: &str| Request::Read { path: p.into(), offset: 0, len: 10 };
+        assert_eq!(code(s.apply("u", T, &read("link/secret"))), ErrorCode::AccessDenied);
+        assert_eq!(code(s.apply("u", T, &read("file"))), ErrorCode::AccessDenied);
+        let write = Request::Write { path: "file".into(), offset: 0, data: b"x".to_vec() };
         assert_eq!(code(s.apply("u", T, &write)), ErrorCode::AccessDenied);
         assert_eq!(fs::read(dir.path().join("other/secret")).unwrap(), b"s");
     }
@@ -597,27 +422,15 @@ mod tests {
             s.apply(
                 "u",
                 T,
-                &Request::Create {
-                    path: format!("file-with-a-long-name-{i:05}"),
-                    mode: 0o644,
-                    exclusive: true,
-                },
+                &Request::Create { path: format!("file-with-a-long-name-{i:05}"), mode: 0o644, exclusive: true },
             )
             .unwrap();
         }
         let mut seen = Vec::new();
         let mut after = None;
         loop {
-            let Payload::Entries { entries, more } = s
-                .apply(
-                    "u",
-                    T,
-                    &Request::ReadDir {
-                        path: "".into(),
-                        after: after.clone(),
-                    },
-                )
-                .unwrap()
+            let Payload::Entries { entries, more } =
+                s.apply("u", T, &Request::ReadDir { path: "".into(), after: after.clone() }).unwrap()
             else {
                 panic!()
             };

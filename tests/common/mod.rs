@@ -28,21 +28,13 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --release --workspace` first",
-        path.display()
-    );
+    assert!(path.exists(), "{} missing: run `cargo build --release --workspace` first", path.display());
     path
 }
 
 /// Runs a shell command (bash -c) and returns its output.
 pub fn sh(cmd: &str) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("bash runs")
+    Command::new("bash").arg("-c").arg(cmd).output().expect("bash runs")
 }
 
 /// Runs a shell command that must succeed; returns its stdout.
@@ -61,10 +53,7 @@ pub fn ok(cmd: &str) -> String {
 /// Runs a shell command that must fail; returns its stderr.
 pub fn fails(cmd: &str) -> String {
     let out = sh(cmd);
-    assert!(
-        !out.status.success(),
-        "`{cmd}` should have failed but succeeded"
-    );
+    assert!(!out.status.success(), "`{cmd}` should have failed but succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -75,9 +64,7 @@ pub fn drop_caches() {
 pub fn is_mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let path = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(&path))
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&path))
 }
 
 fn stop_child(child: &mut Child, grace: Duration) {
@@ -125,22 +112,10 @@ impl Deployment {
 
     /// `replicas` running storage daemons on `brokers`, whose topics get
     /// `replication_factor`.
-    pub fn start_replicated(
-        name: &str,
-        replicas: usize,
-        brokers: &str,
-        replication_factor: u32,
-    ) -> Deployment {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("dfos-{name}-"))
-            .tempdir()
-            .unwrap();
-        let namespace = format!(
-            "t{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            name.replace('_', "-")
-        );
+    pub fn start_replicated(name: &str, replicas: usize, brokers: &str, replication_factor: u32) -> Deployment {
+        let dir = tempfile::Builder::new().prefix(&format!("dfos-{name}-")).tempdir().unwrap();
+        let namespace =
+            format!("t{}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), name.replace('_', "-"));
         let mut d = Deployment {
             storage: dir.path().join("storage-0"),
             credentials: dir.path().join("id_passwd.txt"),
@@ -186,11 +161,7 @@ impl Deployment {
     /// A new replica with an empty storage directory, not yet started.
     pub fn add_node(&mut self) -> usize {
         let index = self.nodes.len();
-        self.nodes.push(Node {
-            storage: self.dir.path().join(format!("storage-{index}")),
-            process: None,
-            runs: 0,
-        });
+        self.nodes.push(Node { storage: self.dir.path().join(format!("storage-{index}")), process: None, runs: 0 });
         index
     }
 
@@ -216,10 +187,7 @@ impl Deployment {
     }
 
     pub fn start_node(&mut self, node: usize) {
-        assert!(
-            self.nodes[node].process.is_none(),
-            "node {node} already running"
-        );
+        assert!(self.nodes[node].process.is_none(), "node {node} already running");
         self.nodes[node].runs += 1;
         let log_name = format!("storaged-{node}-run{}", self.nodes[node].runs);
         let log = std::fs::File::create(self.log_path(&log_name)).unwrap();
@@ -249,25 +217,13 @@ impl Deployment {
     }
 
     pub fn node_pid(&self, node: usize) -> u32 {
-        self.nodes[node]
-            .process
-            .as_ref()
-            .expect("node running")
-            .id()
+        self.nodes[node].process.as_ref().expect("node running").id()
     }
 
     /// `storaged status` of a node: its applied offsets and lag.
     pub fn node_status(&self, node: usize) -> String {
-        let out = Command::new(bin("storaged"))
-            .args(self.storaged_args(node))
-            .arg("status")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "storaged status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(bin("storaged")).args(self.storaged_args(node)).arg("status").output().unwrap();
+        assert!(out.status.success(), "storaged status: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -279,33 +235,17 @@ impl Deployment {
             if status.lines().any(|l| l.trim() == "total lag 0") {
                 return;
             }
-            assert!(
-                start.elapsed() < limit,
-                "node {node} did not catch up:\n{status}"
-            );
+            assert!(start.elapsed() < limit, "node {node} did not catch up:\n{status}");
             std::thread::sleep(Duration::from_millis(300));
         }
     }
 
-    pub fn mountd_command(
-        &self,
-        user: &str,
-        mountpoint: &Path,
-        timeout_secs: u64,
-        brokers: &str,
-    ) -> Command {
+    pub fn mountd_command(&self, user: &str, mountpoint: &Path, timeout_secs: u64, brokers: &str) -> Command {
         let mut cmd = Command::new(bin("mountd"));
-        cmd.args([
-            "--brokers",
-            brokers,
-            "--namespace",
-            &self.namespace,
-            "--user",
-            user,
-        ])
-        .args(["--timeout", &timeout_secs.to_string()])
-        .arg(mountpoint)
-        .env("RUST_LOG", "info");
+        cmd.args(["--brokers", brokers, "--namespace", &self.namespace, "--user", user])
+            .args(["--timeout", &timeout_secs.to_string()])
+            .arg(mountpoint)
+            .env("RUST_LOG", "info");
         cmd
     }
 
@@ -314,13 +254,20 @@ impl Deployment {
         self.mount_with_timeout((user, password), 30)
     }
 
-    pub fn mount_with_timeout(&self, (user, password): (&str, &str), timeout_secs: u64) -> Mount {
-        let path = self.dir.path().join(format!("mnt-{user}"));
+    pub fn mount_with_timeout(&self, credentials: (&str, &str), timeout_secs: u64) -> Mount {
+        self.mount_with(credentials, timeout_secs, &[])
+    }
+
+    /// Mounts with a request deadline and extra mountd arguments.
+    pub fn mount_with(&self, (user, password): (&str, &str), timeout_secs: u64, args: &[&str]) -> Mount {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("mnt-{user}-{n}"));
         std::fs::create_dir_all(&path).unwrap();
-        let log_path = self.log_path(&format!("mountd-{user}"));
+        let log_path = self.log_path(&format!("mountd-{user}-{n}"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = self
             .mountd_command(user, &path, timeout_secs, &self.brokers)
+            .args(args)
             .env("DFOS_PASSWORD", password)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -329,25 +276,15 @@ impl Deployment {
         let start = Instant::now();
         while !is_mounted(&path) {
             if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "mountd exited with {status}: {}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
+                panic!("mountd exited with {status}: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
             }
             if start.elapsed() > Duration::from_secs(60) {
                 stop_child(&mut child, Duration::from_secs(5));
-                panic!(
-                    "mount did not appear: {}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
+                panic!("mount did not appear: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Mount {
-            path,
-            child,
-            log: log_path,
-        }
+        Mount { path, child, log: log_path }
     }
 
     /// Runs mountd expecting it to fail; returns (exit status, stderr+log).
@@ -360,22 +297,9 @@ impl Deployment {
     ) -> (std::process::ExitStatus, String, PathBuf) {
         let path = self.dir.path().join(format!("mnt-fail-{user}"));
         std::fs::create_dir_all(&path).unwrap();
-        let mut cmd = self.mountd_command(
-            user,
-            &path,
-            timeout_secs,
-            brokers_override.unwrap_or(&self.brokers),
-        );
-        let out = cmd
-            .env("DFOS_PASSWORD", password)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut cmd = self.mountd_command(user, &path, timeout_secs, brokers_override.unwrap_or(&self.brokers));
+        let out = cmd.env("DFOS_PASSWORD", password).stdin(Stdio::null()).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status, text, path)
     }
 
@@ -384,18 +308,14 @@ impl Deployment {
         use rdkafka::admin::{AdminClient, AdminOptions};
         use rdkafka::client::DefaultClientContext;
         use rdkafka::config::ClientConfig;
-        let Ok(admin) = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create::<AdminClient<DefaultClientContext>>()
+        let Ok(admin) =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create::<AdminClient<DefaultClientContext>>()
         else {
             return;
         };
         let topics = dfos_protocol::Topics::new(&self.namespace);
         let (requests, events) = (topics.requests(), topics.events());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _ = rt.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(10),
@@ -417,11 +337,7 @@ impl Drop for Deployment {
         self.delete_topics();
         if std::thread::panicking() {
             eprintln!("--- logs kept in {} ---", self.dir.path().display());
-            for entry in std::fs::read_dir(self.dir.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
+            for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
                 let path = entry.path();
                 if path.extension().is_some_and(|e| e == "log") {
                     let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -445,11 +361,7 @@ pub struct Mount {
 impl Mount {
     /// The path of `rel` inside the mount, as a shell-quoted string.
     pub fn p(&self, rel: &str) -> String {
-        let full = if rel.is_empty() {
-            self.path.clone()
-        } else {
-            self.path.join(rel)
-        };
+        let full = if rel.is_empty() { self.path.clone() } else { self.path.join(rel) };
         format!("'{}'", full.display())
     }
 
@@ -510,15 +422,12 @@ impl RawClient {
             c
         };
         let admin: AdminClient<DefaultClientContext> = cc().create().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let created = rt
-            .block_on(admin.create_topics(
-                [&NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            ))
+            .block_on(
+                admin
+                    .create_topics([&NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new()),
+            )
             .unwrap();
         assert!(created[0].is_ok(), "{created:?}");
         let consumer: rdkafka::consumer::BaseConsumer = cc()
@@ -528,26 +437,17 @@ impl RawClient {
             .create()
             .unwrap();
         let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(&reply_topic, 0, rdkafka::Offset::Beginning)
-            .unwrap();
+        tpl.add_partition_offset(&reply_topic, 0, rdkafka::Offset::Beginning).unwrap();
         consumer.assign(&tpl).unwrap();
         let producer = cc().create().unwrap();
-        RawClient {
-            producer,
-            consumer,
-            topics,
-            reply_topic,
-            next_id: 1,
-        }
+        RawClient { producer, consumer, topics, reply_topic, next_id: 1 }
     }
 
     /// Produces raw bytes onto the request topic with the given key.
     pub fn produce_raw(&self, key: &str, bytes: &[u8]) {
         use rdkafka::producer::{BaseRecord, Producer};
         let requests = self.topics.requests();
-        self.producer
-            .send(BaseRecord::to(&requests).key(key).payload(bytes))
-            .unwrap();
+        self.producer.send(BaseRecord::to(&requests).key(key).payload(bytes)).unwrap();
         self.producer.flush(Duration::from_secs(10)).unwrap();
     }
 
@@ -568,10 +468,7 @@ impl RawClient {
             user: user.into(),
             token: token.into(),
             client_time: dfos_protocol::Timestamp {
-                secs: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs() as i64,
+                secs: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64,
                 nanos: 0,
             },
             request,
@@ -580,8 +477,7 @@ impl RawClient {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             if let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(100)) {
-                let reply =
-                    dfos_protocol::decode_reply(message.payload().unwrap_or_default()).unwrap();
+                let reply = dfos_protocol::decode_reply(message.payload().unwrap_or_default()).unwrap();
                 if reply.request_id == request_id {
                     return reply.result;
                 }
@@ -591,13 +487,7 @@ impl RawClient {
     }
 
     pub fn login(&mut self, (user, password): (&str, &str)) -> String {
-        match self.call(
-            user,
-            "",
-            dfos_protocol::Request::Login {
-                password: password.into(),
-            },
-        ) {
+        match self.call(user, "", dfos_protocol::Request::Login { password: password.into() }) {
             Ok(dfos_protocol::Payload::LoggedIn { token }) => token,
             other => panic!("login failed: {other:?}"),
         }

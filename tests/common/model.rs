@@ -32,10 +32,7 @@ fn outcome(r: io::Result<Vec<u8>>) -> Outcome {
 
 impl Workload {
     pub fn new(seed: u64) -> Workload {
-        Workload {
-            rng: StdRng::seed_from_u64(seed),
-            steps: 0,
-        }
+        Workload { rng: StdRng::seed_from_u64(seed), steps: 0 }
     }
 
     fn path(&mut self) -> String {
@@ -66,20 +63,12 @@ impl Workload {
                 let mut data = vec![0u8; len];
                 self.rng.fill(&mut data[..]);
                 let write = |p: &Path| -> io::Result<Vec<u8>> {
-                    let f = OpenOptions::new()
-                        .create(true)
-                        .truncate(false)
-                        .write(true)
-                        .open(p)?;
+                    let f = OpenOptions::new().create(true).truncate(false).write(true).open(p)?;
                     f.write_all_at(&data, offset)?;
                     f.sync_all()?;
                     Ok(Vec::new())
                 };
-                (
-                    format!("write {path} @{offset} +{len}"),
-                    outcome(write(&m)),
-                    outcome(write(&l)),
-                )
+                (format!("write {path} @{offset} +{len}"), outcome(write(&m)), outcome(write(&l)))
             }
             35..=44 => {
                 let size = self.rng.gen_range(0..MAX_OFFSET);
@@ -87,17 +76,9 @@ impl Workload {
                     OpenOptions::new().write(true).open(p)?.set_len(size)?;
                     Ok(Vec::new())
                 };
-                (
-                    format!("truncate {path} {size}"),
-                    outcome(truncate(&m)),
-                    outcome(truncate(&l)),
-                )
+                (format!("truncate {path} {size}"), outcome(truncate(&m)), outcome(truncate(&l)))
             }
-            45..=59 => (
-                format!("read {path}"),
-                outcome(fs::read(&m)),
-                outcome(fs::read(&l)),
-            ),
+            45..=59 => (format!("read {path}"), outcome(fs::read(&m)), outcome(fs::read(&l))),
             60..=69 => {
                 let to = self.path();
                 let rename = |from: &Path, to: &Path| fs::rename(from, to).map(|_| Vec::new());
@@ -109,38 +90,21 @@ impl Workload {
             }
             70..=77 => {
                 let unlink = |p: &Path| fs::remove_file(p).map(|_| Vec::new());
-                (
-                    format!("unlink {path}"),
-                    outcome(unlink(&m)),
-                    outcome(unlink(&l)),
-                )
+                (format!("unlink {path}"), outcome(unlink(&m)), outcome(unlink(&l)))
             }
             78..=87 => {
                 let mkdir = |p: &Path| fs::create_dir(p).map(|_| Vec::new());
-                (
-                    format!("mkdir {path}"),
-                    outcome(mkdir(&m)),
-                    outcome(mkdir(&l)),
-                )
+                (format!("mkdir {path}"), outcome(mkdir(&m)), outcome(mkdir(&l)))
             }
             88..=92 => {
                 let rmdir = |p: &Path| fs::remove_dir(p).map(|_| Vec::new());
-                (
-                    format!("rmdir {path}"),
-                    outcome(rmdir(&m)),
-                    outcome(rmdir(&l)),
-                )
+                (format!("rmdir {path}"), outcome(rmdir(&m)), outcome(rmdir(&l)))
             }
             _ => {
                 let stat = |p: &Path| -> io::Result<Vec<u8>> {
                     let meta = fs::metadata(p)?;
                     let size = if meta.is_dir() { 0 } else { meta.len() };
-                    Ok(format!(
-                        "{} {size} {:o}",
-                        meta.is_dir(),
-                        meta.permissions().mode() & 0o7777
-                    )
-                    .into_bytes())
+                    Ok(format!("{} {size} {:o}", meta.is_dir(), meta.permissions().mode() & 0o7777).into_bytes())
                 };
                 (format!("stat {path}"), outcome(stat(&m)), outcome(stat(&l)))
             }
@@ -170,22 +134,14 @@ pub fn tree_listing(root: &Path) -> Vec<String> {
 
 fn listing(root: &Path, with_contents: bool) -> Vec<String> {
     fn walk(root: &Path, rel: &str, with_contents: bool, out: &mut Vec<String>) {
-        let dir = if rel.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(rel)
-        };
+        let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
         for entry in fs::read_dir(&dir).unwrap() {
             let entry = entry.unwrap();
             let name = entry.file_name().into_string().unwrap();
             if rel.is_empty() && name == ".dfos" {
                 continue;
             }
-            let path = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
+            let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
             let meta = fs::symlink_metadata(root.join(&path)).unwrap();
             let mode = meta.permissions().mode() & 0o7777;
             if meta.is_dir() {

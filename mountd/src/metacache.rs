@@ -1,0 +1,235 @@
+//! What this mount knows about names and attributes, so that `stat`,
+//! `lookup` of a missing name, and the checks `cp`, `diff` and `rm` make
+//! before each file do not each cost a Kafka round trip.
+//!
+//! Entries come from server replies (lookup, getattr, readdir, create,
+//! mkdir, setattr, acknowledged writes) and from this mount's own
+//! successful mutations. A directory's listing is known when this mount
+//! created it (empty) or read it whole; then a name missing from it is
+//! answered ENOENT locally.
+//!
+//! Guarantees: nothing is served older than `ttl`; every change made
+//! through this mount updates or drops the entries it touches; changes made
+//! by other mounts drop them when their `dfos.events` message arrives (see
+//! `events.rs`), normally within milliseconds. Keys are paths, so renames
+//! drop whole subtrees.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use dfos_protocol::FileAttr;
+
+use crate::inodes;
+
+struct Stamped<T> {
+    value: T,
+    at: Instant,
+}
+
+pub struct MetaCache {
+    ttl: Duration,
+    /// Bumped by every change, so a reply that was in flight while the
+    /// cache changed is not stored over the newer knowledge.
+    generation: u64,
+    attrs: HashMap<String, Stamped<FileAttr>>,
+    listings: HashMap<String, Stamped<HashSet<String>>>,
+}
+
+fn split(path: &str) -> (&str, &str) {
+    match path.rsplit_once('/') {
+        Some((parent, name)) => (parent, name),
+        None => ("", path),
+    }
+}
+
+fn inside(path: &str, root: &str) -> bool {
+    root.is_empty() || path == root || (path.starts_with(root) && path.as_bytes().get(root.len()) == Some(&b'/'))
+}
+
+impl MetaCache {
+    pub fn new(ttl: Duration) -> Self {
+        MetaCache { ttl, generation: 0, attrs: HashMap::new(), listings: HashMap::new() }
+    }
+
+    fn fresh<'a, T>(&self, entry: Option<&'a Stamped<T>>) -> Option<&'a T> {
+        entry.filter(|e| e.at.elapsed() < self.ttl).map(|e| &e.value)
+    }
+
+    /// Read before asking a storage node; pass to the `*_if_unchanged` calls.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Stores a server reply unless the cache changed since `generation`.
+    pub fn put_attr_if_unchanged(&mut self, generation: u64, path: &str, attr: FileAttr) {
+        if generation == self.generation {
+            self.put_attr(path, attr);
+        }
+    }
+
+    /// Stores a listing unless the cache changed since `generation`.
+    pub fn put_listing_if_unchanged(
+        &mut self,
+        generation: u64,
+        dir: &str,
+        entries: impl IntoIterator<Item = (String, FileAttr)>,
+    ) {
+        if generation == self.generation {
+            self.put_listing(dir, entries);
+        }
+    }
+
+    pub fn attr(&self, path: &str) -> Option<FileAttr> {
+        self.fresh(self.attrs.get(path)).cloned()
+    }
+
+    /// True when `path` is known not to exist: its parent's whole listing
+    /// is fresh and does not hold the name.
+    pub fn known_absent(&self, path: &str) -> bool {
+        if path.is_empty() || self.attrs.get(path).is_some_and(|e| e.at.elapsed() < self.ttl) {
+            return false;
+        }
+        let (parent, name) = split(path);
+        self.fresh(self.listings.get(parent)).is_some_and(|names| !names.contains(name))
+    }
+
+    pub fn put_attr(&mut self, path: &str, attr: FileAttr) {
+        self.attrs.insert(path.to_owned(), Stamped { value: attr, at: Instant::now() });
+    }
+
+    pub fn drop_attr(&mut self, path: &str) {
+        self.generation += 1;
+        self.attrs.remove(path);
+    }
+
+    /// Records a directory's complete listing (with attributes).
+    pub fn put_listing(&mut self, dir: &str, entries: impl IntoIterator<Item = (String, FileAttr)>) {
+        let mut names = HashSet::new();
+        for (name, attr) in entries {
+            self.put_attr(&inodes::join(dir, &name), attr);
+            names.insert(name);
+        }
+        self.listings.insert(dir.to_owned(), Stamped { value: names, at: Instant::now() });
+    }
+
+    /// A name this mount created under `path`'s parent, with its attributes.
+    /// A new directory starts with a known, empty listing.
+    pub fn created(&mut self, path: &str, attr: FileAttr) {
+        self.generation += 1;
+        let is_dir = attr.kind == dfos_protocol::FileKind::Directory;
+        let (parent, name) = split(path);
+        if let Some(listing) = self.listings.get_mut(parent) {
+            listing.value.insert(name.to_owned());
+        }
+        self.put_attr(path, attr);
+        if is_dir {
+            self.listings.insert(path.to_owned(), Stamped { value: HashSet::new(), at: Instant::now() });
+        }
+    }
+
+    /// `path` and everything below it are gone from this mount's view.
+    pub fn removed(&mut self, path: &str) {
+        self.generation += 1;
+        let (parent, name) = split(path);
+        if let Some(listing) = self.listings.get_mut(parent) {
+            listing.value.remove(name);
+        }
+        self.attrs.retain(|p, _| !inside(p, path));
+        self.listings.retain(|p, _| !inside(p, path));
+    }
+
+    /// A rename made by this mount: `from` disappears, `to` appears, and
+    /// nothing cached below either is trusted any more.
+    pub fn renamed(&mut self, from: &str, to: &str) {
+        let attr = self.attr(from);
+        self.removed(from);
+        self.removed(to);
+        let (parent, name) = split(to);
+        if let Some(listing) = self.listings.get_mut(parent) {
+            listing.value.insert(name.to_owned());
+        }
+        if let Some(attr) = attr {
+            self.put_attr(to, attr);
+        }
+    }
+
+    /// Someone else changed `path`: forget it, and its parent's listing.
+    pub fn invalidate(&mut self, path: &str) {
+        self.generation += 1;
+        self.attrs.remove(path);
+        self.listings.remove(split(path).0);
+    }
+
+    /// Someone else changed `path` and possibly everything below it.
+    pub fn invalidate_tree(&mut self, path: &str) {
+        self.generation += 1;
+        self.listings.remove(split(path).0);
+        self.attrs.retain(|p, _| !inside(p, path));
+        self.listings.retain(|p, _| !inside(p, path));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfos_protocol::{FileKind, Timestamp};
+
+    fn attr(kind: FileKind) -> FileAttr {
+        FileAttr {
+            kind,
+            size: 1,
+            mode: 0o644,
+            nlink: 1,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            blocks: 0,
+        }
+    }
+
+    #[test]
+    fn a_directory_made_here_answers_missing_names_until_it_changes() {
+        let mut c = MetaCache::new(Duration::from_secs(10));
+        assert!(!c.known_absent("d/x"), "nothing is known yet");
+        c.created("d", attr(FileKind::Directory));
+        assert!(c.known_absent("d/x"));
+        c.created("d/x", attr(FileKind::File));
+        assert!(!c.known_absent("d/x"));
+        assert!(c.attr("d/x").is_some());
+        c.renamed("d/x", "d/y");
+        assert!(c.known_absent("d/x") && c.attr("d/y").is_some());
+        c.invalidate("d/z");
+        assert!(!c.known_absent("d/x"), "another mount changed d: the listing is no longer known");
+    }
+
+    #[test]
+    fn removal_and_renames_drop_whole_subtrees_but_not_siblings() {
+        let mut c = MetaCache::new(Duration::from_secs(10));
+        c.put_listing("", [("a".to_string(), attr(FileKind::Directory)), ("ab".to_string(), attr(FileKind::File))]);
+        c.put_attr("a/f", attr(FileKind::File));
+        c.removed("a");
+        assert!(c.attr("a/f").is_none() && c.attr("ab").is_some());
+        assert!(c.known_absent("a"));
+        c.invalidate_tree("ab");
+        assert!(c.attr("ab").is_none());
+    }
+
+    #[test]
+    fn a_reply_that_raced_a_change_is_not_stored() {
+        let mut c = MetaCache::new(Duration::from_secs(10));
+        let before = c.generation();
+        c.removed("x");
+        c.put_attr_if_unchanged(before, "x", attr(FileKind::File));
+        assert!(c.attr("x").is_none());
+        c.put_attr_if_unchanged(c.generation(), "x", attr(FileKind::File));
+        assert!(c.attr("x").is_some());
+    }
+
+    #[test]
+    fn entries_expire() {
+        let mut c = MetaCache::new(Duration::from_millis(1));
+        c.created("d", attr(FileKind::Directory));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(c.attr("d").is_none() && !c.known_absent("d/x"));
+    }
+}

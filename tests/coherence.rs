@@ -1,0 +1,60 @@
+//! End-to-end: two mounts of the same user. Changes made through one show
+//! up in the other through `dfos.events` long before any cache expires
+//! (the mounts run with a cache TTL far above the waits here, so only the
+//! event path can make these pass).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Waits until `check` holds; the mounts' caches would hide the change for
+/// 60 s, so holding within 5 s means an event invalidated them.
+fn soon(what: &str, check: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < Duration::from_secs(5), "{what} did not reach the other mount");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn changes_through_one_mount_reach_another_of_the_same_user() {
+    let d = Deployment::start("coherence");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    fs::create_dir(a.join("d")).unwrap();
+    fs::write(a.join("d/f"), "v1").unwrap();
+    // B caches the listing, the attributes and the contents.
+    assert_eq!(names(&b.join("d")), ["f"]);
+    assert_eq!(fs::read_to_string(b.join("d/f")).unwrap(), "v1");
+    assert!(!b.join("d/new").exists());
+
+    fs::write(a.join("d/new"), "n").unwrap();
+    soon("a create", || b.join("d/new").exists() && names(&b.join("d")) == ["f", "new"]);
+
+    fs::write(a.join("d/f"), "version two").unwrap();
+    soon("an overwrite", || fs::read_to_string(b.join("d/f")).ok().as_deref() == Some("version two"));
+
+    fs::remove_file(a.join("d/new")).unwrap();
+    soon("an unlink", || !b.join("d/new").exists());
+
+    fs::rename(a.join("d"), a.join("e")).unwrap();
+    soon("a rename", || {
+        !b.join("d").exists() && fs::read_to_string(b.join("e/f")).ok().as_deref() == Some("version two")
+    });
+
+    // And the other way round.
+    fs::write(b.join("e/from-b"), "b").unwrap();
+    soon("a create from B", || fs::read_to_string(a.join("e/from-b")).ok().as_deref() == Some("b"));
+}
