@@ -114,3 +114,18 @@ fn random_bytes_on_the_request_topic_do_not_stop_the_storage_daemon() {
     let log = fs::read_to_string(d.log_path("storaged-0-run1")).unwrap();
     assert!(log.contains("skipping message"), "garbage was not reported in the log");
 }
+
+#[test]
+fn a_create_refused_after_it_was_answered_fails_the_close() {
+    let d = Deployment::start("create-behind");
+    let m = d.mount(USER1);
+    fs::create_dir(m.join("d")).unwrap();
+    // Out of band, so no event tells the mount: it still believes d/x free.
+    symlink("/etc/passwd", d.storage.join("User1/d/x")).unwrap();
+    let src = d.local_dir("src").join("f");
+    fs::write(&src, "data").unwrap();
+    let err = fails(&format!("cp '{}' {}", src.display(), m.p("d/x")));
+    assert!(err.contains("d/x"), "{err}");
+    assert!(fs::symlink_metadata(d.storage.join("User1/d/x")).unwrap().file_type().is_symlink());
+    assert!(fs::read_to_string("/etc/passwd").unwrap().contains("root"));
+}

@@ -99,6 +99,18 @@ impl WriteStream {
         self.error.lock().unwrap().take().map_or(Ok(()), Err)
     }
 
+    /// Makes the next flush wait for `reply` and report its error.
+    async fn track(&self, reply: crate::rpc::PendingReply) {
+        let permit = self.in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let error = self.error.clone();
+        tokio::spawn(async move {
+            if let Err(e) = reply.await {
+                *error.lock().unwrap() = Some(e.into());
+            }
+            drop(permit);
+        });
+    }
+
     /// Sends one chunk. The request is enqueued before this returns (while
     /// the caller holds the buffer lock), so chunks reach the log in order.
     async fn send<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: Vec<u8>) -> FsResult<()> {
@@ -166,7 +178,7 @@ pub struct DfosFs<T: Transport> {
     inodes: Mutex<InodeTable>,
     writes: Mutex<HashMap<u64, Arc<WriteStream>>>,
     reads: ReadCache,
-    meta: Mutex<MetaCache>,
+    meta: Arc<Mutex<MetaCache>>,
     listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
 }
@@ -193,7 +205,7 @@ impl<T: Transport> DfosFs<T> {
 
     pub fn with_cache_ttl(transport: T, cache_ttl: Duration) -> Self {
         DfosFs {
-            meta: Mutex::new(MetaCache::new(cache_ttl)),
+            meta: Arc::new(Mutex::new(MetaCache::new(cache_ttl))),
             transport,
             inodes: Mutex::default(),
             writes: Mutex::default(),
@@ -221,6 +233,10 @@ impl<T: Transport> DfosFs<T> {
 
     fn new_handle(&self) -> u64 {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn stream_or_new(&self, ino: u64) -> Arc<WriteStream> {
+        self.writes.lock().unwrap().entry(ino).or_insert_with(|| Arc::new(WriteStream::new())).clone()
     }
 
     fn stream(&self, ino: u64) -> Option<Arc<WriteStream>> {
@@ -378,11 +394,45 @@ impl<T: Transport> DfosFs<T> {
         exclusive: bool,
     ) -> FsResult<(Entry, u64)> {
         let path = self.child_path(parent, name)?;
-        let attr = expect_attr(self.call(Request::Create { path: path.clone(), mode, exclusive }).await?)?;
-        self.meta.lock().unwrap().created(&path, attr.clone());
-        let entry = self.remember(&path, attr);
+        // Only O_EXCL creates go behind: the tools that use them (cp, tar,
+        // mktemp) check close(), where a late error is reported, while a
+        // shell's `>` ignores it and must hear of a refusal at open.
+        let behind = exclusive && self.meta.lock().unwrap().known_absent(&path);
+        let entry = if behind {
+            self.create_behind(&path, mode, exclusive).await?
+        } else {
+            let attr = expect_attr(self.call(Request::Create { path: path.clone(), mode, exclusive }).await?)?;
+            self.meta.lock().unwrap().created(&path, attr.clone());
+            self.remember(&path, attr)
+        };
         self.drop_cached_data(entry.ino);
         Ok((entry, self.new_handle()))
+    }
+
+    /// A create of a name this mount knows to be free is answered at once,
+    /// like a buffered write: the request is already queued ahead of
+    /// everything that follows, and the file's next flush, fsync or close
+    /// waits for the storage node's answer and reports its error if any.
+    /// Its attributes are what the node will set: an empty file with the
+    /// requested mode, stamped now.
+    async fn create_behind(&self, path: &str, mode: u32, exclusive: bool) -> FsResult<Entry> {
+        let now = crate::rpc::now();
+        let attr = FileAttr {
+            kind: dfos_protocol::FileKind::File,
+            size: 0,
+            mode: mode & 0o7777,
+            nlink: 1,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            blocks: 0,
+        };
+        let entry = self.remember(path, attr.clone());
+        let stream = self.stream_or_new(entry.ino);
+        let reply = self.transport.submit(Request::Create { path: path.to_owned(), mode, exclusive })?;
+        stream.track(reply).await;
+        self.meta.lock().unwrap().created(path, attr);
+        Ok(entry)
     }
 
     pub fn open(&self, ino: u64) -> FsResult<u64> {
@@ -402,7 +452,7 @@ impl<T: Transport> DfosFs<T> {
         let path = self.path_of(ino)?;
         self.drop_cached_data(ino);
         self.meta.lock().unwrap().drop_attr(&path);
-        let stream = self.writes.lock().unwrap().entry(ino).or_insert_with(|| Arc::new(WriteStream::new())).clone();
+        let stream = self.stream_or_new(ino);
         stream.write(&self.transport, &path, offset, data).await?;
         Ok(data.len() as u32)
     }
@@ -415,6 +465,25 @@ impl<T: Transport> DfosFs<T> {
 
     pub async fn mkdir(&self, parent: u64, name: &std::ffi::OsStr, mode: u32) -> FsResult<Entry> {
         let path = self.child_path(parent, name)?;
+        if self.meta.lock().unwrap().known_absent(&path) {
+            // Like create_behind: what follows inside the new directory is
+            // queued after it, and reports its errors if it failed.
+            let now = crate::rpc::now();
+            let attr = FileAttr {
+                kind: dfos_protocol::FileKind::Directory,
+                size: 4096,
+                mode: mode & 0o7777,
+                nlink: 2,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                blocks: 8,
+            };
+            let reply = self.transport.submit(Request::Mkdir { path: path.clone(), mode })?;
+            self.behind("mkdir", &path, reply);
+            self.meta.lock().unwrap().created(&path, attr.clone());
+            return Ok(self.remember(&path, attr));
+        }
         let attr = expect_attr(self.call(Request::Mkdir { path: path.clone(), mode }).await?)?;
         self.meta.lock().unwrap().created(&path, attr.clone());
         Ok(self.remember(&path, attr))
@@ -423,10 +492,34 @@ impl<T: Transport> DfosFs<T> {
     pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
         let path = self.child_path(parent, name)?;
         self.flush_path(&path).await?;
-        self.call(Request::Unlink { path: path.clone() }).await?;
+        let known_file = self.meta.lock().unwrap().attr(&path).is_some_and(|a| a.kind == dfos_protocol::FileKind::File);
+        if known_file {
+            // The name is known to be a file, so the unlink can only fail if
+            // someone else removed it first (same end state) or the node's
+            // disk fails. It is answered at once, like a local unlink that
+            // is not yet in the journal, and applied in log order before
+            // anything this mount does next.
+            let reply = self.transport.submit(Request::Unlink { path: path.clone() })?;
+            self.behind("unlink", &path, reply);
+        } else {
+            self.call(Request::Unlink { path: path.clone() }).await?;
+        }
         self.meta.lock().unwrap().removed(&path);
         self.inodes.lock().unwrap().detach(&path);
         Ok(())
+    }
+
+    /// Watches the answer to a request already acknowledged to the kernel:
+    /// a failure is logged and the path's cached state dropped, so the next
+    /// look at it asks a storage node.
+    fn behind(&self, op: &'static str, path: &str, reply: crate::rpc::PendingReply) {
+        let (meta, path) = (self.meta.clone(), path.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = reply.await {
+                log::warn!("op={op} path={path:?} failed after it was acknowledged: {e}");
+                meta.lock().unwrap().invalidate_tree(&path);
+            }
+        });
     }
 
     pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
@@ -512,7 +605,7 @@ mod tests {
     //! no Kafka. The transport applies requests in submission order, as
     //! one Kafka partition does.
     use super::*;
-    use crate::rpc::{now, PendingReply};
+    use crate::rpc::{now, Submitted};
     use proptest::prelude::*;
     use std::ffi::OsStr;
 
@@ -521,9 +614,9 @@ mod tests {
     }
 
     impl Transport for Arc<LocalTransport> {
-        fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
+        fn send(&self, request: Request) -> Result<Submitted, RpcError> {
             let result = self.store.apply("u", now(), &request).map_err(|e| RpcError::Remote(e.code()));
-            Ok(Box::pin(async move { result }))
+            Ok(Submitted { delivered: Box::pin(async { Ok(()) }), reply: Box::pin(async move { result }) })
         }
     }
 

@@ -44,11 +44,27 @@ pub enum RpcError {
 
 pub type PendingReply = Pin<Box<dyn Future<Output = Result<Payload, RpcError>> + Send>>;
 
+/// Resolves when the request is durably in Kafka (acks=all), before any
+/// storage node has applied it.
+pub type Delivered = Pin<Box<dyn Future<Output = Result<(), RpcError>> + Send>>;
+
+/// A request on its way: first durable in the log, then answered.
+pub struct Submitted {
+    pub delivered: Delivered,
+    pub reply: PendingReply,
+}
+
 /// The only thing the filesystem core needs from the network, so the core
 /// can be tested against an in-process store.
 pub trait Transport: Send + Sync + 'static {
+    /// Enqueues `request` now (requests enqueued one after another reach
+    /// the log in that order) and returns its delivery and reply futures.
+    fn send(&self, request: Request) -> Result<Submitted, RpcError>;
+
     /// Enqueues `request` now and returns a future for its reply.
-    fn submit(&self, request: Request) -> Result<PendingReply, RpcError>;
+    fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
+        Ok(self.send(request)?.reply)
+    }
 }
 
 pub fn now() -> Timestamp {
@@ -148,7 +164,7 @@ impl KafkaRpc {
             .client_config()
             .set("group.id", "dfos-mountd-unused")
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
+            .set("fetch.wait.max.ms", "1")
             .set("fetch.error.backoff.ms", "20")
             .create()
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
@@ -222,7 +238,7 @@ fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<
 }
 
 impl Transport for Arc<KafkaRpc> {
-    fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
+    fn send(&self, request: Request) -> Result<Submitted, RpcError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (op, path) = (request.name(), request.path().to_owned());
         let envelope = Envelope {
@@ -246,18 +262,28 @@ impl Transport for Arc<KafkaRpc> {
             }
         };
         // The reply can arrive before the delivery report, so the report is
-        // only watched for failures.
+        // watched apart: a failure fails the reply too.
         let pending = self.pending.clone();
+        let (delivered_tx, delivered_rx) = oneshot::channel();
         tokio::spawn(async move {
-            if let Ok(Err((e, _))) = delivery.await {
+            let outcome = match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(RpcError::Kafka(e.to_string())),
+                Err(_) => Err(RpcError::Kafka("producer dropped the request".into())),
+            };
+            if let Err(e) = &outcome {
                 if let Some((_, waiter)) = pending.remove(&request_id) {
-                    let _ = waiter.send(Err(RpcError::Kafka(e.to_string())));
+                    let _ = waiter.send(Err(e.clone()));
                 }
             }
+            let _ = delivered_tx.send(outcome);
+        });
+        let delivered: Delivered = Box::pin(async move {
+            delivered_rx.await.unwrap_or_else(|_| Err(RpcError::Kafka("delivery report lost".into())))
         });
         log::debug!("op={op} user={} path={path:?} req={request_id} submitted", self.user);
         let (pending, deadline, user) = (self.pending.clone(), self.settings.deadline, self.user.clone());
-        Ok(Box::pin(async move {
+        let reply: PendingReply = Box::pin(async move {
             let outcome = match tokio::time::timeout(deadline, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(RpcError::Kafka("reply channel closed".into())),
@@ -273,6 +299,7 @@ impl Transport for Arc<KafkaRpc> {
                 }
             }
             outcome
-        }))
+        });
+        Ok(Submitted { delivered, reply })
     }
 }

@@ -135,7 +135,7 @@ impl Service {
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5")
+            .set("fetch.wait.max.ms", "1")
             .set("fetch.error.backoff.ms", "50")
             .create()?)
     }
