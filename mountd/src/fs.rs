@@ -190,6 +190,23 @@ fn expect_attr(payload: Payload) -> FsResult<FileAttr> {
     }
 }
 
+/// The attributes a storage node gives a file or directory it creates now
+/// (up to the exact clock reading), for answers given before it does.
+fn new_attr(kind: dfos_protocol::FileKind, mode: u32) -> FileAttr {
+    let now = crate::rpc::now();
+    let is_dir = kind == dfos_protocol::FileKind::Directory;
+    FileAttr {
+        kind,
+        size: if is_dir { 4096 } else { 0 },
+        mode: mode & 0o7777,
+        nlink: if is_dir { 2 } else { 1 },
+        atime: now,
+        mtime: now,
+        ctime: now,
+        blocks: if is_dir { 8 } else { 0 },
+    }
+}
+
 fn name_str(name: &std::ffi::OsStr) -> FsResult<&str> {
     name.to_str().ok_or(FsError::BadName)
 }
@@ -416,17 +433,7 @@ impl<T: Transport> DfosFs<T> {
     /// Its attributes are what the node will set: an empty file with the
     /// requested mode, stamped now.
     async fn create_behind(&self, path: &str, mode: u32, exclusive: bool) -> FsResult<Entry> {
-        let now = crate::rpc::now();
-        let attr = FileAttr {
-            kind: dfos_protocol::FileKind::File,
-            size: 0,
-            mode: mode & 0o7777,
-            nlink: 1,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            blocks: 0,
-        };
+        let attr = new_attr(dfos_protocol::FileKind::File, mode);
         let entry = self.remember(path, attr.clone());
         let stream = self.stream_or_new(entry.ino);
         let reply = self.transport.submit(Request::Create { path: path.to_owned(), mode, exclusive })?;
@@ -468,17 +475,7 @@ impl<T: Transport> DfosFs<T> {
         if self.meta.lock().unwrap().known_absent(&path) {
             // Like create_behind: what follows inside the new directory is
             // queued after it, and reports its errors if it failed.
-            let now = crate::rpc::now();
-            let attr = FileAttr {
-                kind: dfos_protocol::FileKind::Directory,
-                size: 4096,
-                mode: mode & 0o7777,
-                nlink: 2,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                blocks: 8,
-            };
+            let attr = new_attr(dfos_protocol::FileKind::Directory, mode);
             let reply = self.transport.submit(Request::Mkdir { path: path.clone(), mode })?;
             self.behind("mkdir", &path, reply);
             self.meta.lock().unwrap().created(&path, attr.clone());
