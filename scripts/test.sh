@@ -25,4 +25,7 @@ fi
 
 build
 # End-to-end tests mount and spawn daemons; three at a time suits 2 cores.
-cargo test --release --workspace -- --test-threads="${DFOS_TEST_THREADS:-3}" "$@"
+# The 3-broker cluster test starts three more JVMs, so it runs alone after.
+cluster_test=a_three_broker_cluster_survives_losing_a_broker_mid_copy
+cargo test --release --workspace -- --test-threads="${DFOS_TEST_THREADS:-3}" --skip "$cluster_test" "$@"
+cargo test --release --test replication -- --exact "$cluster_test" "$@"

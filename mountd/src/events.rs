@@ -60,10 +60,11 @@ impl EventListener {
         let kafka = |e: rdkafka::error::KafkaError| RpcError::Kafka(e.to_string());
         let topic = Topics::new(&settings.namespace).events();
         let consumer: BaseConsumer = settings
-            .client_config()
-            .set("group.id", "dfos-mountd-events-unused")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "20")
+            .client_config(&[
+                ("group.id", "dfos-mountd-events-unused"),
+                ("enable.auto.commit", "false"),
+                ("fetch.wait.max.ms", "20"),
+            ])
             .create()
             .map_err(kafka)?;
         let metadata = consumer.fetch_metadata(Some(&topic), settings.deadline).map_err(kafka)?;

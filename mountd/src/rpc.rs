@@ -82,9 +82,14 @@ pub struct KafkaSettings {
 }
 
 impl KafkaSettings {
-    pub fn client_config(&self) -> ClientConfig {
+    /// A client with `tuning` applied first and the user's `-X` settings
+    /// last, so an admin can override any of dfos's choices.
+    pub fn client_config(&self, tuning: &[(&str, &str)]) -> ClientConfig {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &self.brokers);
+        for (k, v) in tuning {
+            cc.set(*k, *v);
+        }
         for (k, v) in &self.options {
             cc.set(k, v);
         }
@@ -115,7 +120,7 @@ impl KafkaRpc {
         let mount_id = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
         let reply_topic = topics.reply(&mount_id);
         let admin: AdminClient<DefaultClientContext> =
-            settings.client_config().create().map_err(|e| RpcError::Kafka(e.to_string()))?;
+            settings.client_config(&[]).create().map_err(|e| RpcError::Kafka(e.to_string()))?;
         let options =
             AdminOptions::new().request_timeout(Some(settings.deadline)).operation_timeout(Some(settings.deadline));
         let topic = NewTopic::new(&reply_topic, 1, TopicReplication::Fixed(-1)).set("retention.ms", "3600000");
@@ -127,11 +132,12 @@ impl KafkaRpc {
             result.map_err(|(t, code)| RpcError::Kafka(format!("cannot create {t}: {code}")))?;
         }
         let producer: FutureProducer = settings
-            .client_config()
-            .set("linger.ms", "0")
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", settings.deadline.as_millis().to_string())
+            .client_config(&[
+                ("linger.ms", "0"),
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                ("message.timeout.ms", &settings.deadline.as_millis().to_string()),
+            ])
             .create()
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let rpc = Arc::new(KafkaRpc {
@@ -161,11 +167,12 @@ impl KafkaRpc {
     fn reply_consumer(&self) -> Result<BaseConsumer, RpcError> {
         let consumer: BaseConsumer = self
             .settings
-            .client_config()
-            .set("group.id", "dfos-mountd-unused")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "1")
-            .set("fetch.error.backoff.ms", "20")
+            .client_config(&[
+                ("group.id", "dfos-mountd-unused"),
+                ("enable.auto.commit", "false"),
+                ("fetch.wait.max.ms", "1"),
+                ("fetch.error.backoff.ms", "20"),
+            ])
             .create()
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let mut tpl = TopicPartitionList::new();
@@ -199,7 +206,7 @@ impl KafkaRpc {
         if let Some(handle) = self.listener.lock().unwrap().take() {
             let _ = handle.join();
         }
-        let admin: Result<AdminClient<DefaultClientContext>, _> = self.settings.client_config().create();
+        let admin: Result<AdminClient<DefaultClientContext>, _> = self.settings.client_config(&[]).create();
         if let Ok(admin) = admin {
             let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
             let deleted =

@@ -50,9 +50,14 @@ pub enum ServiceError {
     BrokerTimeout(String, Duration),
 }
 
-pub fn client_config(config: &Config) -> ClientConfig {
+/// A client with `tuning` applied first and the admin's `-X` settings
+/// last, so they can override any of dfos's choices.
+pub fn client_config(config: &Config, tuning: &[(&str, &str)]) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &config.brokers);
+    for (key, value) in tuning {
+        cc.set(*key, *value);
+    }
     for (key, value) in &config.kafka_options {
         cc.set(key, value);
     }
@@ -62,7 +67,7 @@ pub fn client_config(config: &Config) -> ClientConfig {
 /// Creates the request and event topics unless they exist. Safe to run on
 /// every node at every start.
 pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), ServiceError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let admin: AdminClient<DefaultClientContext> = client_config(config, &[]).create()?;
     let requests = topics.requests();
     let events = topics.events();
     let min_isr = config.replication_factor.min(2).to_string();
@@ -131,13 +136,17 @@ impl Service {
             "" => format!("dfos-storaged-{}", self.config.node_id),
             ns => format!("dfos-storaged-{ns}-{}", self.config.node_id),
         };
-        Ok(client_config(&self.config)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "1")
-            .set("fetch.error.backoff.ms", "50")
-            .create()?)
+        Ok(client_config(
+            &self.config,
+            &[
+                ("group.id", group.as_str()),
+                ("enable.auto.commit", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("fetch.wait.max.ms", "1"),
+                ("fetch.error.backoff.ms", "50"),
+            ],
+        )
+        .create()?)
     }
 
     /// Runs until `stop` is set: every partition from the checkpoint on.
@@ -153,12 +162,16 @@ impl Service {
             assignment.add_partition_offset(&requests, partition, start)?;
         }
         consumer.assign(&assignment)?;
-        let producer: ThreadedProducer<DefaultProducerContext> = client_config(&self.config)
-            .set("linger.ms", "0")
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", (self.config.timeout_secs * 1000).to_string())
-            .create()?;
+        let producer: ThreadedProducer<DefaultProducerContext> = client_config(
+            &self.config,
+            &[
+                ("linger.ms", "0"),
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                ("message.timeout.ms", &(self.config.timeout_secs * 1000).to_string()),
+            ],
+        )
+        .create()?;
         log::info!(
             "op=start node={} topic={requests} partitions={} storage={} checkpoint={}",
             self.config.node_id,
@@ -377,7 +390,7 @@ impl Service {
 
 /// Number of partitions of the request topic, from the broker.
 pub fn request_partitions(config: &Config) -> Result<usize, ServiceError> {
-    let consumer: BaseConsumer = client_config(config).create()?;
+    let consumer: BaseConsumer = client_config(config, &[]).create()?;
     let topic = Topics::new(&config.namespace).requests();
     let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(config.timeout_secs))?;
     let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
@@ -394,7 +407,7 @@ pub fn status(config: &Config) -> Result<String, ServiceError> {
     let applied = read_applied(&config.storage, &topic)
         .map_err(|e| ServiceError::Topic { topic: topic.clone(), reason: e.to_string() })?;
     let partitions = request_partitions(config)?;
-    let consumer: BaseConsumer = client_config(config).create()?;
+    let consumer: BaseConsumer = client_config(config, &[]).create()?;
     let mut out =
         format!("node storage {} topic {topic}\npartition  applied       end       lag\n", config.storage.display());
     let mut total = 0;
