@@ -27,6 +27,7 @@ use crate::inodes::{self, InodeTable};
 use crate::metacache::MetaCache;
 use crate::readahead::ReadCache;
 use crate::rpc::{RpcError, Transport};
+use crate::smallfiles::{SmallFiles, MAX_FILE_BYTES};
 
 /// Chunks of one inode in flight at once: 8 × 512 KiB = 4 MiB per file.
 pub const MAX_WRITES_IN_FLIGHT: u32 = 8;
@@ -82,6 +83,9 @@ struct WriteStream {
     /// as that chunk's reply reported them: the state after every write.
     sent: Arc<std::sync::atomic::AtomicU64>,
     last_attr: Arc<Mutex<Option<FileAttr>>>,
+    /// The whole file as written, while it is known: from a create or a
+    /// truncate to zero, through writes within the first 64 KiB.
+    shadow: Mutex<Option<Vec<u8>>>,
 }
 
 impl WriteStream {
@@ -92,6 +96,7 @@ impl WriteStream {
             error: Arc::new(Mutex::new(None)),
             sent: Arc::new(AtomicU64::new(0)),
             last_attr: Arc::new(Mutex::new(None)),
+            shadow: Mutex::new(None),
         }
     }
 
@@ -136,8 +141,23 @@ impl WriteStream {
         Ok(())
     }
 
+    fn shadow_write(&self, offset: u64, data: &[u8]) {
+        let mut shadow = self.shadow.lock().unwrap();
+        let end = offset as usize + data.len();
+        match shadow.as_mut() {
+            Some(content) if end <= MAX_FILE_BYTES => {
+                if content.len() < end {
+                    content.resize(end, 0);
+                }
+                content[offset as usize..end].copy_from_slice(data);
+            }
+            _ => *shadow = None,
+        }
+    }
+
     async fn write<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: &[u8]) -> FsResult<()> {
         self.take_error()?;
+        self.shadow_write(offset, data);
         let mut buffer = self.buffer.lock().await;
         let contiguous = buffer.offset + buffer.data.len() as u64 == offset;
         if !buffer.data.is_empty() && !contiguous {
@@ -171,6 +191,21 @@ impl WriteStream {
         self.take_error()?;
         Ok(self.last_attr.lock().unwrap().take())
     }
+
+    fn truncate_shadow(&self, size: u64) {
+        let mut shadow = self.shadow.lock().unwrap();
+        match shadow.as_mut() {
+            _ if size == 0 => *shadow = Some(Vec::new()),
+            Some(content) if size as usize <= MAX_FILE_BYTES => content.resize(size as usize, 0),
+            _ => *shadow = None,
+        }
+    }
+
+    /// Ends shadowing: one create-or-truncate-to-close cycle at most, so a
+    /// copy never outlives the writes it saw.
+    fn take_shadow(&self) -> Option<Vec<u8>> {
+        self.shadow.lock().unwrap().take()
+    }
 }
 
 pub struct DfosFs<T: Transport> {
@@ -178,6 +213,7 @@ pub struct DfosFs<T: Transport> {
     inodes: Mutex<InodeTable>,
     writes: Mutex<HashMap<u64, Arc<WriteStream>>>,
     reads: ReadCache,
+    small: SmallFiles,
     meta: Arc<Mutex<MetaCache>>,
     listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
@@ -227,6 +263,7 @@ impl<T: Transport> DfosFs<T> {
             inodes: Mutex::default(),
             writes: Mutex::default(),
             reads: ReadCache::default(),
+            small: SmallFiles::default(),
             listings: Mutex::default(),
             next_handle: AtomicU64::new(1),
         }
@@ -271,6 +308,9 @@ impl<T: Transport> DfosFs<T> {
         };
         let path = self.path_of(ino)?;
         if let Some(attr) = stream.flush(&self.transport, &path).await? {
+            if let Some(content) = stream.take_shadow() {
+                self.small.put(ino, &attr, content);
+            }
             self.meta.lock().unwrap().put_attr(&path, attr);
         }
         Ok(())
@@ -308,6 +348,7 @@ impl<T: Transport> DfosFs<T> {
     pub fn forget(&self, ino: u64, count: u64) {
         if self.inodes.lock().unwrap().forget(ino, count) {
             self.writes.lock().unwrap().remove(&ino);
+            self.small.forget(ino);
             self.drop_cached_data(ino);
         }
     }
@@ -351,6 +392,10 @@ impl<T: Transport> DfosFs<T> {
         let path = self.path_of(ino)?;
         self.meta.lock().unwrap().drop_attr(&path);
         let attr = expect_attr(self.call(Request::SetAttr { path: path.clone(), size, mode, atime, mtime }).await?)?;
+        self.small.forget(ino);
+        if let Some(size) = size {
+            self.stream_or_new(ino).truncate_shadow(size);
+        }
         self.meta.lock().unwrap().put_attr(&path, attr.clone());
         Ok(attr)
     }
@@ -423,6 +468,10 @@ impl<T: Transport> DfosFs<T> {
             self.remember(&path, attr)
         };
         self.drop_cached_data(entry.ino);
+        self.small.forget(entry.ino);
+        if entry.attr.size == 0 {
+            self.stream_or_new(entry.ino).truncate_shadow(0);
+        }
         Ok((entry, self.new_handle()))
     }
 
@@ -452,12 +501,19 @@ impl<T: Transport> DfosFs<T> {
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         self.flush(ino).await?;
         let path = self.path_of(ino)?;
+        let current = self.meta.lock().unwrap().attr(&path);
+        if let Some(content) = current.and_then(|attr| self.small.get(ino, &attr)) {
+            let start = (offset as usize).min(content.len());
+            let end = (offset as usize + size as usize).min(content.len());
+            return Ok(content[start..end].to_vec());
+        }
         self.reads.read(&self.transport, ino, &path, offset, size).await
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let path = self.path_of(ino)?;
         self.drop_cached_data(ino);
+        self.small.forget(ino);
         self.meta.lock().unwrap().drop_attr(&path);
         let stream = self.stream_or_new(ino);
         stream.write(&self.transport, &path, offset, data).await?;
@@ -559,6 +615,7 @@ impl<T: Transport> DfosFs<T> {
             }
             if let Some(ino) = inodes.ino_of(path) {
                 self.reads.forget(ino);
+                self.small.forget(ino);
                 out.push(Invalidation::Inode(ino));
             }
         };
@@ -567,6 +624,7 @@ impl<T: Transport> DfosFs<T> {
                 meta.drop_attr(path);
                 if let Some(ino) = inodes.ino_of(path) {
                     self.reads.forget(ino);
+                    self.small.forget(ino);
                     out.push(Invalidation::Inode(ino));
                 }
             }
@@ -608,10 +666,14 @@ mod tests {
 
     struct LocalTransport {
         store: storaged::store::Store,
+        reads: std::sync::atomic::AtomicUsize,
     }
 
     impl Transport for Arc<LocalTransport> {
         fn send(&self, request: Request) -> Result<Submitted, RpcError> {
+            if matches!(request, Request::Read { .. }) {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+            }
             let result = self.store.apply("u", now(), &request).map_err(|e| RpcError::Remote(e.code()));
             Ok(Submitted { delivered: Box::pin(async { Ok(()) }), reply: Box::pin(async move { result }) })
         }
@@ -620,7 +682,7 @@ mod tests {
     fn core() -> (tempfile::TempDir, DfosFs<Arc<LocalTransport>>) {
         let dir = tempfile::tempdir().unwrap();
         let store = storaged::store::Store::new(dir.path()).unwrap();
-        (dir, DfosFs::new(Arc::new(LocalTransport { store })))
+        (dir, DfosFs::new(Arc::new(LocalTransport { store, reads: Default::default() })))
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -642,6 +704,33 @@ mod tests {
             let back = fs.read(entry.ino, 5, (2 * CHUNK_SIZE) as u32).await.unwrap();
             assert_eq!(back, &data[5..5 + 2 * CHUNK_SIZE]);
             assert_eq!(fs.getattr(entry.ino).await.unwrap().size, data.len() as u64);
+        });
+    }
+
+    #[test]
+    fn a_small_file_written_here_reads_back_without_a_request_until_it_changes() {
+        rt().block_on(async {
+            let (_dir, fs) = core();
+            let reads = || fs.transport.reads.load(Ordering::SeqCst);
+            let (f, _) = fs.create(1, OsStr::new("small"), 0o644, true).await.unwrap();
+            fs.write(f.ino, 0, b"hello").await.unwrap();
+            fs.write(f.ino, 5, b" world").await.unwrap();
+            fs.flush(f.ino).await.unwrap();
+            fs.open(f.ino).unwrap();
+            assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"hello world");
+            assert_eq!(reads(), 0, "served from the small-file cache");
+            // A reopen and partial overwrite is not shadowed: the next read asks.
+            fs.open(f.ino).unwrap();
+            fs.write(f.ino, 0, b"J").await.unwrap();
+            fs.flush(f.ino).await.unwrap();
+            assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"Jello world");
+            assert_eq!(reads(), 1);
+            // Truncating to zero starts a new copy.
+            fs.setattr(f.ino, Some(0), None, None, None).await.unwrap();
+            fs.write(f.ino, 0, b"new").await.unwrap();
+            fs.flush(f.ino).await.unwrap();
+            assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"new");
+            assert_eq!(reads(), 1);
         });
     }
 

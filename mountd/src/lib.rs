@@ -6,6 +6,7 @@
 //! - [`metacache`]: names and attributes this mount knows;
 //! - [`inodes`]: inode numbers for a path-based protocol;
 //! - [`readahead`]: cached file blocks and sequential read-ahead;
+//! - [`smallfiles`]: small files this mount wrote, kept for reading back;
 //! - [`fs`]: the filesystem core (write buffers, consistency), kernel-free;
 //! - [`fuse`]: the thin fuser adapter and the errno mapping.
 
@@ -16,6 +17,7 @@ pub mod inodes;
 pub mod metacache;
 pub mod readahead;
 pub mod rpc;
+pub mod smallfiles;
 
 use std::path::PathBuf;
 use std::sync::Arc;

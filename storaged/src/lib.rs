@@ -63,6 +63,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot use storage directory {}", config.storage.display()))?;
     let credentials = credentials::Credentials::open(&config.credentials)?;
     let topics = dfos_protocol::Topics::new(&config.namespace);
+    log::info!("op=init node={} brokers={} preparing topics", config.node_id, config.brokers);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(service::ensure_topics(&config, &topics)).context("cannot prepare Kafka topics")?;
     let stop = Arc::new(AtomicBool::new(false));

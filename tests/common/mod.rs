@@ -199,6 +199,22 @@ impl Deployment {
             .spawn()
             .unwrap();
         self.nodes[node].process = Some(child);
+        self.wait_started(node, &log_name);
+    }
+
+    /// Waits until the node has created its topics and assigned its
+    /// partitions (its "op=start" log line), so a mount's first request
+    /// never races the topic creation on a busy fresh broker.
+    fn wait_started(&mut self, node: usize, log_name: &str) {
+        let log = self.log_path(log_name);
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("op=start") {
+            if let Some(status) = self.nodes[node].process.as_mut().unwrap().try_wait().unwrap() {
+                panic!("storaged exited with {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "storaged did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM: a clean stop.

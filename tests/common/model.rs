@@ -58,8 +58,11 @@ impl Workload {
         let choice = self.rng.gen_range(0..100);
         let (what, remote, local): (String, Outcome, Outcome) = match choice {
             0..=34 => {
-                let offset = self.rng.gen_range(0..MAX_OFFSET);
-                let len = self.rng.gen_range(1..MAX_WRITE);
+                // Half the writes are small, near the start: small files
+                // take the mount's small-file cache path.
+                let small = self.rng.gen_bool(0.5);
+                let offset = if small { self.rng.gen_range(0..8192) } else { self.rng.gen_range(0..MAX_OFFSET) };
+                let len = if small { self.rng.gen_range(1..8192) } else { self.rng.gen_range(1..MAX_WRITE) };
                 let mut data = vec![0u8; len];
                 self.rng.fill(&mut data[..]);
                 let write = |p: &Path| -> io::Result<Vec<u8>> {

@@ -1,0 +1,114 @@
+//! Whole contents of small files this mount wrote, kept after close so that
+//! reading them back (`diff` after `cp`, `cat` after an editor saved) costs
+//! no round trip.
+//!
+//! Each entry is stamped with the file's attributes (size and mtime) as the
+//! storage node reported them after the last write. A read uses the entry
+//! only while the metadata cache holds exactly those attributes; any change
+//! through this mount, and any change event from another mount, drops the
+//! attributes or the entry, so a stale copy is never served past the
+//! metadata cache's own guarantees (see `metacache.rs`).
+//!
+//! Bounded: files up to [`MAX_FILE_BYTES`], [`MAX_TOTAL_BYTES`] in all,
+//! oldest dropped first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use dfos_protocol::{FileAttr, Timestamp};
+
+pub const MAX_FILE_BYTES: usize = 64 * 1024;
+pub const MAX_TOTAL_BYTES: usize = 64 * 1024 * 1024;
+
+struct Cached {
+    size: u64,
+    mtime: Timestamp,
+    data: Arc<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    files: HashMap<u64, Cached>,
+    order: VecDeque<u64>,
+    total: usize,
+}
+
+#[derive(Default)]
+pub struct SmallFiles {
+    inner: Mutex<Inner>,
+}
+
+impl SmallFiles {
+    /// Keeps `data` as the whole content of `ino`, whose attributes after
+    /// the write are `attr`. Ignored unless they agree and the file is small.
+    pub fn put(&self, ino: u64, attr: &FileAttr, data: Vec<u8>) {
+        if data.len() as u64 != attr.size || data.len() > MAX_FILE_BYTES {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(old) = inner.files.remove(&ino) {
+            inner.total -= old.data.len();
+            inner.order.retain(|&i| i != ino);
+        }
+        inner.total += data.len();
+        inner.order.push_back(ino);
+        inner.files.insert(ino, Cached { size: attr.size, mtime: attr.mtime, data: Arc::new(data) });
+        while inner.total > MAX_TOTAL_BYTES {
+            let Some(oldest) = inner.order.pop_front() else { break };
+            if let Some(old) = inner.files.remove(&oldest) {
+                inner.total -= old.data.len();
+            }
+        }
+    }
+
+    /// The content of `ino`, if cached for exactly the attributes `current`.
+    pub fn get(&self, ino: u64, current: &FileAttr) -> Option<Arc<Vec<u8>>> {
+        let inner = self.inner.lock().unwrap();
+        let cached = inner.files.get(&ino)?;
+        (cached.size == current.size && cached.mtime == current.mtime).then(|| cached.data.clone())
+    }
+
+    pub fn forget(&self, ino: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(old) = inner.files.remove(&ino) {
+            inner.total -= old.data.len();
+            inner.order.retain(|&i| i != ino);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfos_protocol::FileKind;
+
+    fn attr(size: u64, secs: i64) -> FileAttr {
+        let t = Timestamp { secs, nanos: 0 };
+        FileAttr { kind: FileKind::File, size, mode: 0o644, nlink: 1, atime: t, mtime: t, ctime: t, blocks: 0 }
+    }
+
+    #[test]
+    fn served_only_for_the_attributes_it_was_written_with() {
+        let c = SmallFiles::default();
+        c.put(7, &attr(3, 100), b"abc".to_vec());
+        assert_eq!(c.get(7, &attr(3, 100)).unwrap().as_slice(), b"abc");
+        assert!(c.get(7, &attr(3, 101)).is_none(), "mtime changed");
+        assert!(c.get(7, &attr(4, 100)).is_none(), "size changed");
+        c.put(8, &attr(5, 1), b"abc".to_vec());
+        assert!(c.get(8, &attr(5, 1)).is_none(), "content and size disagree");
+        c.forget(7);
+        assert!(c.get(7, &attr(3, 100)).is_none());
+    }
+
+    #[test]
+    fn total_size_is_bounded_oldest_first() {
+        let c = SmallFiles::default();
+        let n = MAX_TOTAL_BYTES / MAX_FILE_BYTES + 2;
+        for ino in 0..n as u64 {
+            c.put(ino, &attr(MAX_FILE_BYTES as u64, 1), vec![0; MAX_FILE_BYTES]);
+        }
+        assert!(c.get(0, &attr(MAX_FILE_BYTES as u64, 1)).is_none());
+        assert!(c.get(n as u64 - 1, &attr(MAX_FILE_BYTES as u64, 1)).is_some());
+        assert!(c.inner.lock().unwrap().total <= MAX_TOTAL_BYTES);
+    }
+}
