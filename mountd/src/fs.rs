@@ -309,7 +309,7 @@ impl<T: Transport> DfosFs<T> {
         let path = self.path_of(ino)?;
         if let Some(attr) = stream.flush(&self.transport, &path).await? {
             if let Some(content) = stream.take_shadow() {
-                self.small.put(ino, &attr, content);
+                self.small.put(&path, &attr, content);
             }
             self.meta.lock().unwrap().put_attr(&path, attr);
         }
@@ -348,7 +348,6 @@ impl<T: Transport> DfosFs<T> {
     pub fn forget(&self, ino: u64, count: u64) {
         if self.inodes.lock().unwrap().forget(ino, count) {
             self.writes.lock().unwrap().remove(&ino);
-            self.small.forget(ino);
             self.drop_cached_data(ino);
         }
     }
@@ -392,7 +391,7 @@ impl<T: Transport> DfosFs<T> {
         let path = self.path_of(ino)?;
         self.meta.lock().unwrap().drop_attr(&path);
         let attr = expect_attr(self.call(Request::SetAttr { path: path.clone(), size, mode, atime, mtime }).await?)?;
-        self.small.forget(ino);
+        self.small.forget(&path);
         if let Some(size) = size {
             self.stream_or_new(ino).truncate_shadow(size);
         }
@@ -404,6 +403,13 @@ impl<T: Transport> DfosFs<T> {
     /// paged readdir calls see one consistent snapshot.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let path = self.path_of(ino)?;
+        let known = self.meta.lock().unwrap().listing(&path);
+        if let Some(known) = known {
+            let entries = known.into_iter().map(|(name, attr)| DirEntry { name, attr }).collect();
+            let handle = self.new_handle();
+            self.listings.lock().unwrap().insert(handle, Arc::new(entries));
+            return Ok(handle);
+        }
         let generation = self.meta.lock().unwrap().generation();
         let mut entries = Vec::new();
         let mut after = None;
@@ -468,7 +474,7 @@ impl<T: Transport> DfosFs<T> {
             self.remember(&path, attr)
         };
         self.drop_cached_data(entry.ino);
-        self.small.forget(entry.ino);
+        self.small.forget(&path);
         if entry.attr.size == 0 {
             self.stream_or_new(entry.ino).truncate_shadow(0);
         }
@@ -502,7 +508,7 @@ impl<T: Transport> DfosFs<T> {
         self.flush(ino).await?;
         let path = self.path_of(ino)?;
         let current = self.meta.lock().unwrap().attr(&path);
-        if let Some(content) = current.and_then(|attr| self.small.get(ino, &attr)) {
+        if let Some(content) = current.and_then(|attr| self.small.get(&path, &attr)) {
             let start = (offset as usize).min(content.len());
             let end = (offset as usize + size as usize).min(content.len());
             return Ok(content[start..end].to_vec());
@@ -513,7 +519,7 @@ impl<T: Transport> DfosFs<T> {
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let path = self.path_of(ino)?;
         self.drop_cached_data(ino);
-        self.small.forget(ino);
+        self.small.forget(&path);
         self.meta.lock().unwrap().drop_attr(&path);
         let stream = self.stream_or_new(ino);
         stream.write(&self.transport, &path, offset, data).await?;
@@ -558,6 +564,7 @@ impl<T: Transport> DfosFs<T> {
             self.call(Request::Unlink { path: path.clone() }).await?;
         }
         self.meta.lock().unwrap().removed(&path);
+        self.small.forget(&path);
         self.inodes.lock().unwrap().detach(&path);
         Ok(())
     }
@@ -577,7 +584,15 @@ impl<T: Transport> DfosFs<T> {
 
     pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
         let path = self.child_path(parent, name)?;
-        self.call(Request::Rmdir { path: path.clone() }).await?;
+        let known_empty = self.meta.lock().unwrap().listing(&path).is_some_and(|entries| entries.is_empty());
+        if known_empty && !path.is_empty() {
+            // Like unlink: known empty here, so only an out-of-band change
+            // or another mount's create in the last milliseconds can refuse.
+            let reply = self.transport.submit(Request::Rmdir { path: path.clone() })?;
+            self.behind("rmdir", &path, reply);
+        } else {
+            self.call(Request::Rmdir { path: path.clone() }).await?;
+        }
         self.meta.lock().unwrap().removed(&path);
         self.inodes.lock().unwrap().detach(&path);
         Ok(())
@@ -598,6 +613,8 @@ impl<T: Transport> DfosFs<T> {
         self.flush_path(&to).await?;
         self.call(Request::Rename { from: from.clone(), to: to.clone(), mode }).await?;
         self.meta.lock().unwrap().renamed(&from, &to);
+        self.small.forget_tree(&from);
+        self.small.forget_tree(&to);
         self.inodes.lock().unwrap().rename(&from, &to);
         Ok(())
     }
@@ -613,18 +630,18 @@ impl<T: Transport> DfosFs<T> {
             if let Some(parent) = inodes.ino_of(inodes::parent_of(path)) {
                 out.push(Invalidation::Entry { parent, name: name.to_owned() });
             }
+            self.small.forget_tree(path);
             if let Some(ino) = inodes.ino_of(path) {
                 self.reads.forget(ino);
-                self.small.forget(ino);
                 out.push(Invalidation::Inode(ino));
             }
         };
         match change {
             Change::Modified { path } => {
                 meta.drop_attr(path);
+                self.small.forget(path);
                 if let Some(ino) = inodes.ino_of(path) {
                     self.reads.forget(ino);
-                    self.small.forget(ino);
                     out.push(Invalidation::Inode(ino));
                 }
             }

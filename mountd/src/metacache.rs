@@ -93,6 +93,18 @@ impl MetaCache {
         self.fresh(self.listings.get(parent)).is_some_and(|names| !names.contains(name))
     }
 
+    /// A directory's whole listing with attributes, in name order, when
+    /// every part of it is fresh.
+    pub fn listing(&self, dir: &str) -> Option<Vec<(String, FileAttr)>> {
+        let names = self.fresh(self.listings.get(dir))?;
+        let mut entries = Vec::with_capacity(names.len());
+        for name in names {
+            entries.push((name.clone(), self.attr(&inodes::join(dir, name))?));
+        }
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Some(entries)
+    }
+
     pub fn put_attr(&mut self, path: &str, attr: FileAttr) {
         self.attrs.insert(path.to_owned(), Stamped { value: attr, at: Instant::now() });
     }
@@ -223,6 +235,19 @@ mod tests {
         assert!(c.attr("x").is_none());
         c.put_attr_if_unchanged(c.generation(), "x", attr(FileKind::File));
         assert!(c.attr("x").is_some());
+    }
+
+    #[test]
+    fn a_listing_is_served_only_when_every_entry_is_known() {
+        let mut c = MetaCache::new(Duration::from_secs(10));
+        c.created("d", attr(FileKind::Directory));
+        c.created("d/b", attr(FileKind::File));
+        c.created("d/a", attr(FileKind::File));
+        let names: Vec<String> = c.listing("d").unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["a", "b"]);
+        c.drop_attr("d/a");
+        assert!(c.listing("d").is_none());
+        assert!(c.listing("elsewhere").is_none());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Whole contents of small files this mount wrote, kept after close so that
+//! Whole contents of small files this mount wrote, by path,, kept after close so that
 //! reading them back (`diff` after `cp`, `cat` after an editor saved) costs
 //! no round trip.
 //!
@@ -28,8 +28,8 @@ struct Cached {
 
 #[derive(Default)]
 struct Inner {
-    files: HashMap<u64, Cached>,
-    order: VecDeque<u64>,
+    files: HashMap<String, Cached>,
+    order: VecDeque<String>,
     total: usize,
 }
 
@@ -41,18 +41,18 @@ pub struct SmallFiles {
 impl SmallFiles {
     /// Keeps `data` as the whole content of `ino`, whose attributes after
     /// the write are `attr`. Ignored unless they agree and the file is small.
-    pub fn put(&self, ino: u64, attr: &FileAttr, data: Vec<u8>) {
+    pub fn put(&self, path: &str, attr: &FileAttr, data: Vec<u8>) {
         if data.len() as u64 != attr.size || data.len() > MAX_FILE_BYTES {
             return;
         }
         let mut inner = self.inner.lock().unwrap();
-        if let Some(old) = inner.files.remove(&ino) {
+        if let Some(old) = inner.files.remove(path) {
             inner.total -= old.data.len();
-            inner.order.retain(|&i| i != ino);
+            inner.order.retain(|p| p != path);
         }
         inner.total += data.len();
-        inner.order.push_back(ino);
-        inner.files.insert(ino, Cached { size: attr.size, mtime: attr.mtime, data: Arc::new(data) });
+        inner.order.push_back(path.to_owned());
+        inner.files.insert(path.to_owned(), Cached { size: attr.size, mtime: attr.mtime, data: Arc::new(data) });
         while inner.total > MAX_TOTAL_BYTES {
             let Some(oldest) = inner.order.pop_front() else { break };
             if let Some(old) = inner.files.remove(&oldest) {
@@ -61,19 +61,33 @@ impl SmallFiles {
         }
     }
 
-    /// The content of `ino`, if cached for exactly the attributes `current`.
-    pub fn get(&self, ino: u64, current: &FileAttr) -> Option<Arc<Vec<u8>>> {
+    /// The content at `path`, if cached for exactly the attributes `current`.
+    pub fn get(&self, path: &str, current: &FileAttr) -> Option<Arc<Vec<u8>>> {
         let inner = self.inner.lock().unwrap();
-        let cached = inner.files.get(&ino)?;
+        let cached = inner.files.get(path)?;
         (cached.size == current.size && cached.mtime == current.mtime).then(|| cached.data.clone())
     }
 
-    pub fn forget(&self, ino: u64) {
+    pub fn forget(&self, path: &str) {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(old) = inner.files.remove(&ino) {
+        if let Some(old) = inner.files.remove(path) {
             inner.total -= old.data.len();
-            inner.order.retain(|&i| i != ino);
+            inner.order.retain(|p| p != path);
         }
+    }
+
+    /// Drops every entry at or below `path` (a renamed or removed directory).
+    pub fn forget_tree(&self, path: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        let prefix = format!("{path}/");
+        let gone: Vec<String> =
+            inner.files.keys().filter(|p| p.as_str() == path || p.starts_with(&prefix)).cloned().collect();
+        for p in gone {
+            if let Some(old) = inner.files.remove(&p) {
+                inner.total -= old.data.len();
+            }
+        }
+        inner.order.retain(|p| p != path && !p.starts_with(&prefix));
     }
 }
 
@@ -90,25 +104,25 @@ mod tests {
     #[test]
     fn served_only_for_the_attributes_it_was_written_with() {
         let c = SmallFiles::default();
-        c.put(7, &attr(3, 100), b"abc".to_vec());
-        assert_eq!(c.get(7, &attr(3, 100)).unwrap().as_slice(), b"abc");
-        assert!(c.get(7, &attr(3, 101)).is_none(), "mtime changed");
-        assert!(c.get(7, &attr(4, 100)).is_none(), "size changed");
-        c.put(8, &attr(5, 1), b"abc".to_vec());
-        assert!(c.get(8, &attr(5, 1)).is_none(), "content and size disagree");
-        c.forget(7);
-        assert!(c.get(7, &attr(3, 100)).is_none());
+        c.put("a", &attr(3, 100), b"abc".to_vec());
+        assert_eq!(c.get("a", &attr(3, 100)).unwrap().as_slice(), b"abc");
+        assert!(c.get("a", &attr(3, 101)).is_none(), "mtime changed");
+        assert!(c.get("a", &attr(4, 100)).is_none(), "size changed");
+        c.put("b", &attr(5, 1), b"abc".to_vec());
+        assert!(c.get("b", &attr(5, 1)).is_none(), "content and size disagree");
+        c.forget_tree("a");
+        assert!(c.get("a", &attr(3, 100)).is_none());
     }
 
     #[test]
     fn total_size_is_bounded_oldest_first() {
         let c = SmallFiles::default();
         let n = MAX_TOTAL_BYTES / MAX_FILE_BYTES + 2;
-        for ino in 0..n as u64 {
-            c.put(ino, &attr(MAX_FILE_BYTES as u64, 1), vec![0; MAX_FILE_BYTES]);
+        for i in 0..n {
+            c.put(&format!("f{i}"), &attr(MAX_FILE_BYTES as u64, 1), vec![0; MAX_FILE_BYTES]);
         }
-        assert!(c.get(0, &attr(MAX_FILE_BYTES as u64, 1)).is_none());
-        assert!(c.get(n as u64 - 1, &attr(MAX_FILE_BYTES as u64, 1)).is_some());
+        assert!(c.get("f0", &attr(MAX_FILE_BYTES as u64, 1)).is_none());
+        assert!(c.get(&format!("f{}", n - 1), &attr(MAX_FILE_BYTES as u64, 1)).is_some());
         assert!(c.inner.lock().unwrap().total <= MAX_TOTAL_BYTES);
     }
 }
