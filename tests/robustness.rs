@@ -129,3 +129,19 @@ fn a_create_refused_after_it_was_answered_fails_the_close() {
     assert!(fs::symlink_metadata(d.storage.join("User1/d/x")).unwrap().file_type().is_symlink());
     assert!(fs::read_to_string("/etc/passwd").unwrap().contains("root"));
 }
+
+#[test]
+fn sigint_and_sigterm_unmount_cleanly() {
+    let d = Deployment::start("signals");
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let m = d.mount(USER1);
+        ok(&format!("echo kept > {}", m.p("f")));
+        let path = m.path.clone();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(m.pid() as i32, signal) };
+        let status = m.unmount();
+        assert!(status.success(), "mountd exited with {status} on signal {signal}");
+        assert!(!is_mounted(&path), "still mounted after signal {signal}");
+    }
+    assert_eq!(fs::read_to_string(d.storage.join("User1/f")).unwrap(), "kept\n");
+}

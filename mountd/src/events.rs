@@ -67,8 +67,7 @@ impl EventListener {
             ])
             .create()
             .map_err(kafka)?;
-        let metadata = consumer.fetch_metadata(Some(&topic), settings.deadline).map_err(kafka)?;
-        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+        let partitions = Self::partitions(&consumer, &topic, settings.deadline)?;
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions {
             assignment.add_partition_offset(&topic, partition, Offset::End).map_err(kafka)?;
@@ -102,6 +101,21 @@ impl EventListener {
             })
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         Ok(EventListener { stop, thread: Some(thread) })
+    }
+
+    /// The topic's partition count; storaged creates it, and a new topic
+    /// can take a moment to appear in the metadata.
+    fn partitions(consumer: &BaseConsumer, topic: &str, deadline: Duration) -> Result<i32, RpcError> {
+        let give_up = std::time::Instant::now() + deadline;
+        loop {
+            let metadata =
+                consumer.fetch_metadata(Some(topic), deadline).map_err(|e| RpcError::Kafka(e.to_string()))?;
+            match metadata.topics().first().map_or(0, |t| t.partitions().len()) {
+                0 if std::time::Instant::now() < give_up => std::thread::sleep(Duration::from_millis(200)),
+                0 => return Err(RpcError::Kafka(format!("{topic} has no partitions"))),
+                n => return Ok(n as i32),
+            }
+        }
     }
 
     pub fn stop(&mut self) {

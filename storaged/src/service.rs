@@ -392,12 +392,19 @@ impl Service {
 pub fn request_partitions(config: &Config) -> Result<usize, ServiceError> {
     let consumer: BaseConsumer = client_config(config, &[]).create()?;
     let topic = Topics::new(&config.namespace).requests();
-    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(config.timeout_secs))?;
-    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
-    if partitions == 0 {
-        return Err(ServiceError::Topic { topic, reason: "no partitions".into() });
+    let deadline = std::time::Instant::now() + Duration::from_secs(config.timeout_secs);
+    // A topic just created can take a moment to appear in the metadata.
+    loop {
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(config.timeout_secs))?;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+        if partitions > 0 {
+            return Ok(partitions);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(ServiceError::Topic { topic, reason: "no partitions in the metadata".into() });
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(partitions)
 }
 
 /// The admin view: this node's applied offset and lag per partition.
