@@ -145,3 +145,14 @@ fn sigint_and_sigterm_unmount_cleanly() {
     }
     assert_eq!(fs::read_to_string(d.storage.join("User1/f")).unwrap(), "kept\n");
 }
+
+#[test]
+fn a_password_file_takes_precedence_over_the_environment() {
+    let d = Deployment::start("password-file");
+    let file = d.local_dir("secrets").join("pw");
+    fs::write(&file, "1234\n").unwrap();
+    // DFOS_PASSWORD is wrong here; only the file's first line is right.
+    let m = d.mount_with(("User1", "not-the-password"), 30, &["--password-file", file.to_str().unwrap()]);
+    ok(&format!("touch {}", m.p("in")));
+    assert!(d.storage.join("User1/in").exists());
+}

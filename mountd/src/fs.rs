@@ -3,9 +3,15 @@
 //! so everything can be tested against an in-process store.
 //!
 //! Guarantees:
-//! - close-to-open: `flush`, `release` and `fsync` return only after every
-//!   byte written through the inode has been acknowledged by a storage node;
-//!   `open` drops cached file data, so it sees what other mounts closed;
+//! - `flush`, `release` and `fsync` return only after every byte written
+//!   through the inode (and a create that went behind) has been applied
+//!   by a storage node, and report any error;
+//! - what this mount caches about names, attributes and small files is
+//!   updated by its own changes and dropped by other mounts' change events
+//!   (`remote_change`), within the TTL at the latest (docs/SEMANTICS.md);
+//! - requests that go behind (exclusive create, mkdir, unlink, rmdir of
+//!   names the cache knows) are queued before anything that follows, so
+//!   every replica applies them first;
 //! - writes are buffered per inode into chunks of at most `CHUNK_SIZE` and
 //!   up to `MAX_WRITES_IN_FLIGHT` chunks travel at once, so memory is
 //!   bounded whatever the file size;

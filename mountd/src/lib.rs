@@ -42,6 +42,20 @@ pub struct Config {
     pub cache_ttl: Duration,
 }
 
+/// The password for `user`: the first line of `file`, else DFOS_PASSWORD,
+/// else a prompt on the terminal.
+pub fn read_password(file: Option<&std::path::Path>, user: &str) -> anyhow::Result<String> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+        return Ok(text.lines().next().unwrap_or_default().to_owned());
+    }
+    if let Ok(password) = std::env::var("DFOS_PASSWORD") {
+        return Ok(password);
+    }
+    rpassword::prompt_password(format!("Password for {user}: "))
+        .context("no password: use --password-file, DFOS_PASSWORD or a terminal")
+}
+
 /// Connects, logs in, mounts, and serves until SIGINT, SIGTERM or an
 /// external unmount. Nothing is mounted unless login succeeded.
 pub fn run(config: Config) -> anyhow::Result<()> {

@@ -1,7 +1,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 
 /// dfos mount daemon: mounts USER's remote store at MOUNTPOINT.
@@ -38,22 +37,10 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
-fn password(cli: &Cli) -> anyhow::Result<String> {
-    if let Some(file) = &cli.password_file {
-        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-        return Ok(text.lines().next().unwrap_or_default().to_owned());
-    }
-    if let Ok(password) = std::env::var("DFOS_PASSWORD") {
-        return Ok(password);
-    }
-    rpassword::prompt_password(format!("Password for {}: ", cli.user))
-        .context("no password: use --password-file, DFOS_PASSWORD or a terminal")
-}
-
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let outcome = password(&cli).and_then(|password| {
+    let outcome = mountd::read_password(cli.password_file.as_deref(), &cli.user).and_then(|password| {
         mountd::run(mountd::Config {
             kafka: mountd::rpc::KafkaSettings {
                 brokers: cli.brokers.clone(),

@@ -110,6 +110,23 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, fs::File)> {
     Ok((path, file))
 }
 
+/// A new password for the admin commands: prompted twice on a terminal,
+/// otherwise the first line of standard input (for scripts).
+pub fn read_new_password() -> std::io::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("New password: ")?;
+        let second = rpassword::prompt_password("Repeat password: ")?;
+        if first != second {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "passwords do not match"));
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
 /// The users known to a running daemon, reloaded when the file changes.
 pub struct Credentials {
     path: PathBuf,

@@ -1,4 +1,3 @@
-use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -53,18 +52,6 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
-fn read_password() -> anyhow::Result<String> {
-    if std::io::stdin().is_terminal() {
-        let first = rpassword::prompt_password("New password: ")?;
-        let second = rpassword::prompt_password("Repeat password: ")?;
-        anyhow::ensure!(first == second, "passwords do not match");
-        return Ok(first);
-    }
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
-}
-
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -90,7 +77,7 @@ fn main() -> anyhow::Result<()> {
                 UserAction::Add { name } => (name, false),
                 UserAction::Passwd { name } => (name, true),
             };
-            let password = read_password()?;
+            let password = storaged::credentials::read_new_password()?;
             storaged::credentials::set_password(credentials, name, &password, replace)?;
             eprintln!("{} user {name} in {}", if replace { "updated" } else { "added" }, credentials.display());
             Ok(())
