@@ -161,6 +161,7 @@ wait_ready() {
 }
 
 start() {
+  command -v java >/dev/null || die "Java 17 or newer is required (java not found on PATH)"
   fetch
   write_log_config
   local all_running=1
