@@ -207,6 +207,15 @@ impl WriteStream {
         }
     }
 
+    /// Nothing buffered, in flight, failed or unreported: operations that
+    /// would flush first can skip it. Never waits.
+    fn is_quiet(&self) -> bool {
+        self.in_flight.available_permits() == MAX_WRITES_IN_FLIGHT as usize
+            && self.buffer.try_lock().is_ok_and(|b| b.data.is_empty())
+            && self.error.lock().unwrap().is_none()
+            && self.last_attr.lock().unwrap().is_none()
+    }
+
     /// Ends shadowing: one create-or-truncate-to-close cycle at most, so a
     /// copy never outlives the writes it saw.
     fn take_shadow(&self) -> Option<Vec<u8>> {
@@ -344,7 +353,93 @@ impl<T: Transport> DfosFs<T> {
         Ok(())
     }
 
+    /// True when `ino` has no writes to flush, known without waiting.
+    fn quiet(&self, ino: u64) -> bool {
+        self.stream(ino).is_none_or(|stream| stream.is_quiet())
+    }
+
+    fn quiet_path(&self, path: &str) -> bool {
+        let ino = self.inodes.lock().unwrap().ino_of(path);
+        ino.is_none_or(|ino| self.quiet(ino))
+    }
+
+    // The `*_now` methods answer from the caches without waiting, so the
+    // FUSE adapter can reply on its own thread; `None` means "take the
+    // async path" (the answer needs a flush or a storage node).
+
+    pub fn lookup_now(&self, parent: u64, name: &std::ffi::OsStr) -> Option<FsResult<Entry>> {
+        let path = match self.child_path(parent, name) {
+            Ok(path) => path,
+            Err(e) => return Some(Err(e)),
+        };
+        if !self.quiet_path(&path) {
+            return None;
+        }
+        let meta = self.meta.lock().unwrap();
+        if let Some(attr) = meta.attr(&path) {
+            drop(meta);
+            return Some(Ok(self.remember(&path, attr)));
+        }
+        meta.known_absent(&path).then(|| Err(ErrorCode::NotFound.into()))
+    }
+
+    pub fn getattr_now(&self, ino: u64) -> Option<FsResult<FileAttr>> {
+        if !self.quiet(ino) {
+            return None;
+        }
+        match self.path_of(ino) {
+            Ok(path) => self.meta.lock().unwrap().attr(&path).map(Ok),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<FsResult<Vec<u8>>> {
+        if !self.quiet(ino) {
+            return None;
+        }
+        let path = self.path_of(ino).ok()?;
+        let current = self.meta.lock().unwrap().attr(&path)?;
+        let content = self.small.get(&path, &current)?;
+        let start = (offset as usize).min(content.len());
+        let end = (offset as usize + size as usize).min(content.len());
+        Some(Ok(content[start..end].to_vec()))
+    }
+
+    /// Unlinks a name the cache knows to be a regular file without waiting
+    /// for a storage node (see `unlink`). Needs a tokio runtime context.
+    pub fn unlink_now(&self, parent: u64, name: &std::ffi::OsStr) -> Option<FsResult<()>> {
+        let path = match self.child_path(parent, name) {
+            Ok(path) => path,
+            Err(e) => return Some(Err(e)),
+        };
+        let known_file = self.meta.lock().unwrap().attr(&path).is_some_and(|a| a.kind == dfos_protocol::FileKind::File);
+        if !known_file || !self.quiet_path(&path) {
+            return None;
+        }
+        // The name is known to be a file, so the unlink can only fail if
+        // someone else removed it first (same end state) or the node's disk
+        // fails. It is answered at once, like a local unlink that is not yet
+        // in the journal, and applied in log order before anything this
+        // mount does next.
+        let reply = match self.transport.submit(Request::Unlink { path: path.clone() }) {
+            Ok(reply) => reply,
+            Err(e) => return Some(Err(e.into())),
+        };
+        self.behind("unlink", &path, reply);
+        self.unlinked(&path);
+        Some(Ok(()))
+    }
+
+    fn unlinked(&self, path: &str) {
+        self.meta.lock().unwrap().removed(path);
+        self.small.forget(path);
+        self.inodes.lock().unwrap().detach(path);
+    }
+
     pub async fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<Entry> {
+        if let Some(done) = self.lookup_now(parent, name) {
+            return done;
+        }
         let path = self.child_path(parent, name)?;
         self.flush_path(&path).await?;
         let attr = self.attr_of_path(&path, true).await?;
@@ -359,6 +454,9 @@ impl<T: Transport> DfosFs<T> {
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
+        if let Some(done) = self.getattr_now(ino) {
+            return done;
+        }
         self.flush(ino).await?;
         let path = self.path_of(ino)?;
         self.attr_of_path(&path, false).await
@@ -512,13 +610,10 @@ impl<T: Transport> DfosFs<T> {
     /// Reads up to `size` bytes; shorter only at end of file.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         self.flush(ino).await?;
-        let path = self.path_of(ino)?;
-        let current = self.meta.lock().unwrap().attr(&path);
-        if let Some(content) = current.and_then(|attr| self.small.get(&path, &attr)) {
-            let start = (offset as usize).min(content.len());
-            let end = (offset as usize + size as usize).min(content.len());
-            return Ok(content[start..end].to_vec());
+        if let Some(done) = self.read_now(ino, offset, size) {
+            return done;
         }
+        let path = self.path_of(ino)?;
         self.reads.read(&self.transport, ino, &path, offset, size).await
     }
 
@@ -557,21 +652,11 @@ impl<T: Transport> DfosFs<T> {
     pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
         let path = self.child_path(parent, name)?;
         self.flush_path(&path).await?;
-        let known_file = self.meta.lock().unwrap().attr(&path).is_some_and(|a| a.kind == dfos_protocol::FileKind::File);
-        if known_file {
-            // The name is known to be a file, so the unlink can only fail if
-            // someone else removed it first (same end state) or the node's
-            // disk fails. It is answered at once, like a local unlink that
-            // is not yet in the journal, and applied in log order before
-            // anything this mount does next.
-            let reply = self.transport.submit(Request::Unlink { path: path.clone() })?;
-            self.behind("unlink", &path, reply);
-        } else {
-            self.call(Request::Unlink { path: path.clone() }).await?;
+        if let Some(done) = self.unlink_now(parent, name) {
+            return done;
         }
-        self.meta.lock().unwrap().removed(&path);
-        self.small.forget(&path);
-        self.inodes.lock().unwrap().detach(&path);
+        self.call(Request::Unlink { path: path.clone() }).await?;
+        self.unlinked(&path);
         Ok(())
     }
 

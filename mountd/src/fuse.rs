@@ -173,8 +173,11 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let name = name.to_owned();
         let answer = self.reply_entry(reply);
+        if let Some(done) = self.fs.lookup_now(parent.0, name) {
+            return answer(done);
+        }
+        let name = name.to_owned();
         self.spawn(move |fs| async move { fs.lookup(parent.0, &name).await }, answer);
     }
 
@@ -184,6 +187,9 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let answer = self.reply_attr(ino.0, reply);
+        if let Some(done) = self.fs.getattr_now(ino.0) {
+            return answer(done);
+        }
         self.spawn(move |fs| async move { fs.getattr(ino.0).await }, answer);
     }
 
@@ -217,8 +223,14 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let answer = empty(reply);
+        // Submitting spawns tasks, which needs the runtime's context here.
+        let _runtime = self.runtime.enter();
+        if let Some(done) = self.fs.unlink_now(parent.0, name) {
+            return answer(done);
+        }
         let name = name.to_owned();
-        self.spawn(move |fs| async move { fs.unlink(parent.0, &name).await }, empty(reply));
+        self.spawn(move |fs| async move { fs.unlink(parent.0, &name).await }, answer);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -269,13 +281,14 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(
-            move |fs| async move { fs.read(ino.0, offset, size).await },
-            move |result| match result {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        let answer = move |result: Result<Vec<u8>, FsError>| match result {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(&e)),
+        };
+        if let Some(done) = self.fs.read_now(ino.0, offset, size) {
+            return answer(done);
+        }
+        self.spawn(move |fs| async move { fs.read(ino.0, offset, size).await }, answer);
     }
 
     fn write(
