@@ -111,8 +111,15 @@ impl WriteStream {
     }
 
     /// Makes the next flush wait for `reply` and report its error.
-    async fn track(&self, reply: crate::rpc::PendingReply) {
-        let permit = self.in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+    /// One of the in-flight slots, if free now.
+    fn try_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
+    }
+
+    /// Makes the next flush wait for `reply` (holding `slot` until it
+    /// comes) and report its error.
+    fn track(&self, slot: tokio::sync::OwnedSemaphorePermit, reply: crate::rpc::PendingReply) {
+        let permit = slot;
         let error = self.error.clone();
         tokio::spawn(async move {
             if let Err(e) = reply.await {
@@ -159,6 +166,25 @@ impl WriteStream {
             }
             _ => *shadow = None,
         }
+    }
+
+    /// Buffers `data` when that needs no chunk sent and no waiting; `None`
+    /// leaves it to `write`.
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<FsResult<()>> {
+        let mut buffer = self.buffer.try_lock().ok()?;
+        let contiguous = buffer.data.is_empty() || buffer.offset + buffer.data.len() as u64 == offset;
+        if !contiguous || buffer.data.len() + data.len() >= CHUNK_SIZE {
+            return None;
+        }
+        if let Err(e) = self.take_error() {
+            return Some(Err(e));
+        }
+        if buffer.data.is_empty() {
+            buffer.offset = offset;
+        }
+        buffer.data.extend_from_slice(data);
+        self.shadow_write(offset, data);
+        Some(Ok(()))
     }
 
     async fn write<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: &[u8]) -> FsResult<()> {
@@ -565,24 +591,14 @@ impl<T: Transport> DfosFs<T> {
         mode: u32,
         exclusive: bool,
     ) -> FsResult<(Entry, u64)> {
-        let path = self.child_path(parent, name)?;
-        // Only O_EXCL creates go behind: the tools that use them (cp, tar,
-        // mktemp) check close(), where a late error is reported, while a
-        // shell's `>` ignores it and must hear of a refusal at open.
-        let behind = exclusive && self.meta.lock().unwrap().known_absent(&path);
-        let entry = if behind {
-            self.create_behind(&path, mode, exclusive).await?
-        } else {
-            let attr = expect_attr(self.call(Request::Create { path: path.clone(), mode, exclusive }).await?)?;
-            self.meta.lock().unwrap().created(&path, attr.clone());
-            self.remember(&path, attr)
-        };
-        self.drop_cached_data(entry.ino);
-        self.small.forget(&path);
-        if entry.attr.size == 0 {
-            self.stream_or_new(entry.ino).truncate_shadow(0);
+        if let Some(done) = self.create_now(parent, name, mode, exclusive) {
+            return done;
         }
-        Ok((entry, self.new_handle()))
+        let path = self.child_path(parent, name)?;
+        let attr = expect_attr(self.call(Request::Create { path: path.clone(), mode, exclusive }).await?)?;
+        self.meta.lock().unwrap().created(&path, attr.clone());
+        let entry = self.remember(&path, attr);
+        Ok(self.opened_new(entry, &path))
     }
 
     /// A create of a name this mount knows to be free is answered at once,
@@ -590,15 +606,51 @@ impl<T: Transport> DfosFs<T> {
     /// everything that follows, and the file's next flush, fsync or close
     /// waits for the storage node's answer and reports its error if any.
     /// Its attributes are what the node will set: an empty file with the
-    /// requested mode, stamped now.
-    async fn create_behind(&self, path: &str, mode: u32, exclusive: bool) -> FsResult<Entry> {
+    /// requested mode, stamped now. Only O_EXCL creates go behind: the
+    /// tools that use them (cp, tar, mktemp) check close(), where a late
+    /// error is reported, while a shell's `>` ignores it and must hear of a
+    /// refusal at open. Needs a tokio runtime context.
+    pub fn create_now(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        mode: u32,
+        exclusive: bool,
+    ) -> Option<FsResult<(Entry, u64)>> {
+        let path = match self.child_path(parent, name) {
+            Ok(path) => path,
+            Err(e) => return Some(Err(e)),
+        };
+        if !exclusive || !self.meta.lock().unwrap().known_absent(&path) {
+            return None;
+        }
         let attr = new_attr(dfos_protocol::FileKind::File, mode);
-        let entry = self.remember(path, attr.clone());
+        let entry = self.remember(&path, attr.clone());
         let stream = self.stream_or_new(entry.ino);
-        let reply = self.transport.submit(Request::Create { path: path.to_owned(), mode, exclusive })?;
-        stream.track(reply).await;
-        self.meta.lock().unwrap().created(path, attr);
-        Ok(entry)
+        let Some(slot) = stream.try_slot() else {
+            self.forget(entry.ino, 1);
+            return None;
+        };
+        match self.transport.submit(Request::Create { path: path.clone(), mode, exclusive }) {
+            Ok(reply) => stream.track(slot, reply),
+            Err(e) => {
+                self.forget(entry.ino, 1);
+                return Some(Err(e.into()));
+            }
+        }
+        self.meta.lock().unwrap().created(&path, attr);
+        Some(Ok(self.opened_new(entry, &path)))
+    }
+
+    /// A file just created (empty) and opened: drop stale caches, start
+    /// its small-file copy, and hand out a handle.
+    fn opened_new(&self, entry: Entry, path: &str) -> (Entry, u64) {
+        self.drop_cached_data(entry.ino);
+        self.small.forget(path);
+        if entry.attr.size == 0 {
+            self.stream_or_new(entry.ino).truncate_shadow(0);
+        }
+        (entry, self.new_handle())
     }
 
     pub fn open(&self, ino: u64) -> FsResult<u64> {
@@ -618,13 +670,30 @@ impl<T: Transport> DfosFs<T> {
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        if let Some(done) = self.write_now(ino, offset, data) {
+            return done;
+        }
         let path = self.path_of(ino)?;
-        self.drop_cached_data(ino);
-        self.small.forget(&path);
-        self.meta.lock().unwrap().drop_attr(&path);
+        self.before_write(ino, &path);
         let stream = self.stream_or_new(ino);
         stream.write(&self.transport, &path, offset, data).await?;
         Ok(data.len() as u32)
+    }
+
+    /// Buffers a write that needs no chunk sent, on the caller's thread.
+    pub fn write_now(&self, ino: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
+        let path = self.path_of(ino).ok()?;
+        self.before_write(ino, &path);
+        let done = self.stream_or_new(ino).write_now(offset, data)?;
+        Some(done.map(|()| data.len() as u32))
+    }
+
+    /// What a write makes stale: cached blocks, the small-file copy, and
+    /// the attributes (the size and mtime come back with the acknowledgement).
+    fn before_write(&self, ino: u64, path: &str) {
+        self.drop_cached_data(ino);
+        self.small.forget(path);
+        self.meta.lock().unwrap().drop_attr(path);
     }
 
     pub async fn fsync(&self, ino: u64) -> FsResult<()> {

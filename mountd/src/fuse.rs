@@ -303,6 +303,12 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Some(done) = self.fs.write_now(ino.0, offset, data) {
+            return match done {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
         let data = data.to_vec();
         self.spawn(
             move |fs| async move { fs.write(ino.0, offset, &data).await },
@@ -454,16 +460,19 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         let name = name.to_owned();
         let attrs = self.attrs;
         let exclusive = flags & libc::O_EXCL != 0;
-        self.spawn(
-            move |fs| async move { fs.create(parent.0, &name, mode & 0o7777 & !umask, exclusive).await },
-            move |result| match result {
-                Ok((entry, fh)) => {
-                    let attr = attrs.kernel_attr(entry.ino, &entry.attr);
-                    reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty())
-                }
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        let mode = mode & 0o7777 & !umask;
+        let answer = move |result: Result<(Entry, u64), FsError>| match result {
+            Ok((entry, fh)) => {
+                let attr = attrs.kernel_attr(entry.ino, &entry.attr);
+                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(errno(&e)),
+        };
+        let _runtime = self.runtime.enter();
+        if let Some(done) = self.fs.create_now(parent.0, &name, mode, exclusive) {
+            return answer(done);
+        }
+        self.spawn(move |fs| async move { fs.create(parent.0, &name, mode, exclusive).await }, answer);
     }
 }
 
