@@ -10,7 +10,7 @@
 //! Guarantees: a block is fetched at most once while cached (concurrent
 //! readers share one request); per inode at most `MAX_WINDOW_BLOCKS + 2`
 //! blocks are held; [`ReadCache::forget`] drops an inode's blocks, which
-//! the core does on open (close-to-open), write, truncate and forget.
+//! the core does on open, write, truncate, forget and change events.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
