@@ -256,7 +256,8 @@ pub struct DfosFs<T: Transport> {
     reads: ReadCache,
     small: SmallFiles,
     meta: Arc<Mutex<MetaCache>>,
-    listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    /// Snapshot of a directory per open directory handle.
+    dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
 }
 
@@ -305,7 +306,7 @@ impl<T: Transport> DfosFs<T> {
             writes: Mutex::default(),
             reads: ReadCache::default(),
             small: SmallFiles::default(),
-            listings: Mutex::default(),
+            dir_handles: Mutex::default(),
             next_handle: AtomicU64::new(1),
         }
     }
@@ -535,10 +536,7 @@ impl<T: Transport> DfosFs<T> {
         let path = self.path_of(ino)?;
         let known = self.meta.lock().unwrap().listing(&path);
         if let Some(known) = known {
-            let entries = known.into_iter().map(|(name, attr)| DirEntry { name, attr }).collect();
-            let handle = self.new_handle();
-            self.listings.lock().unwrap().insert(handle, Arc::new(entries));
-            return Ok(handle);
+            return Ok(self.dir_handle(known.into_iter().map(|(name, attr)| DirEntry { name, attr }).collect()));
         }
         let generation = self.meta.lock().unwrap().generation();
         let mut entries = Vec::new();
@@ -556,17 +554,21 @@ impl<T: Transport> DfosFs<T> {
         }
         let named = entries.iter().map(|e| (e.name.clone(), e.attr.clone()));
         self.meta.lock().unwrap().put_listing_if_unchanged(generation, &path, named);
+        Ok(self.dir_handle(entries))
+    }
+
+    fn dir_handle(&self, entries: Vec<DirEntry>) -> u64 {
         let handle = self.new_handle();
-        self.listings.lock().unwrap().insert(handle, Arc::new(entries));
-        Ok(handle)
+        self.dir_handles.lock().unwrap().insert(handle, Arc::new(entries));
+        handle
     }
 
     pub fn listing(&self, handle: u64) -> FsResult<Arc<Vec<DirEntry>>> {
-        self.listings.lock().unwrap().get(&handle).cloned().ok_or(FsError::BadHandle(handle))
+        self.dir_handles.lock().unwrap().get(&handle).cloned().ok_or(FsError::BadHandle(handle))
     }
 
     pub fn releasedir(&self, handle: u64) {
-        self.listings.lock().unwrap().remove(&handle);
+        self.dir_handles.lock().unwrap().remove(&handle);
     }
 
     /// Numbers for `.` and `..` of a directory, and each listed child
@@ -837,7 +839,7 @@ mod tests {
     //! no Kafka. The transport applies requests in submission order, as
     //! one Kafka partition does.
     use super::*;
-    use crate::rpc::{now, Submitted};
+    use crate::rpc::{now, PendingReply};
     use proptest::prelude::*;
     use std::ffi::OsStr;
 
@@ -847,12 +849,12 @@ mod tests {
     }
 
     impl Transport for Arc<LocalTransport> {
-        fn send(&self, request: Request) -> Result<Submitted, RpcError> {
+        fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
             if matches!(request, Request::Read { .. }) {
                 self.reads.fetch_add(1, Ordering::SeqCst);
             }
             let result = self.store.apply("u", now(), &request).map_err(|e| RpcError::Remote(e.code()));
-            Ok(Submitted { delivered: Box::pin(async { Ok(()) }), reply: Box::pin(async move { result }) })
+            Ok(Box::pin(async move { result }))
         }
     }
 

@@ -83,10 +83,8 @@ impl ReadCache {
             // small, and fetching past their end would cost a round trip.
             let sequential = offset > 0 && offset.abs_diff(state.next_offset) <= 2 * CHUNK;
             state.window = if sequential { (state.window * 2).clamp(1, MAX_WINDOW_BLOCKS) } else { 0 };
-            state.next_offset = state.next_offset.max(offset + size as u64);
-            if !sequential {
-                state.next_offset = offset + size as u64;
-            }
+            let end = offset + size as u64;
+            state.next_offset = if sequential { state.next_offset.max(end) } else { end };
             state.blocks.retain(|&index, _| index + 1 >= first && index <= last + MAX_WINDOW_BLOCKS);
             let mut needed = Vec::new();
             for index in first..=last {

@@ -44,27 +44,12 @@ pub enum RpcError {
 
 pub type PendingReply = Pin<Box<dyn Future<Output = Result<Payload, RpcError>> + Send>>;
 
-/// Resolves when the request is durably in Kafka (acks=all), before any
-/// storage node has applied it.
-pub type Delivered = Pin<Box<dyn Future<Output = Result<(), RpcError>> + Send>>;
-
-/// A request on its way: first durable in the log, then answered.
-pub struct Submitted {
-    pub delivered: Delivered,
-    pub reply: PendingReply,
-}
-
 /// The only thing the filesystem core needs from the network, so the core
 /// can be tested against an in-process store.
 pub trait Transport: Send + Sync + 'static {
     /// Enqueues `request` now (requests enqueued one after another reach
-    /// the log in that order) and returns its delivery and reply futures.
-    fn send(&self, request: Request) -> Result<Submitted, RpcError>;
-
-    /// Enqueues `request` now and returns a future for its reply.
-    fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
-        Ok(self.send(request)?.reply)
-    }
+    /// the log in that order) and returns a future for its reply.
+    fn submit(&self, request: Request) -> Result<PendingReply, RpcError>;
 }
 
 pub fn now() -> Timestamp {
@@ -245,7 +230,7 @@ fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<
 }
 
 impl Transport for Arc<KafkaRpc> {
-    fn send(&self, request: Request) -> Result<Submitted, RpcError> {
+    fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (op, path) = (request.name(), request.path().to_owned());
         let envelope = Envelope {
@@ -269,24 +254,17 @@ impl Transport for Arc<KafkaRpc> {
             }
         };
         // The reply can arrive before the delivery report, so the report is
-        // watched apart: a failure fails the reply too.
+        // only watched for failures, which fail the reply.
         let pending = self.pending.clone();
-        let (delivered_tx, delivered_rx) = oneshot::channel();
         tokio::spawn(async move {
-            let outcome = match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(RpcError::Kafka(e.to_string())),
-                Err(_) => Err(RpcError::Kafka("producer dropped the request".into())),
+            let failure = match delivery.await {
+                Ok(Ok(_)) => return,
+                Ok(Err((e, _))) => RpcError::Kafka(e.to_string()),
+                Err(_) => RpcError::Kafka("producer dropped the request".into()),
             };
-            if let Err(e) = &outcome {
-                if let Some((_, waiter)) = pending.remove(&request_id) {
-                    let _ = waiter.send(Err(e.clone()));
-                }
+            if let Some((_, waiter)) = pending.remove(&request_id) {
+                let _ = waiter.send(Err(failure));
             }
-            let _ = delivered_tx.send(outcome);
-        });
-        let delivered: Delivered = Box::pin(async move {
-            delivered_rx.await.unwrap_or_else(|_| Err(RpcError::Kafka("delivery report lost".into())))
         });
         log::debug!("op={op} user={} path={path:?} req={request_id} submitted", self.user);
         let (pending, deadline, user) = (self.pending.clone(), self.settings.deadline, self.user.clone());
@@ -307,6 +285,6 @@ impl Transport for Arc<KafkaRpc> {
             }
             outcome
         });
-        Ok(Submitted { delivered, reply })
+        Ok(reply)
     }
 }
