@@ -30,7 +30,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Produce BYTES in mountd-sized chunks to a fresh topic, then consume
-    /// them back; prints "write_MBps read_MBps".
+    /// them back with the page cache dropped and again warm; prints
+    /// "write_MBps cold_read_MBps warm_read_MBps".
     KafkaBaseline {
         #[arg(long)]
         bytes: u64,
@@ -102,21 +103,34 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
     }
     let write_secs = start.elapsed().as_secs_f64();
 
+    // Cold first, like dfos's read after drop_caches: the broker must read
+    // its log from disk. Then warm, from the broker's page cache.
+    drop_caches()?;
+    let cold_secs = consume_all(brokers, &topic, messages + 1)?;
+    let warm_secs = consume_all(brokers, &topic, messages + 1)?;
+    let _ = admin.delete_topics(&[&topic], &options).await;
+    let (written_mb, read_mb) = (bytes as f64 / 1e6, (bytes + CHUNK_SIZE as u64) as f64 / 1e6);
+    println!("{:.1} {:.1} {:.1}", written_mb / write_secs, read_mb / cold_secs, read_mb / warm_secs);
+    Ok(())
+}
+
+/// Seconds to consume `count` messages of partition 0 from the beginning.
+/// The clock starts once the connection is up and before the first fetch,
+/// so nothing is prefetched outside the measured time.
+fn consume_all(brokers: &str, topic: &str, count: u64) -> anyhow::Result<f64> {
+    // mountd's reply-consumer settings.
     let consumer: BaseConsumer = config(brokers)
         .set("group.id", "dfos-bench")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
+        .set("fetch.wait.max.ms", "100")
         .create()?;
+    consumer.fetch_watermarks(topic, 0, Duration::from_secs(30))?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    match consumer.poll(Duration::from_secs(30)) {
-        Some(Ok(_)) => {}
-        _ => bail!("warm-up message not consumed"),
-    }
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
     let start = Instant::now();
+    consumer.assign(&tpl)?;
     let mut received = 0u64;
-    while received < messages {
+    while received < count {
         match consumer.poll(Duration::from_secs(30)) {
             Some(Ok(m)) => {
                 std::hint::black_box(m.payload());
@@ -126,11 +140,14 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
             None => bail!("consume stalled after {received} messages"),
         }
     }
-    let read_secs = start.elapsed().as_secs_f64();
-    drop(consumer);
-    let _ = admin.delete_topics(&[&topic], &options).await;
-    let mb = bytes as f64 / 1e6;
-    println!("{:.1} {:.1}", mb / write_secs, mb / read_secs);
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Writes dirty pages back and empties the page cache, as `bench/run.sh`
+/// does before every cold measurement.
+fn drop_caches() -> anyhow::Result<()> {
+    std::process::Command::new("sync").status().context("sync")?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop caches (needs root)")?;
     Ok(())
 }
 
