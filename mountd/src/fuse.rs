@@ -16,7 +16,6 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use dfos_protocol::limits::CHUNK_SIZE;
 use dfos_protocol::{ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
 
 use crate::fs::{DfosFs, Entry, FsError};
@@ -24,6 +23,10 @@ use crate::rpc::{RpcError, Transport};
 
 /// Short, never zero: the kernel misbehaves with a TTL of 0.
 const TTL: Duration = Duration::from_secs(1);
+/// Largest read and write the kernel sends in one call, and the `st_blksize`
+/// reported, so `cp` and friends move a whole max_write per system call.
+/// A power of two, as tools expect of `st_blksize`.
+const IO_SIZE: u32 = 1024 * 1024;
 
 pub fn errno(error: &FsError) -> Errno {
     match error {
@@ -150,8 +153,7 @@ impl KernelAttrs {
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
-            // cp sizes its buffer by st_blksize: one chunk per write.
-            blksize: CHUNK_SIZE as u32,
+            blksize: IO_SIZE,
             flags: 0,
         }
     }
@@ -166,8 +168,8 @@ fn empty(reply: ReplyEmpty) -> impl FnOnce(Result<(), FsError>) + Send + 'static
 
 impl<T: Transport> Filesystem for FuseAdapter<T> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(1024 * 1024);
-        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.set_max_write(IO_SIZE);
+        let _ = config.set_max_readahead(IO_SIZE);
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }

@@ -3,8 +3,8 @@
 //!
 //! The kernel asks for at most 128 KiB at a time; one request per kernel
 //! read would pay a Kafka round trip for every 128 KiB. Instead each read
-//! fetches whole 512 KiB blocks, and a run of sequential reads fetches the
-//! next blocks ahead of time with a window that doubles up to
+//! fetches whole blocks of one chunk (960 KiB), and a run of sequential
+//! reads fetches the next blocks ahead of time with a window that doubles up to
 //! [`MAX_WINDOW_BLOCKS`]. Random access fetches only what it touches.
 //!
 //! Guarantees: a block is fetched at most once while cached (concurrent
@@ -23,7 +23,7 @@ use dfos_protocol::{Payload, Request};
 use crate::fs::{FsError, FsResult};
 use crate::rpc::Transport;
 
-/// Blocks fetched ahead of a sequential reader: 16 × 512 KiB = 8 MiB.
+/// Blocks fetched ahead of a sequential reader: 16 × 960 KiB = 15 MiB.
 pub const MAX_WINDOW_BLOCKS: u64 = 16;
 const CHUNK: u64 = CHUNK_SIZE as u64;
 

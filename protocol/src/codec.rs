@@ -130,6 +130,28 @@ mod tests {
         assert!(encode_envelope(&big).is_err());
     }
 
+    /// A full chunk must fit in one message with the longest path, a long
+    /// user name, token and reply topic: CHUNK_SIZE leaves room for them.
+    #[test]
+    fn a_full_chunk_fits_with_the_largest_envelope() {
+        use crate::limits::{CHUNK_SIZE, MAX_NAME_BYTES, MAX_PATH_BYTES};
+        let envelope = Envelope {
+            reply_to: "r".repeat(MAX_NAME_BYTES),
+            user: "u".repeat(MAX_NAME_BYTES),
+            token: "t".repeat(MAX_NAME_BYTES),
+            request: Request::Write { path: "p".repeat(MAX_PATH_BYTES), offset: u64::MAX, data: vec![7; CHUNK_SIZE] },
+            ..sample_envelope()
+        };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(decode_envelope(&bytes).unwrap(), envelope);
+        let reply = Reply {
+            request_id: u64::MAX,
+            node: "n".repeat(MAX_NAME_BYTES),
+            result: Ok(Payload::Data(vec![7; CHUNK_SIZE])),
+        };
+        assert_eq!(decode_reply(&encode_reply(&reply).unwrap()).unwrap(), reply);
+    }
+
     #[test]
     fn golden_bytes_of_an_event() {
         let event = Event {
