@@ -68,6 +68,34 @@ fn random_offset_writes_then_truncate_match_a_local_file() {
     ok(&format!("cmp '{}' '{}'", local_path.display(), d.storage.join("User1/f.bin").display()));
 }
 
+/// Whole chunks are written past the storage node's page cache; rewriting
+/// bytes that node has cached, by whole chunks and by a few bytes, must
+/// still read back new everywhere, before and after the caches are dropped.
+#[test]
+fn rewriting_cached_bytes_in_whole_chunks_and_in_pieces_reads_back_new() {
+    let d = Deployment::start("rewrite");
+    let m = d.mount(USER1);
+    let local = d.dir.path().join("model.bin");
+    let on_node = d.storage.join("User1/f.bin");
+    fs::write(&local, random_bytes(4 << 20, 7)).unwrap();
+    ok(&format!("cp '{}' {}", local.display(), m.p("f.bin")));
+    // Into every page cache on the way: mountd's, the kernel's, the node's.
+    ok(&format!("cmp '{}' {}", local.display(), m.p("f.bin")));
+    ok(&format!("cmp '{}' '{}'", local.display(), on_node.display()));
+    let patch = d.dir.path().join("patch.bin");
+    fs::write(&patch, random_bytes(2 << 20, 8)).unwrap();
+    for target in [local.display().to_string(), m.p("f.bin")] {
+        // 2 MiB from 1 MiB: aligned whole chunks; then 5 bytes at an odd offset.
+        ok(&format!("dd if='{}' of={target} bs=1M seek=1 conv=notrunc,fsync status=none", patch.display()));
+        ok(&format!("printf hello | dd of={target} bs=1 seek=1234567 conv=notrunc,fsync status=none"));
+    }
+    ok(&format!("cmp '{}' {}", local.display(), m.p("f.bin")));
+    ok(&format!("cmp '{}' '{}'", local.display(), on_node.display()));
+    drop_caches();
+    ok(&format!("cmp '{}' {}", local.display(), m.p("f.bin")));
+    ok(&format!("cmp '{}' '{}'", local.display(), on_node.display()));
+}
+
 #[test]
 fn ls_l_shows_sizes_and_modes() {
     let d = Deployment::start("ls-l");

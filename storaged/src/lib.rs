@@ -4,13 +4,15 @@
 //! applies it under `<storage>/<user>/` and answers on the request's reply
 //! topic. The layers, bottom up:
 //! - [`paths`]: client paths to locations that cannot leave a user's root;
-//! - [`store`]: one request applied to the local directory tree;
+//! - [`store`]: one request applied to the local directory tree, with
+//!   [`direct`] writing whole chunks past the page cache;
 //! - [`credentials`] and [`session`]: passwords and session tokens;
 //! - [`checkpoint`]: the applied offset per partition, kept with the data;
 //! - [`service`]: the Kafka loop around them, one full replica per node.
 
 pub mod checkpoint;
 pub mod credentials;
+pub mod direct;
 pub mod paths;
 pub mod service;
 pub mod session;

@@ -18,6 +18,7 @@ use dfos_protocol::{
     DirEntry, ErrorCode, FileAttr, FileKind, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
 };
 
+use crate::direct;
 use crate::paths::{self, PathError};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,13 +111,16 @@ pub fn attr_of(meta: &fs::Metadata) -> FileAttr {
 fn open_nofollow(path: &Path, write: bool) -> StoreResult<File> {
     let mut options = OpenOptions::new();
     options.read(!write).write(write).custom_flags(libc::O_NOFOLLOW);
-    options.open(path).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ELOOP) {
-            StoreError::Symlink
-        } else {
-            StoreError::Io(e)
-        }
-    })
+    options.open(path).map_err(open_error)
+}
+
+/// An open that met a symlink as the final component says so.
+fn open_error(e: io::Error) -> StoreError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        StoreError::Symlink
+    } else {
+        StoreError::Io(e)
+    }
 }
 
 /// Reads up to `len` bytes at `offset`, stopping early only at end of file.
@@ -206,8 +210,7 @@ impl Store {
                 if data.len() > CHUNK_SIZE {
                     return Err(StoreError::TooLarge);
                 }
-                let file = open_nofollow(&at(path)?, true)?;
-                file.write_all_at(data, *offset)?;
+                let file = direct::write_at(&at(path)?, data, *offset).map_err(open_error)?;
                 file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
                 Ok(Payload::Written { attr: attr_of(&file.metadata()?) })
             }
