@@ -75,10 +75,31 @@ pub struct Entry {
     pub attr: FileAttr,
 }
 
-/// Bytes written to one inode but not yet acknowledged.
+/// Bytes written to one inode but not yet sent: at most one chunk's worth,
+/// starting at `offset`.
 struct WriteBuffer {
     offset: u64,
     data: Vec<u8>,
+}
+
+impl WriteBuffer {
+    /// Appends the front of `data` that fits in the chunk being gathered.
+    /// Returns the rest, and the chunk with its offset once it is full.
+    fn fill<'a>(&mut self, data: &'a [u8]) -> (&'a [u8], Option<(u64, Vec<u8>)>) {
+        let (now, rest) = data.split_at(data.len().min(CHUNK_SIZE - self.data.len()));
+        if self.data.len() + now.len() == CHUNK_SIZE {
+            // One allocation per chunk, not a doubling Vec copied as it grows.
+            self.data.reserve_exact(CHUNK_SIZE - self.data.len());
+        }
+        self.data.extend_from_slice(now);
+        if self.data.len() < CHUNK_SIZE {
+            return (rest, None);
+        }
+        let chunk = std::mem::take(&mut self.data);
+        let offset = self.offset;
+        self.offset += CHUNK_SIZE as u64;
+        (rest, Some((offset, chunk)))
+    }
 }
 
 struct WriteStream {
@@ -129,10 +150,23 @@ impl WriteStream {
         });
     }
 
-    /// Sends one chunk. The request is enqueued before this returns (while
-    /// the caller holds the buffer lock), so chunks reach the log in order.
+    /// Sends one chunk once an in-flight slot is free.
     async fn send<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: Vec<u8>) -> FsResult<()> {
-        let permit = self.in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let slot = self.in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        self.send_with(slot, transport, path, offset, data)
+    }
+
+    /// Sends one chunk holding `slot` until its reply. The request is
+    /// enqueued before this returns (while the caller holds the buffer
+    /// lock), so chunks reach the log in order.
+    fn send_with<T: Transport>(
+        &self,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        transport: &T,
+        path: &str,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> FsResult<()> {
         let reply = transport.submit(Request::Write { path: path.to_owned(), offset, data })?;
         let seq = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
         let (error, sent, last_attr) = (self.error.clone(), self.sent.clone(), self.last_attr.clone());
@@ -149,7 +183,7 @@ impl WriteStream {
                 Ok(_) => *error.lock().unwrap() = Some(FsError::UnexpectedReply),
                 Err(e) => *error.lock().unwrap() = Some(e.into()),
             }
-            drop(permit);
+            drop(slot);
         });
         Ok(())
     }
@@ -168,22 +202,40 @@ impl WriteStream {
         }
     }
 
-    /// Buffers `data` when that needs no chunk sent and no waiting; `None`
-    /// leaves it to `write`.
-    fn write_now(&self, offset: u64, data: &[u8]) -> Option<FsResult<()>> {
+    /// Buffers `data` and sends the chunks it fills, when that needs no
+    /// waiting: the buffer is free, the write continues it, and there is an
+    /// in-flight slot for every chunk. `None` leaves it to `write`. Runs on
+    /// the caller's thread inside a tokio runtime context, and copies `data`
+    /// once, into the chunk that carries it.
+    fn write_now<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: &[u8]) -> Option<FsResult<()>> {
         let mut buffer = self.buffer.try_lock().ok()?;
         let contiguous = buffer.data.is_empty() || buffer.offset + buffer.data.len() as u64 == offset;
-        if !contiguous || buffer.data.len() + data.len() >= CHUNK_SIZE {
+        if !contiguous {
+            return None;
+        }
+        let chunks = (buffer.data.len() + data.len()) / CHUNK_SIZE;
+        let slots: Vec<_> = (0..chunks).map_while(|_| self.try_slot()).collect();
+        if slots.len() < chunks {
             return None;
         }
         if let Err(e) = self.take_error() {
             return Some(Err(e));
         }
+        self.shadow_write(offset, data);
         if buffer.data.is_empty() {
             buffer.offset = offset;
         }
-        buffer.data.extend_from_slice(data);
-        self.shadow_write(offset, data);
+        let (mut rest, mut slots) = (data, slots.into_iter());
+        while !rest.is_empty() {
+            let full;
+            (rest, full) = buffer.fill(rest);
+            if let Some((chunk_offset, chunk)) = full {
+                let slot = slots.next().expect("a slot was taken for every chunk");
+                if let Err(e) = self.send_with(slot, transport, path, chunk_offset, chunk) {
+                    return Some(Err(e));
+                }
+            }
+        }
         Some(Ok(()))
     }
 
@@ -199,13 +251,13 @@ impl WriteStream {
         if buffer.data.is_empty() {
             buffer.offset = offset;
         }
-        buffer.data.extend_from_slice(data);
-        while buffer.data.len() >= CHUNK_SIZE {
-            let rest = buffer.data.split_off(CHUNK_SIZE);
-            let chunk = std::mem::replace(&mut buffer.data, rest);
-            let chunk_offset = buffer.offset;
-            buffer.offset += CHUNK_SIZE as u64;
-            self.send(transport, path, chunk_offset, chunk).await?;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let full;
+            (rest, full) = buffer.fill(rest);
+            if let Some((chunk_offset, chunk)) = full {
+                self.send(transport, path, chunk_offset, chunk).await?;
+            }
         }
         Ok(())
     }
@@ -682,11 +734,12 @@ impl<T: Transport> DfosFs<T> {
         Ok(data.len() as u32)
     }
 
-    /// Buffers a write that needs no chunk sent, on the caller's thread.
+    /// Takes a write on the caller's thread when that needs no waiting
+    /// (see `WriteStream::write_now`). Needs a tokio runtime context.
     pub fn write_now(&self, ino: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
         let path = self.path_of(ino).ok()?;
         self.before_write(ino, &path);
-        let done = self.stream_or_new(ino).write_now(offset, data)?;
+        let done = self.stream_or_new(ino).write_now(&self.transport, &path, offset, data)?;
         Some(done.map(|()| data.len() as u32))
     }
 

@@ -305,6 +305,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _runtime = self.runtime.enter();
         if let Some(done) = self.fs.write_now(ino.0, offset, data) {
             return match done {
                 Ok(n) => reply.written(n),
