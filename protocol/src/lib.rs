@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod error;
+mod file_data;
 pub mod limits;
 pub mod message;
 pub mod topics;

@@ -93,7 +93,7 @@ pub enum Request {
         offset: u64,
         /// Raw bytes on the wire (same encoding as a `u8` sequence, but
         /// copied in one piece instead of element by element).
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::file_data")]
         data: Vec<u8>,
     },
     SetAttr {
@@ -218,7 +218,7 @@ pub enum Payload {
         entries: Vec<DirEntry>,
         more: bool,
     },
-    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    Data(#[serde(with = "crate::file_data")] Vec<u8>),
     /// A write applied; `attr` is the file after it.
     Written {
         attr: FileAttr,

@@ -9,7 +9,7 @@
 
 use std::fs::{self, File, FileTimes, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -124,18 +124,12 @@ fn open_error(e: io::Error) -> StoreError {
 }
 
 /// Reads up to `len` bytes at `offset`, stopping early only at end of file.
-fn read_at_most(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(filled);
+/// The buffer is not zeroed first: the kernel's copy is the only one.
+fn read_at_most(mut file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::with_capacity(len);
+    file.seek(SeekFrom::Start(offset))?;
+    file.take(len as u64).read_to_end(&mut buf)?;
     Ok(buf)
 }
 
