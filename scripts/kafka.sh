@@ -118,6 +118,9 @@ delete.topic.enable=true
 message.max.bytes=1048588
 broker.heartbeat.interval.ms=500
 broker.session.timeout.ms=4000
+# Reply topics keep their data 10 s; checking often frees it soon after
+# (see REPLY_TOPIC_CONFIG in mountd/src/rpc.rs).
+log.retention.check.interval.ms=5000
 PROPS
 }
 

@@ -210,3 +210,41 @@ fn a_directory_of_2000_entries_lists_completely() {
     assert_eq!(long.trim(), "2000");
     assert_eq!(ok(&format!("find {} -type f | wc -l", m.p("many"))).trim(), "2000");
 }
+
+/// A read's bytes pass through the mount's reply topic; they must leave the
+/// broker's log soon after, instead of piling up on its disk for an hour.
+#[test]
+fn read_data_leaves_the_reply_topic_soon_after() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::time::{Duration, Instant};
+    let d = Deployment::start("reply-retention");
+    let m = d.mount(USER1);
+    let src = d.dir.path().join("src.bin");
+    // More than one 64 MiB segment of replies, so one can be deleted.
+    fs::write(&src, random_bytes(96 << 20, 3)).unwrap();
+    ok(&format!("cp '{}' {}", src.display(), m.p("big.bin")));
+    drop_caches();
+    ok(&format!("cmp '{}' {}", src.display(), m.p("big.bin")));
+    let consumer: BaseConsumer =
+        rdkafka::config::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let prefix = dfos_protocol::Topics::new(&d.namespace).reply("");
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    let reply_topic = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .find(|name| name.starts_with(&prefix))
+        .expect("the mount's reply topic exists");
+    let (_, end) = consumer.fetch_watermarks(&reply_topic, 0, Duration::from_secs(10)).unwrap();
+    assert!(end >= 96, "96 MiB came back as at least 96 replies, got {end}");
+    // Retention is 10 s and the broker checks every 5 s; allow far more.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (start, _) = consumer.fetch_watermarks(&reply_topic, 0, Duration::from_secs(10)).unwrap();
+        if start > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reply was deleted from {reply_topic} within 90 s");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
