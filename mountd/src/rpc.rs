@@ -91,7 +91,7 @@ type Waiter = oneshot::Sender<Result<Payload, RpcError>>;
 /// segments every `log.retention.check.interval.ms`: 5 s with
 /// `scripts/kafka.sh`, 5 min by Kafka's default.) Smaller segments cost
 /// more: the broker flushes each segment it rolls, and 8 MiB segments made
-/// a cold 1 GiB read 50% slower; 64 MiB costs about 5%. A mount whose reply
+/// a cold 1 GiB read 40% slower; 64 MiB costs no more than the noise. A mount whose reply
 /// listener fell 10 s behind loses those replies, and their requests end in
 /// a timeout, as with any lost reply.
 pub const REPLY_TOPIC_CONFIG: [(&str, &str); 3] =
