@@ -94,7 +94,7 @@ type Waiter = oneshot::Sender<Result<Payload, RpcError>>;
 /// a cold 1 GiB read 40% slower; 64 MiB costs no more than the noise. A mount whose reply
 /// listener fell 10 s behind loses those replies, and their requests end in
 /// a timeout, as with any lost reply.
-pub const REPLY_TOPIC_CONFIG: [(&str, &str); 3] =
+const REPLY_TOPIC_CONFIG: [(&str, &str); 3] =
     [("retention.ms", "10000"), ("segment.bytes", "67108864"), ("file.delete.delay.ms", "0")];
 
 pub struct KafkaRpc {
