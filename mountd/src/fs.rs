@@ -724,13 +724,13 @@ impl<T: Transport> DfosFs<T> {
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        if let Some(done) = self.write_now(ino, offset, data) {
-            return done;
-        }
         let path = self.path_of(ino)?;
         self.before_write(ino, &path);
         let stream = self.stream_or_new(ino);
-        stream.write(&self.transport, &path, offset, data).await?;
+        match stream.write_now(&self.transport, &path, offset, data) {
+            Some(done) => done?,
+            None => stream.write(&self.transport, &path, offset, data).await?,
+        }
         Ok(data.len() as u32)
     }
 
