@@ -132,6 +132,12 @@ answers_metadata() {
   java_run org.apache.kafka.tools.TopicCommand --bootstrap-server "$1" --list >/dev/null 2>&1
 }
 
+# Topics with replication factor N can only be created once N brokers are
+# registered and unfenced; the metadata answer alone comes with the first.
+unfenced_brokers() {
+  java_run org.apache.kafka.tools.BrokerApiVersionsCommand --bootstrap-server "$1" 2>/dev/null | grep -c 'isFenced: false'
+}
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 format_storage() {
@@ -154,7 +160,8 @@ launch() {
 
 wait_ready() {
   local deadline=$((SECONDS + 180))
-  until port_open "$(node_port 1)" && answers_metadata "$(bootstrap)"; do
+  until port_open "$(node_port 1)" && answers_metadata "$(bootstrap)" \
+    && [ "$(unfenced_brokers "$(bootstrap)")" -ge "$nodes" ]; do
     for i in $(seq 1 "$nodes"); do
       running "$i" || { tail -30 "$(node_dir "$i")/kafka.log" >&2; die "node $i exited during start-up"; }
     done

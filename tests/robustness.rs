@@ -5,6 +5,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::symlink;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -62,6 +63,23 @@ fn no_broker_is_a_clear_error_within_the_deadline() {
     assert!(!status.success());
     assert!(output.contains("cannot reach Kafka"), "{output}");
     assert!(!is_mounted(&path));
+}
+
+#[test]
+fn more_replicas_than_live_brokers_is_a_clear_error_within_the_deadline() {
+    let d = Deployment::start("too-few-brokers");
+    let namespace = format!("{}-rf3", d.namespace);
+    let output = Command::new(bin("storaged"))
+        .args(["--brokers", &d.brokers, "--namespace", &namespace, "--replication-factor", "3", "--timeout", "3"])
+        .arg("--credentials")
+        .arg(&d.credentials)
+        .arg("--storage")
+        .arg(d.dir.path().join("storage-rf3"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("replication factor 3 needs that many live brokers"), "{stderr}");
 }
 
 #[test]

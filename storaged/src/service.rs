@@ -86,16 +86,42 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
         .collect();
     let timeout = Duration::from_secs(config.timeout_secs);
     let options = AdminOptions::new().request_timeout(Some(timeout)).operation_timeout(Some(timeout));
-    let results = tokio::time::timeout(timeout + Duration::from_secs(1), admin.create_topics(&new_topics, &options))
-        .await
-        .map_err(|_| ServiceError::BrokerTimeout(config.brokers.clone(), timeout))??;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, Code::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(ServiceError::Topic { topic, reason: code.to_string() }),
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let results =
+            tokio::time::timeout(timeout + Duration::from_secs(1), admin.create_topics(&new_topics, &options))
+                .await
+                .map_err(|_| ServiceError::BrokerTimeout(config.brokers.clone(), timeout))??;
+        match first_topic_failure(results) {
+            None => return Ok(()),
+            // A cluster that is still starting registers its brokers one by
+            // one; admins start storaged beside the brokers, so wait for them.
+            Some((topic, Code::InvalidReplicationFactor)) if tokio::time::Instant::now() < deadline => {
+                log::warn!(
+                    "op=init node={} topic={topic} fewer than {} brokers are registered yet; retrying",
+                    config.node_id,
+                    config.replication_factor
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Some((topic, Code::InvalidReplicationFactor)) => {
+                let reason = format!(
+                    "replication factor {} needs that many live brokers, and fewer were registered within {timeout:?}",
+                    config.replication_factor
+                );
+                return Err(ServiceError::Topic { topic, reason });
+            }
+            Some((topic, code)) => return Err(ServiceError::Topic { topic, reason: code.to_string() }),
         }
     }
-    Ok(())
+}
+
+/// The first topic that could not be created; one that exists already is fine.
+fn first_topic_failure(results: Vec<rdkafka::admin::TopicResult>) -> Option<(String, Code)> {
+    results.into_iter().find_map(|result| match result {
+        Ok(_) | Err((_, Code::TopicAlreadyExists)) => None,
+        Err(failure) => Some(failure),
+    })
 }
 
 /// What one applied request sends: its reply, and the change event other
