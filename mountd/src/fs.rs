@@ -903,7 +903,7 @@ mod tests {
 
     impl Transport for Arc<LocalTransport> {
         fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
-            if matches!(request, Request::Read { .. }) {
+            if matches!(request, Request::Read { .. } | Request::ReadFromLog { .. }) {
                 self.reads.fetch_add(1, Ordering::SeqCst);
             }
             let result = self.store.apply("u", now(), &request).map_err(|e| RpcError::Remote(e.code()));

@@ -2,6 +2,8 @@
 //!
 //! Mounts one user's remote store as a local folder. The layers, bottom up:
 //! - [`rpc`]: request/reply over Kafka with a deadline on every request;
+//! - [`logread`]: file data fetched straight from the request log when a
+//!   storage node says where it is;
 //! - [`events`]: other mounts' changes, to invalidate caches;
 //! - [`metacache`]: names and attributes this mount knows;
 //! - [`inodes`]: inode numbers for a path-based protocol;
@@ -14,6 +16,7 @@ pub mod events;
 pub mod fs;
 pub mod fuse;
 pub mod inodes;
+pub mod logread;
 pub mod metacache;
 pub mod readahead;
 pub mod rpc;

@@ -43,7 +43,7 @@ pub struct ReadCache {
 }
 
 fn fetch<T: Transport>(transport: &T, path: &str, index: u64) -> FsResult<Block> {
-    let request = Request::Read { path: path.to_owned(), offset: index * CHUNK, len: CHUNK_SIZE as u32 };
+    let request = Request::ReadFromLog { path: path.to_owned(), offset: index * CHUNK, len: CHUNK_SIZE as u32 };
     let pending = transport.submit(request)?;
     Ok(async move {
         match pending.await {

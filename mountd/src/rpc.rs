@@ -26,6 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use crate::logread::LogReader;
 use dfos_protocol::{
     decode_reply, encode_envelope, Envelope, ErrorCode, Payload, Request, Timestamp, Topics, PROTOCOL_VERSION,
 };
@@ -108,6 +109,7 @@ pub struct KafkaRpc {
     next_id: AtomicU64,
     stop: Arc<AtomicBool>,
     listener: Mutex<Option<JoinHandle<()>>>,
+    log_reader: LogReader,
 }
 
 impl KafkaRpc {
@@ -141,7 +143,15 @@ impl KafkaRpc {
             ])
             .create()
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        let log_reader = LogReader::start(
+            manual_consumer(&settings, &[("auto.offset.reset", "error")])?,
+            topics.requests(),
+            user.to_owned(),
+            settings.deadline,
+        )
+        .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let rpc = Arc::new(KafkaRpc {
+            log_reader,
             requests_topic: topics.requests(),
             reply_topic,
             user: user.to_owned(),
@@ -166,18 +176,7 @@ impl KafkaRpc {
     /// Manual assignment from the beginning: no consumer-group join delay,
     /// and no reply is missed even if it lands before the consumer starts.
     fn reply_consumer(&self) -> Result<BaseConsumer, RpcError> {
-        let consumer: BaseConsumer = self
-            .settings
-            .client_config(&[
-                ("group.id", "dfos-mountd-unused"),
-                ("enable.auto.commit", "false"),
-                // A long poll: the broker answers as soon as a message arrives, so this
-                // only bounds idle fetches. 1 ms cost the idle broker ~20% of a core.
-                ("fetch.wait.max.ms", "100"),
-                ("fetch.error.backoff.ms", "20"),
-            ])
-            .create()
-            .map_err(|e| RpcError::Kafka(e.to_string()))?;
+        let consumer = manual_consumer(&self.settings, &[])?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.reply_topic, 0, Offset::Beginning)
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
@@ -205,6 +204,7 @@ impl KafkaRpc {
     /// Stops the listener, then deletes the reply topic. The order matters:
     /// deleting a topic under an assigned consumer crashes librdkafka.
     pub async fn shutdown(&self) {
+        self.log_reader.stop();
         self.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.listener.lock().unwrap().take() {
             let _ = handle.join();
@@ -219,6 +219,21 @@ impl KafkaRpc {
             }
         }
     }
+}
+
+/// A consumer for manual assignment, tuned for one mount's reads; `extra`
+/// adds to the shared tuning (the user's `-X` settings still come last).
+fn manual_consumer(settings: &KafkaSettings, extra: &[(&str, &str)]) -> Result<BaseConsumer, RpcError> {
+    let mut tuning = vec![
+        ("group.id", "dfos-mountd-unused"),
+        ("enable.auto.commit", "false"),
+        // A long poll: the broker answers as soon as a message arrives, so this
+        // only bounds idle fetches. 1 ms cost the idle broker ~20% of a core.
+        ("fetch.wait.max.ms", "100"),
+        ("fetch.error.backoff.ms", "20"),
+    ];
+    tuning.extend_from_slice(extra);
+    settings.client_config(&tuning).create().map_err(|e| RpcError::Kafka(e.to_string()))
 }
 
 fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<AtomicBool>) {
@@ -248,7 +263,39 @@ fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<
 }
 
 impl Transport for Arc<KafkaRpc> {
+    /// A [`Request::ReadFromLog`] answered with a location resolves to the
+    /// bytes fetched from the log; if that fetch fails, to the bytes of a
+    /// plain read sent then.
     fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
+        let Request::ReadFromLog { path, offset, len } = &request else {
+            return self.send(request);
+        };
+        let plain_read = Request::Read { path: path.clone(), offset: *offset, len: *len };
+        let reply = self.send(request)?;
+        let rpc = self.clone();
+        Ok(Box::pin(async move {
+            let location = match reply.await? {
+                Payload::InLog(location) => location,
+                other => return Ok(other),
+            };
+            match rpc.log_reader.fetch(location).await {
+                Ok(data) => Ok(Payload::Data(data)),
+                Err(e) => {
+                    log::info!(
+                        "op=read-from-log user={} path={:?} error={e}; reading it plainly",
+                        rpc.user,
+                        plain_read.path()
+                    );
+                    rpc.send(plain_read)?.await
+                }
+            }
+        }))
+    }
+}
+
+impl KafkaRpc {
+    /// Enqueues one envelope and returns the future of its reply.
+    fn send(self: &Arc<Self>, request: Request) -> Result<PendingReply, RpcError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (op, path) = (request.name(), request.path().to_owned());
         let envelope = Envelope {

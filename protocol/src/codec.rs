@@ -109,6 +109,20 @@ mod tests {
         assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 1, 2]);
     }
 
+    /// The read-from-log pair was appended after the first release: request
+    /// variant 14, payload variant 7, so older peers keep decoding the rest.
+    #[test]
+    fn golden_bytes_of_a_read_from_log_and_its_location() {
+        let mut envelope = sample_envelope();
+        envelope.request = Request::ReadFromLog { path: "f".into(), offset: 2, len: 3 };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(bytes[bytes.len() - 5..], [14, 1, b'f', 2, 3]);
+        let location = LogLocation { partition: 1, offset: 2, request_id: 3, file_offset: 4, skip: 5, len: 6 };
+        let reply = Reply { request_id: 1, node: "n".into(), result: Ok(Payload::InLog(location)) };
+        // partition and offset are zigzag varints.
+        assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 7, 2, 4, 3, 4, 5, 6]);
+    }
+
     #[test]
     fn hostile_length_prefix_is_refused_without_allocating() {
         // A string length claiming ~2^60 bytes.

@@ -107,6 +107,15 @@ pub enum Request {
     Fsync {
         path: String,
     },
+    /// Like [`Request::Read`], but the node may answer with
+    /// [`Payload::InLog`]: where in the request log the write that holds
+    /// these very bytes is, so the mount fetches them from Kafka directly
+    /// instead of having them produced into the log a second time.
+    ReadFromLog {
+        path: String,
+        offset: u64,
+        len: u32,
+    },
 }
 
 impl Request {
@@ -127,6 +136,7 @@ impl Request {
             Request::SetAttr { .. } => "setattr",
             Request::StatFs => "statfs",
             Request::Fsync { .. } => "fsync",
+            Request::ReadFromLog { .. } => "read-from-log",
         }
     }
 
@@ -160,6 +170,7 @@ impl Request {
             | Request::Unlink { path }
             | Request::Rmdir { path }
             | Request::Read { path, .. }
+            | Request::ReadFromLog { path, .. }
             | Request::Write { path, .. }
             | Request::SetAttr { path, .. }
             | Request::Fsync { path } => path,
@@ -225,6 +236,22 @@ pub enum Payload {
     },
     StatFs(FsStats),
     Done,
+    /// The answer to [`Request::ReadFromLog`] when the bytes are in the log.
+    InLog(LogLocation),
+}
+
+/// Where file bytes already are in the request log: the data of the
+/// `Write` at `partition`/`offset` of `dfos.requests`, from `skip` on,
+/// `len` bytes. `request_id` and `file_offset` identify that write, so the
+/// reader can check it found the message the node meant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLocation {
+    pub partition: i32,
+    pub offset: i64,
+    pub request_id: u64,
+    pub file_offset: u64,
+    pub skip: u32,
+    pub len: u32,
 }
 
 /// What travels on `dfos.reply.<mount-id>`.
@@ -283,6 +310,7 @@ impl Request {
             | Request::GetAttr { .. }
             | Request::ReadDir { .. }
             | Request::Read { .. }
+            | Request::ReadFromLog { .. }
             | Request::StatFs
             | Request::Fsync { .. } => None,
         }
@@ -311,6 +339,7 @@ mod tests {
             Request::SetAttr { path: p(), size: None, mode: None, atime: None, mtime: None },
             Request::StatFs,
             Request::Fsync { path: p() },
+            Request::ReadFromLog { path: p(), offset: 0, len: 1 },
         ];
         for request in all {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

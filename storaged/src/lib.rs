@@ -8,11 +8,14 @@
 //!   [`direct`] writing whole chunks past the page cache;
 //! - [`credentials`] and [`session`]: passwords and session tokens;
 //! - [`checkpoint`]: the applied offset per partition, kept with the data;
+//! - [`log_index`]: which file bytes are still exactly a logged write, so
+//!   reads can point at the log instead of carrying them;
 //! - [`service`]: the Kafka loop around them, one full replica per node.
 
 pub mod checkpoint;
 pub mod credentials;
 pub mod direct;
+pub mod log_index;
 pub mod paths;
 pub mod service;
 pub mod session;

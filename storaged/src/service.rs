@@ -30,12 +30,13 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
-    decode_envelope, encode_event, encode_reply, Envelope, ErrorCode, Event, Payload, Reply, Request, Topics,
+    decode_envelope, encode_event, encode_reply, Change, Envelope, ErrorCode, Event, Payload, Reply, Request, Topics,
     PROTOCOL_VERSION,
 };
 
 use crate::checkpoint::{read_applied, Checkpoint};
 use crate::credentials::Credentials;
+use crate::log_index::{FileStamp, LogIndex, LogPosition};
 use crate::session;
 use crate::store::Store;
 use crate::Config;
@@ -143,6 +144,7 @@ pub struct Service {
     store: Store,
     credentials: Credentials,
     checkpoint: Checkpoint,
+    log_index: LogIndex,
     /// Per partition: the next mutation may already have been applied by a
     /// run that crashed before writing its offset.
     in_doubt: Vec<bool>,
@@ -152,7 +154,8 @@ impl Service {
     pub fn new(config: Config, store: Store, credentials: Credentials, partitions: usize) -> std::io::Result<Self> {
         let topics = Topics::new(&config.namespace);
         let checkpoint = Checkpoint::open(store.root(), &topics.requests(), partitions)?;
-        Ok(Service { config, topics, store, credentials, checkpoint, in_doubt: vec![true; partitions] })
+        let log_index = LogIndex::new(config.request_retention_ms);
+        Ok(Service { config, topics, store, credentials, checkpoint, log_index, in_doubt: vec![true; partitions] })
     }
 
     fn consumer(&self) -> Result<BaseConsumer, ServiceError> {
@@ -331,7 +334,8 @@ impl Service {
         if stale && !envelope.request.mutates() {
             return None;
         }
-        let mut result = self.execute(&envelope);
+        let position = LogPosition { partition, offset, request_id: envelope.request_id };
+        let mut result = self.execute(&envelope, position);
         if envelope.request.mutates() {
             let in_doubt = std::mem::replace(&mut self.in_doubt[partition as usize], false);
             if in_doubt {
@@ -386,7 +390,7 @@ impl Service {
         }
     }
 
-    fn execute(&self, envelope: &Envelope) -> Result<Payload, ErrorCode> {
+    fn execute(&mut self, envelope: &Envelope, position: LogPosition) -> Result<Payload, ErrorCode> {
         if envelope.version != PROTOCOL_VERSION {
             return Err(ErrorCode::UnsupportedVersion);
         }
@@ -403,7 +407,22 @@ impl Service {
         if !session::verify(&envelope.token, &envelope.user, &hash, envelope.client_time) {
             return Err(ErrorCode::AccessDenied);
         }
-        self.store.apply(&envelope.user, envelope.client_time, &envelope.request).map_err(|e| {
+        let user = envelope.user.as_str();
+        if let Request::ReadFromLog { path, offset, len } = &envelope.request {
+            let now = self.store.stamp(user, path);
+            if let Some(location) = self.log_index.locate(user, path, now, *offset, *len) {
+                return Ok(Payload::InLog(location));
+            }
+        }
+        let before = match &envelope.request {
+            Request::Write { path, .. } | Request::SetAttr { path, .. } => self.store.stamp(user, path),
+            _ => None,
+        };
+        let result = self.store.apply(user, envelope.client_time, &envelope.request);
+        if result.is_ok() {
+            self.track_in_log_index(envelope, before, position);
+        }
+        result.map_err(|e| {
             log::debug!(
                 "op={} user={} path={:?} req={} detail={e}",
                 envelope.request.name(),
@@ -413,6 +432,33 @@ impl Service {
             );
             e.code()
         })
+    }
+
+    /// Tells the log index what an applied request did to file contents:
+    /// writes and setattrs in detail, every other mutation by its change.
+    fn track_in_log_index(&mut self, envelope: &Envelope, before: Option<FileStamp>, position: LogPosition) {
+        let user = envelope.user.as_str();
+        let index = &mut self.log_index;
+        match &envelope.request {
+            Request::Write { path, offset, data } => {
+                let after = self.store.stamp(user, path);
+                index.record_write(user, path, before, after, *offset..*offset + data.len() as u64, position);
+            }
+            Request::SetAttr { path, size, .. } => {
+                let after = self.store.stamp(user, path);
+                index.record_setattr(user, path, before, after, *size);
+            }
+            // Namespace changes: whatever is at those names now is not
+            // what was indexed there.
+            request => match request.change() {
+                Some(Change::Created { path } | Change::Removed { path }) => index.forget_tree(user, &path),
+                Some(Change::Renamed { from, to }) => {
+                    index.forget_tree(user, &from);
+                    index.forget_tree(user, &to);
+                }
+                Some(Change::Modified { .. }) | None => {}
+            },
+        }
     }
 }
 

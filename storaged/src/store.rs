@@ -19,6 +19,7 @@ use dfos_protocol::{
 };
 
 use crate::direct;
+use crate::log_index::FileStamp;
 use crate::paths::{self, PathError};
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +154,12 @@ impl Store {
         Ok(dir)
     }
 
+    /// What identifies the regular file at `rel` now (None: not one).
+    pub fn stamp(&self, user: &str, rel: &str) -> Option<FileStamp> {
+        let path = paths::resolve(&self.root.join(user), rel).ok()?;
+        FileStamp::of(&fs::symlink_metadata(path).ok()?)
+    }
+
     /// Applies `request` for `user`. `now` is the envelope's time.
     /// Login is not a store operation and is refused here.
     pub fn apply(&self, user: &str, now: Timestamp, request: &Request) -> StoreResult<Payload> {
@@ -195,7 +202,9 @@ impl Store {
                 rename(&at(from)?, &at(to)?, *mode)?;
                 Ok(Payload::Done)
             }
-            Request::Read { path, offset, len } => {
+            // Locating data in the log is the service's business (it knows
+            // the log); the store answers with the bytes.
+            Request::Read { path, offset, len } | Request::ReadFromLog { path, offset, len } => {
                 let file = open_nofollow(&at(path)?, false)?;
                 let len = (*len as usize).min(CHUNK_SIZE);
                 Ok(Payload::Data(read_at_most(&file, *offset, len)?))

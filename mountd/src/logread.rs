@@ -1,0 +1,272 @@
+//! File data fetched straight from the request log.
+//!
+//! A storage node may answer a read with a [`LogLocation`]: the bytes are
+//! the data of a `Write` still in `dfos.requests`. Fetching that message
+//! moves the data through the broker once, the way any Kafka consumer reads,
+//! instead of having the node produce it into a reply topic first.
+//!
+//! One thread owns one consumer. It serves the wanted messages in offset
+//! order and streams forward through short gaps, so a file written in one go
+//! is read back as one sequential fetch; it seeks only for a wanted message
+//! behind it or far ahead.
+//!
+//! Guarantees:
+//! - bytes are handed out only from a `Write` of this mount's user whose
+//!   request id and file offset match the location;
+//! - every fetch ends by its deadline; any failure (the message is gone by
+//!   retention, Kafka refuses access, a mismatch) is an error the caller
+//!   answers by asking for the bytes themselves;
+//! - memory is bounded by the consumer's queue (`queued.max.messages.kbytes`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use dfos_protocol::{decode_envelope, LogLocation, Request};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogReadError {
+    #[error("not fetched within the deadline")]
+    Timeout,
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error("the message at the location is not the write it should be: {0}")]
+    Mismatch(&'static str),
+    #[error("the log reader has stopped")]
+    Stopped,
+}
+
+/// A wanted message further ahead than this many offsets is sought, not
+/// streamed to: streaming reads every message in between.
+const MAX_GAP: i64 = 64;
+/// An idle consumer lets go of its partition, so it stops fetching.
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
+
+type Answer = oneshot::Sender<Result<Vec<u8>, LogReadError>>;
+
+struct Want {
+    location: LogLocation,
+    deadline: Instant,
+    answer: Answer,
+}
+
+pub struct LogReader {
+    wants: Mutex<Sender<Want>>,
+    deadline: Duration,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LogReader {
+    /// `consumer` must be unassigned; it reads `topic` for `user`.
+    pub fn start(consumer: BaseConsumer, topic: String, user: String, deadline: Duration) -> std::io::Result<Self> {
+        let (sender, receiver) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut fetcher = Fetcher { consumer, topic, user, receiver, wants: BTreeMap::new(), next: None };
+        let thread_stop = stop.clone();
+        let thread =
+            std::thread::Builder::new().name("dfos-log-reader".into()).spawn(move || fetcher.run(&thread_stop))?;
+        Ok(LogReader { wants: Mutex::new(sender), deadline, stop, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// The `location.len` bytes the location describes.
+    pub async fn fetch(&self, location: LogLocation) -> Result<Vec<u8>, LogReadError> {
+        let (answer, answered) = oneshot::channel();
+        let want = Want { location, deadline: Instant::now() + self.deadline, answer };
+        self.wants.lock().unwrap().send(want).map_err(|_| LogReadError::Stopped)?;
+        answered.await.map_err(|_| LogReadError::Stopped)?
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.lock().unwrap().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Fetcher {
+    consumer: BaseConsumer,
+    topic: String,
+    user: String,
+    receiver: Receiver<Want>,
+    wants: BTreeMap<(i32, i64), Vec<Want>>,
+    /// Partition assigned and the offset the consumer delivers next.
+    next: Option<(i32, i64)>,
+}
+
+impl Fetcher {
+    fn run(&mut self, stop: &AtomicBool) {
+        let mut idle_since = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if self.wants.is_empty() {
+                match self.receiver.recv_timeout(Duration::from_millis(100)) {
+                    Ok(want) => self.add(want),
+                    Err(RecvTimeoutError::Timeout) => {
+                        if self.next.is_some() && idle_since.elapsed() > IDLE_RELEASE {
+                            let _ = self.consumer.unassign();
+                            self.next = None;
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            while let Ok(want) = self.receiver.try_recv() {
+                self.add(want);
+            }
+            self.expire();
+            if let Err(e) = self.position_for_first_want() {
+                self.fail_all(&e);
+                continue;
+            }
+            self.poll_once();
+            idle_since = Instant::now();
+        }
+        self.fail_all(&LogReadError::Stopped);
+    }
+
+    fn add(&mut self, want: Want) {
+        let key = (want.location.partition, want.location.offset);
+        self.wants.entry(key).or_default().push(want);
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        for wants in self.wants.values_mut() {
+            let (expired, waiting): (Vec<Want>, Vec<Want>) =
+                std::mem::take(wants).into_iter().partition(|want| want.deadline <= now);
+            *wants = waiting;
+            for want in expired {
+                let _ = want.answer.send(Err(LogReadError::Timeout));
+            }
+        }
+        self.wants.retain(|_, wants| !wants.is_empty());
+    }
+
+    fn fail_all(&mut self, error: &LogReadError) {
+        for (_, wants) in std::mem::take(&mut self.wants) {
+            for want in wants {
+                let _ = want.answer.send(Err(error.clone()));
+            }
+        }
+    }
+
+    /// Streams on if the first wanted message lies a little ahead of the
+    /// consumer; seeks otherwise.
+    fn position_for_first_want(&mut self) -> Result<(), LogReadError> {
+        let Some(&(partition, offset)) = self.wants.keys().next() else { return Ok(()) };
+        let streaming =
+            matches!(self.next, Some((p, next)) if p == partition && next <= offset && offset - next <= MAX_GAP);
+        if streaming {
+            return Ok(());
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
+            .and_then(|()| self.consumer.assign(&assignment))
+            .map_err(|e| LogReadError::Kafka(e.to_string()))?;
+        self.next = Some((partition, offset));
+        Ok(())
+    }
+
+    fn poll_once(&mut self) {
+        let message = match self.consumer.poll(Duration::from_millis(50)) {
+            None => return,
+            Some(Ok(message)) => message,
+            Some(Err(e)) => {
+                // Out of range (deleted by retention), not authorized, ...:
+                // the callers ask for the bytes themselves.
+                log::debug!("op=log-read user={} error={e}", self.user);
+                self.next = None;
+                self.fail_all(&LogReadError::Kafka(e.to_string()));
+                return;
+            }
+        };
+        let key = (message.partition(), message.offset());
+        self.next = Some((key.0, key.1 + 1));
+        // Offsets the log does not hold (a gap) were passed without a message.
+        let passed: Vec<(i32, i64)> = self.wants.range((key.0, i64::MIN)..key).map(|(&passed, _)| passed).collect();
+        for passed in passed {
+            for want in self.wants.remove(&passed).unwrap_or_default() {
+                let _ = want.answer.send(Err(LogReadError::Mismatch("no message at that offset")));
+            }
+        }
+        let Some(wants) = self.wants.remove(&key) else { return };
+        let payload = message.payload().unwrap_or_default();
+        for want in wants {
+            let answer = extract(payload, &want.location, &self.user);
+            let _ = want.answer.send(answer);
+        }
+    }
+}
+
+/// The located bytes out of a logged request, after checking it is the
+/// write the location names.
+fn extract(payload: &[u8], location: &LogLocation, user: &str) -> Result<Vec<u8>, LogReadError> {
+    let envelope = decode_envelope(payload).map_err(|_| LogReadError::Mismatch("undecodable"))?;
+    if envelope.user != user {
+        return Err(LogReadError::Mismatch("another user's request"));
+    }
+    if envelope.request_id != location.request_id {
+        return Err(LogReadError::Mismatch("another request id"));
+    }
+    let Request::Write { offset, mut data, .. } = envelope.request else {
+        return Err(LogReadError::Mismatch("not a write"));
+    };
+    if offset != location.file_offset {
+        return Err(LogReadError::Mismatch("another file offset"));
+    }
+    let (skip, len) = (location.skip as usize, location.len as usize);
+    if skip + len > data.len() {
+        return Err(LogReadError::Mismatch("shorter than the location"));
+    }
+    if skip > 0 {
+        data.drain(..skip);
+    }
+    data.truncate(len);
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfos_protocol::{encode_envelope, Envelope, Timestamp, PROTOCOL_VERSION};
+
+    fn logged_write(user: &str, request_id: u64, offset: u64, data: Vec<u8>) -> Vec<u8> {
+        encode_envelope(&Envelope {
+            version: PROTOCOL_VERSION,
+            request_id,
+            reply_to: "r".into(),
+            user: user.into(),
+            token: "t".into(),
+            client_time: Timestamp::default(),
+            request: Request::Write { path: "f".into(), offset, data },
+        })
+        .unwrap()
+    }
+
+    fn location(skip: u32, len: u32) -> LogLocation {
+        LogLocation { partition: 0, offset: 5, request_id: 7, file_offset: 100, skip, len }
+    }
+
+    #[test]
+    fn the_located_bytes_come_out_of_the_right_write_only() {
+        let payload = logged_write("u", 7, 100, (0..10).collect());
+        assert_eq!(extract(&payload, &location(0, 10), "u").unwrap(), (0..10).collect::<Vec<u8>>());
+        assert_eq!(extract(&payload, &location(3, 4), "u").unwrap(), vec![3, 4, 5, 6]);
+        assert!(extract(&payload, &location(8, 4), "u").is_err(), "past the data");
+        assert!(extract(&payload, &location(0, 4), "v").is_err(), "another user");
+        assert!(extract(&logged_write("u", 8, 100, vec![0; 10]), &location(0, 4), "u").is_err(), "another id");
+        assert!(extract(&logged_write("u", 7, 0, vec![0; 10]), &location(0, 4), "u").is_err(), "another offset");
+        assert!(extract(b"garbage", &location(0, 4), "u").is_err());
+    }
+}
