@@ -18,7 +18,7 @@
 //!   answers by asking for the bytes themselves;
 //! - memory is bounded by the consumer's queue (`queued.max.messages.kbytes`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -47,8 +47,13 @@ pub enum LogReadError {
 /// A wanted message further ahead than this many offsets is sought, not
 /// streamed to: streaming reads every message in between.
 const MAX_GAP: i64 = 64;
+/// Messages passed unwanted that are kept for a moment: the answers to a
+/// window of read-aheads arrive slightly out of order, and a want that
+/// comes just after its message went by would otherwise cost a seek back
+/// (which also drops everything prefetched). At most ~8 MiB.
+const RECENTLY_PASSED: usize = 8;
 /// An idle consumer lets go of its partition, so it stops fetching.
-const IDLE_RELEASE: Duration = Duration::from_secs(2);
+const IDLE_RELEASE: Duration = Duration::from_millis(500);
 
 type Answer = oneshot::Sender<Result<Vec<u8>, LogReadError>>;
 
@@ -70,7 +75,15 @@ impl LogReader {
     pub fn start(consumer: BaseConsumer, topic: String, user: String, deadline: Duration) -> std::io::Result<Self> {
         let (sender, receiver) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let mut fetcher = Fetcher { consumer, topic, user, receiver, wants: BTreeMap::new(), next: None };
+        let mut fetcher = Fetcher {
+            consumer,
+            topic,
+            user,
+            receiver,
+            wants: BTreeMap::new(),
+            recently_passed: VecDeque::new(),
+            next: None,
+        };
         let thread_stop = stop.clone();
         let thread =
             std::thread::Builder::new().name("dfos-log-reader".into()).spawn(move || fetcher.run(&thread_stop))?;
@@ -99,12 +112,18 @@ struct Fetcher {
     user: String,
     receiver: Receiver<Want>,
     wants: BTreeMap<(i32, i64), Vec<Want>>,
+    recently_passed: VecDeque<((i32, i64), Vec<u8>)>,
     /// Partition assigned and the offset the consumer delivers next.
     next: Option<(i32, i64)>,
 }
 
 impl Fetcher {
     fn run(&mut self, stop: &AtomicBool) {
+        // A consumer's first fetch waits for metadata and connections; do
+        // that now, not during the mount's first read.
+        if let Err(e) = self.consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10)) {
+            log::debug!("op=log-read user={} metadata error={e}", self.user);
+        }
         let mut idle_since = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             if self.wants.is_empty() {
@@ -136,6 +155,10 @@ impl Fetcher {
 
     fn add(&mut self, want: Want) {
         let key = (want.location.partition, want.location.offset);
+        if let Some((_, payload)) = self.recently_passed.iter().find(|(passed, _)| *passed == key) {
+            let _ = want.answer.send(extract(payload, &want.location, &self.user));
+            return;
+        }
         self.wants.entry(key).or_default().push(want);
     }
 
@@ -169,6 +192,7 @@ impl Fetcher {
         if streaming {
             return Ok(());
         }
+        log::debug!("op=log-read user={} seek partition={partition} offset={offset} from={:?}", self.user, self.next);
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
@@ -200,8 +224,14 @@ impl Fetcher {
                 let _ = want.answer.send(Err(LogReadError::Mismatch("no message at that offset")));
             }
         }
-        let Some(wants) = self.wants.remove(&key) else { return };
         let payload = message.payload().unwrap_or_default();
+        let Some(wants) = self.wants.remove(&key) else {
+            if self.recently_passed.len() == RECENTLY_PASSED {
+                self.recently_passed.pop_front();
+            }
+            self.recently_passed.push_back((key, payload.to_vec()));
+            return;
+        };
         for want in wants {
             let answer = extract(payload, &want.location, &self.user);
             let _ = want.answer.send(answer);

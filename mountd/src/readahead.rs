@@ -42,8 +42,13 @@ pub struct ReadCache {
     inodes: Mutex<HashMap<u64, InodeBlocks>>,
 }
 
-fn fetch<T: Transport>(transport: &T, path: &str, index: u64) -> FsResult<Block> {
-    let request = Request::ReadFromLog { path: path.to_owned(), offset: index * CHUNK, len: CHUNK_SIZE as u32 };
+/// A sequential reader's blocks may come straight from the request log
+/// (see `logread`): that streams, but a lone read would pay a seek of the
+/// log consumer, which costs more than having the bytes in the reply.
+fn fetch<T: Transport>(transport: &T, path: &str, index: u64, sequential: bool) -> FsResult<Block> {
+    let (path, offset, len) = (path.to_owned(), index * CHUNK, CHUNK_SIZE as u32);
+    let request =
+        if sequential { Request::ReadFromLog { path, offset, len } } else { Request::Read { path, offset, len } };
     let pending = transport.submit(request)?;
     Ok(async move {
         match pending.await {
@@ -91,7 +96,7 @@ impl ReadCache {
                 let block = match state.blocks.get(&index) {
                     Some(block) => block.clone(),
                     None => {
-                        let block = fetch(transport, path, index)?;
+                        let block = fetch(transport, path, index, sequential)?;
                         state.blocks.insert(index, block.clone());
                         block
                     }
@@ -101,7 +106,7 @@ impl ReadCache {
             let mut ahead = Vec::new();
             for index in last + 1..=last + state.window {
                 if let std::collections::btree_map::Entry::Vacant(slot) = state.blocks.entry(index) {
-                    let block = fetch(transport, path, index)?;
+                    let block = fetch(transport, path, index, true)?;
                     slot.insert(block.clone());
                     ahead.push(block);
                 }

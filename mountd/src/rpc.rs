@@ -144,7 +144,11 @@ impl KafkaRpc {
             .create()
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let log_reader = LogReader::start(
-            manual_consumer(&settings, &[("auto.offset.reset", "error")])?,
+            manual_consumer(
+                &settings,
+                // Prefetch about one read-ahead window (16 chunks), not 64 MiB.
+                &[("auto.offset.reset", "error"), ("queued.max.messages.kbytes", "16384")],
+            )?,
             topics.requests(),
             user.to_owned(),
             settings.deadline,

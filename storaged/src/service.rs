@@ -411,6 +411,12 @@ impl Service {
         if let Request::ReadFromLog { path, offset, len } = &envelope.request {
             let now = self.store.stamp(user, path);
             if let Some(location) = self.log_index.locate(user, path, now, *offset, *len) {
+                log::debug!(
+                    "op=read-from-log user={user} path={path:?} req={} located partition={} offset={}",
+                    envelope.request_id,
+                    location.partition,
+                    location.offset
+                );
                 return Ok(Payload::InLog(location));
             }
         }
