@@ -477,8 +477,10 @@ impl<T: Transport> DfosFs<T> {
             return None;
         }
         let path = self.path_of(ino).ok()?;
-        let current = self.meta.lock().unwrap().attr(&path)?;
-        let content = self.small.get(&path, &current)?;
+        let current = self.meta.lock().unwrap().attr(&path);
+        let Some(content) = current.and_then(|current| self.small.get(&path, &current)) else {
+            return self.reads.read_ready(&self.transport, ino, &path, offset, size);
+        };
         let start = (offset as usize).min(content.len());
         let end = (offset as usize + size as usize).min(content.len());
         Some(Ok(content[start..end].to_vec()))
@@ -963,6 +965,31 @@ mod tests {
             fs.flush(f.ino).await.unwrap();
             assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"new");
             assert_eq!(reads(), 1);
+        });
+    }
+
+    #[test]
+    fn reads_within_blocks_that_arrived_are_answered_without_waiting() {
+        rt().block_on(async {
+            let (_dir, fs) = core();
+            let reads = || fs.transport.reads.load(Ordering::SeqCst);
+            let (f, _) = fs.create(1, OsStr::new("big"), 0o644, true).await.unwrap();
+            let data: Vec<u8> = (0..3 * CHUNK_SIZE).map(|i| (i * 13 % 251) as u8).collect();
+            fs.write(f.ino, 0, &data).await.unwrap();
+            fs.flush(f.ino).await.unwrap();
+            fs.open(f.ino).unwrap();
+            assert!(fs.read_now(f.ino, 0, 4096).is_none(), "nothing has arrived yet");
+            assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), &data[..4096]);
+            let fetched = reads();
+            let within = fs.read_now(f.ino, 4096, 4096).expect("block 0 has arrived").unwrap();
+            assert_eq!(within, &data[4096..8192]);
+            assert_eq!(reads(), fetched + 1, "block 0 is not asked again; block 1 is read ahead");
+            // Sequential now: the next block is read ahead, and once it has
+            // arrived a read across both blocks is answered at once.
+            let across = CHUNK_SIZE as u64 - 10;
+            fs.read(f.ino, CHUNK_SIZE as u64, 10).await.unwrap();
+            let both = fs.read_now(f.ino, across, 20).expect("blocks 0 and 1 have arrived").unwrap();
+            assert_eq!(both, &data[across as usize..across as usize + 20]);
         });
     }
 

@@ -287,6 +287,9 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
         };
+        // Blocks that have arrived are answered here; the read-ahead they
+        // start needs the runtime.
+        let _runtime = self.runtime.enter();
         if let Some(done) = self.fs.read_now(ino.0, offset, size) {
             return answer(done);
         }

@@ -40,6 +40,8 @@ pub enum LogReadError {
     Kafka(String),
     #[error("the message at the location is not the write it should be: {0}")]
     Mismatch(&'static str),
+    #[error("the consumer has just passed that message")]
+    Passed,
     #[error("the log reader has stopped")]
     Stopped,
 }
@@ -147,7 +149,9 @@ impl Fetcher {
                 self.fail_all(&e);
                 continue;
             }
-            self.poll_once();
+            if !self.wants.is_empty() {
+                self.poll_once();
+            }
             idle_since = Instant::now();
         }
         self.fail_all(&LogReadError::Stopped);
@@ -184,13 +188,22 @@ impl Fetcher {
     }
 
     /// Streams on if the first wanted message lies a little ahead of the
-    /// consumer; seeks otherwise.
+    /// consumer. One just behind it (asked for again, or answered late) is
+    /// refused, so the caller reads it plainly: seeking back would drop
+    /// the prefetched stream and cost more than one chunk in a reply. Only
+    /// a wanted message far from the consumer is sought.
     fn position_for_first_want(&mut self) -> Result<(), LogReadError> {
         let Some(&(partition, offset)) = self.wants.keys().next() else { return Ok(()) };
-        let streaming =
-            matches!(self.next, Some((p, next)) if p == partition && next <= offset && offset - next <= MAX_GAP);
-        if streaming {
-            return Ok(());
+        if let Some((p, next)) = self.next {
+            if p == partition && next <= offset && offset - next <= MAX_GAP {
+                return Ok(());
+            }
+            if p == partition && offset < next && next - offset <= MAX_GAP {
+                for want in self.wants.remove(&(partition, offset)).unwrap_or_default() {
+                    let _ = want.answer.send(Err(LogReadError::Passed));
+                }
+                return Ok(());
+            }
         }
         log::debug!("op=log-read user={} seek partition={partition} offset={offset} from={:?}", self.user, self.next);
         let mut assignment = TopicPartitionList::new();

@@ -75,70 +75,114 @@ impl ReadCache {
         offset: u64,
         size: u32,
     ) -> FsResult<Vec<u8>> {
-        if size == 0 {
+        let Some(needed) = self.plan(transport, ino, path, offset, size, false)? else {
             return Ok(Vec::new());
-        }
-        let first = offset / CHUNK;
-        let last = (offset + size as u64 - 1) / CHUNK;
-        let (needed, ahead) = {
-            let mut inodes = self.inodes.lock().unwrap();
-            let state = inodes.entry(ino).or_default();
-            // The kernel's own read-ahead sends reads slightly out of order.
-            // A first read at offset 0 is not yet a run: most files are
-            // small, and fetching past their end would cost a round trip.
-            let sequential = offset > 0 && offset.abs_diff(state.next_offset) <= 2 * CHUNK;
-            state.window = if sequential { (state.window * 2).clamp(1, MAX_WINDOW_BLOCKS) } else { 0 };
-            let end = offset + size as u64;
-            state.next_offset = if sequential { state.next_offset.max(end) } else { end };
-            state.blocks.retain(|&index, _| index + 1 >= first && index <= last + MAX_WINDOW_BLOCKS);
-            let mut needed = Vec::new();
-            for index in first..=last {
-                let block = match state.blocks.get(&index) {
-                    Some(block) => block.clone(),
-                    None => {
-                        let block = fetch(transport, path, index, sequential)?;
-                        state.blocks.insert(index, block.clone());
-                        block
-                    }
-                };
-                needed.push((index, block));
-            }
-            let mut ahead = Vec::new();
-            for index in last + 1..=last + state.window {
-                if let std::collections::btree_map::Entry::Vacant(slot) = state.blocks.entry(index) {
-                    let block = fetch(transport, path, index, true)?;
-                    slot.insert(block.clone());
-                    ahead.push(block);
-                }
-            }
-            (needed, ahead)
         };
-        for block in ahead {
-            // Drive the fetch now; its result waits in the cache.
-            tokio::spawn(async move {
-                let _ = block.await;
-            });
-        }
-        let mut out = Vec::with_capacity(size as usize);
-        let end = offset + size as u64;
+        let mut blocks = Vec::with_capacity(needed.len());
         for (index, block) in needed {
-            let data = match block.await {
-                Ok(data) => data,
+            match block.await {
+                Ok(data) => blocks.push((index, data)),
                 Err(e) => {
                     self.forget(ino);
                     return Err(e);
                 }
-            };
-            let block_start = index * CHUNK;
-            let from = (offset.max(block_start) - block_start) as usize;
-            let to = ((end - block_start) as usize).min(data.len());
-            if from < to {
-                out.extend_from_slice(&data[from..to]);
-            }
-            if data.len() < CHUNK_SIZE {
-                break; // end of file
             }
         }
-        Ok(out)
+        Ok(assemble(&blocks, offset, size))
     }
+
+    /// The read, if every block it needs has arrived already: then it costs
+    /// no waiting and the FUSE thread can answer it itself. `None` leaves
+    /// the cache as it was. Needs a tokio runtime context (read-ahead).
+    pub fn read_ready<T: Transport>(
+        &self,
+        transport: &T,
+        ino: u64,
+        path: &str,
+        offset: u64,
+        size: u32,
+    ) -> Option<FsResult<Vec<u8>>> {
+        let needed = match self.plan(transport, ino, path, offset, size, true) {
+            Ok(needed) => needed?,
+            Err(e) => return Some(Err(e)),
+        };
+        let blocks: Option<Vec<(u64, Arc<Vec<u8>>)>> =
+            needed.into_iter().map(|(index, block)| Some((index, block.peek()?.clone().ok()?))).collect();
+        blocks.map(|blocks| Ok(assemble(&blocks, offset, size)))
+    }
+
+    /// Updates the sequential-access state, starts the blocks the read and
+    /// its read-ahead need, and returns the read's blocks (`None`: nothing
+    /// to read, or `only_if_ready` and a block has not arrived).
+    fn plan<T: Transport>(
+        &self,
+        transport: &T,
+        ino: u64,
+        path: &str,
+        offset: u64,
+        size: u32,
+        only_if_ready: bool,
+    ) -> FsResult<Option<Vec<(u64, Block)>>> {
+        if size == 0 {
+            return Ok(None);
+        }
+        let first = offset / CHUNK;
+        let last = (offset + size as u64 - 1) / CHUNK;
+        let mut inodes = self.inodes.lock().unwrap();
+        let state = inodes.entry(ino).or_default();
+        let arrived = |index| state.blocks.get(&index).is_some_and(|block: &Block| matches!(block.peek(), Some(Ok(_))));
+        if only_if_ready && !(first..=last).all(arrived) {
+            return Ok(None);
+        }
+        // The kernel's own read-ahead sends reads slightly out of order.
+        // A first read at offset 0 is not yet a run: most files are
+        // small, and fetching past their end would cost a round trip.
+        let sequential = offset > 0 && offset.abs_diff(state.next_offset) <= 2 * CHUNK;
+        state.window = if sequential { (state.window * 2).clamp(1, MAX_WINDOW_BLOCKS) } else { 0 };
+        let end = offset + size as u64;
+        state.next_offset = if sequential { state.next_offset.max(end) } else { end };
+        state.blocks.retain(|&index, _| index + 1 >= first && index <= last + MAX_WINDOW_BLOCKS);
+        let mut needed = Vec::new();
+        for index in first..=last {
+            let block = match state.blocks.get(&index) {
+                Some(block) => block.clone(),
+                None => {
+                    let block = fetch(transport, path, index, sequential)?;
+                    state.blocks.insert(index, block.clone());
+                    block
+                }
+            };
+            needed.push((index, block));
+        }
+        for index in last + 1..=last + state.window {
+            if let std::collections::btree_map::Entry::Vacant(slot) = state.blocks.entry(index) {
+                let block = fetch(transport, path, index, true)?;
+                slot.insert(block.clone());
+                // Drive the fetch now; its result waits in the cache.
+                tokio::spawn(async move {
+                    let _ = block.await;
+                });
+            }
+        }
+        Ok(Some(needed))
+    }
+}
+
+/// The bytes of `offset..offset + size` out of consecutive blocks; shorter
+/// when a block ends the file.
+fn assemble(blocks: &[(u64, Arc<Vec<u8>>)], offset: u64, size: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size as usize);
+    let end = offset + size as u64;
+    for (index, data) in blocks {
+        let block_start = index * CHUNK;
+        let from = (offset.max(block_start) - block_start) as usize;
+        let to = ((end - block_start) as usize).min(data.len());
+        if from < to {
+            out.extend_from_slice(&data[from..to]);
+        }
+        if data.len() < CHUNK_SIZE {
+            break; // end of file
+        }
+    }
+    out
 }
