@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 
 use crate::inodes::{self, InodeTable};
 use crate::metacache::MetaCache;
-use crate::readahead::ReadCache;
+use crate::readahead::{FileRead, ReadCache};
 use crate::rpc::{RpcError, Transport};
 use crate::smallfiles::{SmallFiles, MAX_FILE_BYTES};
 
@@ -479,7 +479,7 @@ impl<T: Transport> DfosFs<T> {
         let path = self.path_of(ino).ok()?;
         let current = self.meta.lock().unwrap().attr(&path);
         let Some(content) = current.and_then(|current| self.small.get(&path, &current)) else {
-            return self.reads.read_ready(&self.transport, ino, &path, offset, size);
+            return self.reads.read_ready(&self.transport, FileRead { ino, path: &path, offset, size });
         };
         let start = (offset as usize).min(content.len());
         let end = (offset as usize + size as usize).min(content.len());
@@ -722,7 +722,7 @@ impl<T: Transport> DfosFs<T> {
             return done;
         }
         let path = self.path_of(ino)?;
-        self.reads.read(&self.transport, ino, &path, offset, size).await
+        self.reads.read(&self.transport, FileRead { ino, path: &path, offset, size }).await
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {

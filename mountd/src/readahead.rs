@@ -37,6 +37,15 @@ struct InodeBlocks {
     window: u64,
 }
 
+/// One read of a file: `size` bytes at `offset` of inode `ino`, at `path`.
+#[derive(Debug, Clone, Copy)]
+pub struct FileRead<'a> {
+    pub ino: u64,
+    pub path: &'a str,
+    pub offset: u64,
+    pub size: u32,
+}
+
 #[derive(Default)]
 pub struct ReadCache {
     inodes: Mutex<HashMap<u64, InodeBlocks>>,
@@ -67,15 +76,8 @@ impl ReadCache {
     }
 
     /// Reads up to `size` bytes at `offset`; shorter only at end of file.
-    pub async fn read<T: Transport>(
-        &self,
-        transport: &T,
-        ino: u64,
-        path: &str,
-        offset: u64,
-        size: u32,
-    ) -> FsResult<Vec<u8>> {
-        let Some(needed) = self.plan(transport, ino, path, offset, size, false)? else {
+    pub async fn read<T: Transport>(&self, transport: &T, wanted: FileRead<'_>) -> FsResult<Vec<u8>> {
+        let Some(needed) = self.plan(transport, wanted, false)? else {
             return Ok(Vec::new());
         };
         let mut blocks = Vec::with_capacity(needed.len());
@@ -83,32 +85,25 @@ impl ReadCache {
             match block.await {
                 Ok(data) => blocks.push((index, data)),
                 Err(e) => {
-                    self.forget(ino);
+                    self.forget(wanted.ino);
                     return Err(e);
                 }
             }
         }
-        Ok(assemble(&blocks, offset, size))
+        Ok(assemble(&blocks, wanted))
     }
 
     /// The read, if every block it needs has arrived already: then it costs
     /// no waiting and the FUSE thread can answer it itself. `None` leaves
     /// the cache as it was. Needs a tokio runtime context (read-ahead).
-    pub fn read_ready<T: Transport>(
-        &self,
-        transport: &T,
-        ino: u64,
-        path: &str,
-        offset: u64,
-        size: u32,
-    ) -> Option<FsResult<Vec<u8>>> {
-        let needed = match self.plan(transport, ino, path, offset, size, true) {
+    pub fn read_ready<T: Transport>(&self, transport: &T, wanted: FileRead<'_>) -> Option<FsResult<Vec<u8>>> {
+        let needed = match self.plan(transport, wanted, true) {
             Ok(needed) => needed?,
             Err(e) => return Some(Err(e)),
         };
         let blocks: Option<Vec<(u64, Arc<Vec<u8>>)>> =
             needed.into_iter().map(|(index, block)| Some((index, block.peek()?.clone().ok()?))).collect();
-        blocks.map(|blocks| Ok(assemble(&blocks, offset, size)))
+        blocks.map(|blocks| Ok(assemble(&blocks, wanted)))
     }
 
     /// Updates the sequential-access state, starts the blocks the read and
@@ -117,12 +112,10 @@ impl ReadCache {
     fn plan<T: Transport>(
         &self,
         transport: &T,
-        ino: u64,
-        path: &str,
-        offset: u64,
-        size: u32,
+        wanted: FileRead<'_>,
         only_if_ready: bool,
     ) -> FsResult<Option<Vec<(u64, Block)>>> {
+        let FileRead { ino, path, offset, size } = wanted;
         if size == 0 {
             return Ok(None);
         }
@@ -170,7 +163,7 @@ impl ReadCache {
 
 /// The bytes of `offset..offset + size` out of consecutive blocks; shorter
 /// when a block ends the file.
-fn assemble(blocks: &[(u64, Arc<Vec<u8>>)], offset: u64, size: u32) -> Vec<u8> {
+fn assemble(blocks: &[(u64, Arc<Vec<u8>>)], FileRead { offset, size, .. }: FileRead) -> Vec<u8> {
     let mut out = Vec::with_capacity(size as usize);
     let end = offset + size as u64;
     for (index, data) in blocks {
