@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 
 use crate::inodes::{self, InodeTable};
 use crate::metacache::MetaCache;
-use crate::readahead::{FileRead, ReadCache};
+use crate::readahead::{FileBytes, FileRead, ReadCache};
 use crate::rpc::{RpcError, Transport};
 use crate::smallfiles::{SmallFiles, MAX_FILE_BYTES};
 
@@ -472,7 +472,7 @@ impl<T: Transport> DfosFs<T> {
         }
     }
 
-    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<FsResult<Vec<u8>>> {
+    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<FsResult<FileBytes>> {
         if !self.quiet(ino) {
             return None;
         }
@@ -481,9 +481,8 @@ impl<T: Transport> DfosFs<T> {
         let Some(content) = current.and_then(|current| self.small.get(&path, &current)) else {
             return self.reads.read_ready(&self.transport, FileRead { ino, path: &path, offset, size });
         };
-        let start = (offset as usize).min(content.len());
-        let end = (offset as usize + size as usize).min(content.len());
-        Some(Ok(content[start..end].to_vec()))
+        let start = offset.min(content.len() as u64) as usize;
+        Some(Ok(FileBytes::shared(content, start..start + size as usize)))
     }
 
     /// Unlinks a name the cache knows to be a regular file without waiting
@@ -716,7 +715,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     /// Reads up to `size` bytes; shorter only at end of file.
-    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<FileBytes> {
         self.flush(ino).await?;
         if let Some(done) = self.read_now(ino, offset, size) {
             return done;

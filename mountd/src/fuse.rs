@@ -19,6 +19,7 @@ use fuser::{
 use dfos_protocol::{ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
 
 use crate::fs::{DfosFs, Entry, FsError};
+use crate::readahead::FileBytes;
 use crate::rpc::{RpcError, Transport};
 
 /// Short, never zero: the kernel misbehaves with a TTL of 0.
@@ -283,7 +284,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let answer = move |result: Result<Vec<u8>, FsError>| match result {
+        let answer = move |result: Result<FileBytes, FsError>| match result {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
         };

@@ -37,6 +37,47 @@ struct InodeBlocks {
     window: u64,
 }
 
+/// Bytes a read returns: a range of a cached block or small file when the
+/// read lies within one, so the reply to the kernel is the only copy.
+#[derive(Clone)]
+pub struct FileBytes {
+    data: Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+impl FileBytes {
+    /// `range` of `data`, clamped to its length.
+    pub fn shared(data: Arc<Vec<u8>>, range: std::ops::Range<usize>) -> Self {
+        let end = range.end.min(data.len());
+        FileBytes { range: range.start.min(end)..end, data }
+    }
+}
+
+impl From<Vec<u8>> for FileBytes {
+    fn from(data: Vec<u8>) -> Self {
+        FileBytes { range: 0..data.len(), data: Arc::new(data) }
+    }
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data[self.range.clone()]
+    }
+}
+
+impl std::fmt::Debug for FileBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "FileBytes({} bytes)", self.len())
+    }
+}
+
+impl<T: AsRef<[u8]>> PartialEq<T> for FileBytes {
+    fn eq(&self, other: &T) -> bool {
+        **self == *other.as_ref()
+    }
+}
+
 /// One read of a file: `size` bytes at `offset` of inode `ino`, at `path`.
 #[derive(Debug, Clone, Copy)]
 pub struct FileRead<'a> {
@@ -76,9 +117,9 @@ impl ReadCache {
     }
 
     /// Reads up to `size` bytes at `offset`; shorter only at end of file.
-    pub async fn read<T: Transport>(&self, transport: &T, wanted: FileRead<'_>) -> FsResult<Vec<u8>> {
+    pub async fn read<T: Transport>(&self, transport: &T, wanted: FileRead<'_>) -> FsResult<FileBytes> {
         let Some(needed) = self.plan(transport, wanted, false)? else {
-            return Ok(Vec::new());
+            return Ok(Vec::new().into());
         };
         let mut blocks = Vec::with_capacity(needed.len());
         for (index, block) in needed {
@@ -96,7 +137,7 @@ impl ReadCache {
     /// The read, if every block it needs has arrived already: then it costs
     /// no waiting and the FUSE thread can answer it itself. `None` leaves
     /// the cache as it was. Needs a tokio runtime context (read-ahead).
-    pub fn read_ready<T: Transport>(&self, transport: &T, wanted: FileRead<'_>) -> Option<FsResult<Vec<u8>>> {
+    pub fn read_ready<T: Transport>(&self, transport: &T, wanted: FileRead<'_>) -> Option<FsResult<FileBytes>> {
         let needed = match self.plan(transport, wanted, true) {
             Ok(needed) => needed?,
             Err(e) => return Some(Err(e)),
@@ -162,20 +203,27 @@ impl ReadCache {
 }
 
 /// The bytes of `offset..offset + size` out of consecutive blocks; shorter
-/// when a block ends the file.
-fn assemble(blocks: &[(u64, Arc<Vec<u8>>)], FileRead { offset, size, .. }: FileRead) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size as usize);
+/// when a block ends the file. Within one block, that block's range.
+fn assemble(blocks: &[(u64, Arc<Vec<u8>>)], FileRead { offset, size, .. }: FileRead) -> FileBytes {
     let end = offset + size as u64;
-    for (index, data) in blocks {
+    let within_block = |(index, data): &(u64, Arc<Vec<u8>>)| {
         let block_start = index * CHUNK;
         let from = (offset.max(block_start) - block_start) as usize;
-        let to = ((end - block_start) as usize).min(data.len());
+        (from, ((end - block_start) as usize).min(data.len()), data.len() < CHUNK_SIZE)
+    };
+    if let [block] = blocks {
+        let (from, to, _) = within_block(block);
+        return FileBytes::shared(block.1.clone(), from..to.max(from));
+    }
+    let mut out = Vec::with_capacity(size as usize);
+    for block in blocks {
+        let (from, to, ends_file) = within_block(block);
         if from < to {
-            out.extend_from_slice(&data[from..to]);
+            out.extend_from_slice(&block.1[from..to]);
         }
-        if data.len() < CHUNK_SIZE {
-            break; // end of file
+        if ends_file {
+            break;
         }
     }
-    out
+    out.into()
 }
