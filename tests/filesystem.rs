@@ -278,6 +278,34 @@ fn reads_of_written_bytes_come_from_the_request_log_and_plainly_after_a_restart(
     assert!(plain >= 24 << 20, "after a restart the replies carry the bytes; they held {plain}");
 }
 
+/// When the logged write a node points at is gone from Kafka (deleted
+/// records, retention), the mount reads the bytes plainly instead.
+#[test]
+fn reads_whose_logged_write_was_deleted_carry_their_bytes_instead() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let d = Deployment::start("log-deleted");
+    let m = d.mount(USER1);
+    let src = d.dir.path().join("src.bin");
+    fs::write(&src, random_bytes(24 << 20, 6)).unwrap();
+    ok(&format!("cp '{}' {}", src.display(), m.p("f.bin")));
+    let requests = dfos_protocol::Topics::new(&d.namespace).requests();
+    let mut everything = rdkafka::TopicPartitionList::new();
+    for partition in 0..dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS {
+        everything.add_partition_offset(&requests, partition, rdkafka::Offset::End).unwrap();
+    }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::config::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(admin.delete_records(&everything, &AdminOptions::new())).unwrap();
+    let consumer = test_consumer();
+    let topic = reply_topic_of(&d, &consumer);
+    let (_, before) = reply_bytes_since(&consumer, &topic, 0);
+    drop_caches();
+    ok(&format!("cmp '{}' {}", src.display(), m.p("f.bin")));
+    let (plain, _) = reply_bytes_since(&consumer, &topic, before);
+    assert!(plain >= 23 << 20, "the bytes came back in replies; they held {plain}");
+}
+
 /// Whatever changes a file after its bytes were logged, reads show the
 /// change: a piece overwritten, a truncate and regrow, a rename over it,
 /// delete and create anew, rewriting it whole. Each step is done with the

@@ -26,7 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
-use crate::logread::LogReader;
+use crate::logread::{LogReadError, LogReader};
 use dfos_protocol::{
     decode_reply, encode_envelope, Envelope, ErrorCode, Payload, Request, Timestamp, Topics, PROTOCOL_VERSION,
 };
@@ -151,7 +151,9 @@ impl KafkaRpc {
             )?,
             topics.requests(),
             user.to_owned(),
-            settings.deadline,
+            // A third of the deadline, so a failed fetch leaves time to
+            // read the bytes plainly.
+            settings.deadline / 3,
         )
         .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let rpc = Arc::new(KafkaRpc {
@@ -269,7 +271,7 @@ fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<
 impl Transport for Arc<KafkaRpc> {
     /// A [`Request::ReadFromLog`] answered with a location resolves to the
     /// bytes fetched from the log; if that fetch fails, to the bytes of a
-    /// plain read sent then.
+    /// plain read sent then. The whole exchange keeps the one deadline.
     fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
         let Request::ReadFromLog { path, offset, len } = &request else {
             return self.send(request);
@@ -277,7 +279,7 @@ impl Transport for Arc<KafkaRpc> {
         let plain_read = Request::Read { path: path.clone(), offset: *offset, len: *len };
         let reply = self.send(request)?;
         let rpc = self.clone();
-        Ok(Box::pin(async move {
+        let exchange = async move {
             let location = match reply.await? {
                 Payload::InLog(location) => location,
                 other => return Ok(other),
@@ -285,7 +287,9 @@ impl Transport for Arc<KafkaRpc> {
             match rpc.log_reader.fetch(location).await {
                 Ok(data) => Ok(Payload::Data(data)),
                 Err(e) => {
-                    log::info!(
+                    let level = if e == LogReadError::Passed { log::Level::Debug } else { log::Level::Info };
+                    log::log!(
+                        level,
                         "op=read-from-log user={} path={:?} error={e}; reading it plainly",
                         rpc.user,
                         plain_read.path()
@@ -293,7 +297,9 @@ impl Transport for Arc<KafkaRpc> {
                     rpc.send(plain_read)?.await
                 }
             }
-        }))
+        };
+        let deadline = self.settings.deadline;
+        Ok(Box::pin(async move { tokio::time::timeout(deadline, exchange).await.unwrap_or(Err(RpcError::Timeout)) }))
     }
 }
 
