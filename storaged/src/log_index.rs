@@ -241,6 +241,11 @@ impl LogIndex {
         })
     }
 
+    /// Whether the index holds anything of this file.
+    pub fn tracks(&self, user: &str, path: &str) -> bool {
+        self.files.contains_key(&(user.to_owned(), path.to_owned()))
+    }
+
     /// Extents held, for tests and log lines.
     pub fn extents(&self) -> usize {
         self.extents

@@ -36,7 +36,7 @@ use dfos_protocol::{
 
 use crate::checkpoint::{read_applied, Checkpoint};
 use crate::credentials::Credentials;
-use crate::log_index::{FileStamp, LogIndex, LogPosition};
+use crate::log_index::{FileStamp, LogIndex, LogPosition, MIN_EXTENT_BYTES};
 use crate::session;
 use crate::store::Store;
 use crate::Config;
@@ -420,13 +420,16 @@ impl Service {
                 return Ok(Payload::InLog(location));
             }
         }
-        let before = match &envelope.request {
-            Request::Write { path, .. } | Request::SetAttr { path, .. } => self.store.stamp(user, path),
-            _ => None,
+        // Most small writes concern no indexed file: no stamps for them.
+        let indexed_file = match &envelope.request {
+            Request::Write { path, data, .. } => data.len() >= MIN_EXTENT_BYTES || self.log_index.tracks(user, path),
+            Request::SetAttr { path, .. } => self.log_index.tracks(user, path),
+            _ => false,
         };
+        let before = if indexed_file { self.store.stamp(user, envelope.request.path()) } else { None };
         let result = self.store.apply(user, envelope.client_time, &envelope.request);
         if result.is_ok() {
-            self.track_in_log_index(envelope, before, position);
+            self.track_in_log_index(envelope, indexed_file, before, position);
         }
         result.map_err(|e| {
             log::debug!(
@@ -442,10 +445,17 @@ impl Service {
 
     /// Tells the log index what an applied request did to file contents:
     /// writes and setattrs in detail, every other mutation by its change.
-    fn track_in_log_index(&mut self, envelope: &Envelope, before: Option<FileStamp>, position: LogPosition) {
+    fn track_in_log_index(
+        &mut self,
+        envelope: &Envelope,
+        indexed_file: bool,
+        before: Option<FileStamp>,
+        position: LogPosition,
+    ) {
         let user = envelope.user.as_str();
         let index = &mut self.log_index;
         match &envelope.request {
+            Request::Write { .. } | Request::SetAttr { .. } if !indexed_file => {}
             Request::Write { path, offset, data } => {
                 let after = self.store.stamp(user, path);
                 index.record_write(user, path, before, after, *offset..*offset + data.len() as u64, position);
