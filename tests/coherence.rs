@@ -58,3 +58,21 @@ fn changes_through_one_mount_reach_another_of_the_same_user() {
     fs::write(b.join("e/from-b"), "b").unwrap();
     soon("a create from B", || fs::read_to_string(a.join("e/from-b")).ok().as_deref() == Some("b"));
 }
+
+/// Bytes one mount wrote are read by the other straight from the request
+/// log (the same user's writes), and a later overwrite of a piece through
+/// the first mount shows in the second.
+#[test]
+fn large_files_written_through_one_mount_read_back_through_another() {
+    let d = Deployment::start("coherence-large");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let model = d.dir.path().join("model.bin");
+    fs::write(&model, random_bytes(8 << 20, 9)).unwrap();
+    ok(&format!("cp '{}' {}", model.display(), a.p("big.bin")));
+    ok(&format!("cmp '{}' {}", model.display(), b.p("big.bin")));
+    let patch = "printf 'patched by A' | dd of={} bs=1 seek=3145728 conv=notrunc status=none";
+    ok(&patch.replace("{}", &format!("'{}'", model.display())));
+    ok(&patch.replace("{}", &a.p("big.bin")));
+    soon("an overwrite of a piece", || sh(&format!("cmp '{}' {}", model.display(), b.p("big.bin"))).status.success());
+}
