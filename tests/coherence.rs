@@ -76,3 +76,26 @@ fn large_files_written_through_one_mount_read_back_through_another() {
     ok(&patch.replace("{}", &a.p("big.bin")));
     soon("an overwrite of a piece", || sh(&format!("cmp '{}' {}", model.display(), b.p("big.bin"))).status.success());
 }
+
+/// A file read once is read again from the kernel's page cache while it is
+/// unchanged, across close and open as NFS does: even with the storage
+/// daemon stopped. A change through another mount drops those pages.
+#[test]
+fn an_unchanged_file_is_reread_from_the_page_cache_until_another_mount_changes_it() {
+    let mut d = Deployment::start("keep-cache");
+    let a = d.mount_with(USER1, 3, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let model = d.dir.path().join("model.bin");
+    fs::write(&model, random_bytes(4 << 20, 11)).unwrap();
+    // Written through A itself, so no other mount's events are on their way.
+    ok(&format!("cp '{}' {}", model.display(), a.p("f.bin")));
+    ok(&format!("cmp '{}' {}", model.display(), a.p("f.bin")));
+    ok(&format!("cmp '{}' {}", model.display(), a.p("f.bin")));
+    d.stop_node(0);
+    ok(&format!("cmp '{}' {}", model.display(), a.p("f.bin")));
+    d.start_node(0);
+    let patch = "printf 'changed by B' | dd of={} bs=1 seek=2000000 conv=notrunc status=none";
+    ok(&patch.replace("{}", &format!("'{}'", model.display())));
+    ok(&patch.replace("{}", &b.p("f.bin")));
+    soon("a change of a cached file", || sh(&format!("cmp '{}' {}", model.display(), a.p("f.bin"))).status.success());
+}

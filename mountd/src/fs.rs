@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dfos_protocol::limits::CHUNK_SIZE;
-use dfos_protocol::{Change, DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime};
+use dfos_protocol::{Change, DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime, Timestamp};
 use tokio::sync::Semaphore;
 
 use crate::inodes::{self, InodeTable};
@@ -311,7 +311,16 @@ pub struct DfosFs<T: Transport> {
     /// Snapshot of a directory per open directory handle.
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_handle: AtomicU64,
+    /// Per file, its version when it was last opened. The kernel's cached
+    /// pages of the file were read at that version (or written by this
+    /// mount, which forgets the entry), so an open that finds the same
+    /// version may keep them, as NFS does on close-to-open revalidation.
+    opened_versions: Mutex<HashMap<u64, ContentVersion>>,
 }
+
+/// What changes whenever a file's contents do: size, mtime, and ctime
+/// (which no client can set back).
+type ContentVersion = (u64, Timestamp, Timestamp);
 
 fn expect_attr(payload: Payload) -> FsResult<FileAttr> {
     match payload {
@@ -360,6 +369,7 @@ impl<T: Transport> DfosFs<T> {
             small: SmallFiles::default(),
             dir_handles: Mutex::default(),
             next_handle: AtomicU64::new(1),
+            opened_versions: Mutex::default(),
         }
     }
 
@@ -530,6 +540,7 @@ impl<T: Transport> DfosFs<T> {
         if self.inodes.lock().unwrap().forget(ino, count) {
             self.writes.lock().unwrap().remove(&ino);
             self.drop_cached_data(ino);
+            self.opened_versions.lock().unwrap().remove(&ino);
         }
     }
 
@@ -708,10 +719,29 @@ impl<T: Transport> DfosFs<T> {
         (entry, self.new_handle())
     }
 
-    pub fn open(&self, ino: u64) -> FsResult<u64> {
-        self.path_of(ino)?;
+    /// A handle, and whether the kernel may keep the pages it cached of
+    /// the file: only when the file is at the version it had when last
+    /// opened, by what this mount knows now (attributes follow the rules
+    /// of the attribute cache: events from other mounts drop them).
+    pub fn open(&self, ino: u64) -> FsResult<(u64, bool)> {
+        let path = self.path_of(ino)?;
+        let version = match self.meta.lock().unwrap().attr(&path) {
+            Some(attr) if attr.kind == dfos_protocol::FileKind::File && self.quiet(ino) => {
+                Some((attr.size, attr.mtime, attr.ctime))
+            }
+            _ => None,
+        };
+        let mut versions = self.opened_versions.lock().unwrap();
+        let keep_cache = match version {
+            Some(version) => versions.insert(ino, version) == Some(version),
+            None => {
+                versions.remove(&ino);
+                false
+            }
+        };
+        drop(versions);
         self.drop_cached_data(ino);
-        Ok(self.new_handle())
+        Ok((self.new_handle(), keep_cache))
     }
 
     /// Reads up to `size` bytes; shorter only at end of file.
@@ -748,6 +778,7 @@ impl<T: Transport> DfosFs<T> {
     /// the attributes (the size and mtime come back with the acknowledgement).
     fn before_write(&self, ino: u64, path: &str) {
         self.drop_cached_data(ino);
+        self.opened_versions.lock().unwrap().remove(&ino);
         self.small.forget(path);
         self.meta.lock().unwrap().drop_attr(path);
     }
