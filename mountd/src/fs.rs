@@ -740,6 +740,7 @@ impl<T: Transport> DfosFs<T> {
             }
         };
         drop(versions);
+        log::debug!("op=open ino={ino} path={path:?} keep_cache={keep_cache}");
         self.drop_cached_data(ino);
         Ok((self.new_handle(), keep_cache))
     }
@@ -889,6 +890,7 @@ impl<T: Transport> DfosFs<T> {
                 self.small.forget(path);
                 if let Some(ino) = inodes.ino_of(path) {
                     self.reads.forget(ino);
+                    self.opened_versions.lock().unwrap().remove(&ino);
                     out.push(Invalidation::Inode(ino));
                 }
             }
