@@ -10,14 +10,14 @@
 //!
 //! Guarantees:
 //! - a location is handed out only while the file is exactly as this index
-//!   last saw it: every change this node applies goes through
-//!   [`LogIndex::record_write`], [`LogIndex::record_setattr`] or
-//!   [`LogIndex::forget_tree`], each of which starts by checking the file's
-//!   identity, size and mtime (its [`FileStamp`]) against the one recorded
-//!   after the previous change, and the read checks it once more. Anything
-//!   else that touched the file (another path to it, a process outside
-//!   dfos, a change this index was not told of) makes the stamps differ,
-//!   and the file's entry is dropped;
+//!   last saw it. Every change this node applies goes through
+//!   [`LogIndex::record_write`] or [`LogIndex::record_setattr`], which
+//!   first check the file's identity, size and mtime (its [`FileStamp`])
+//!   against the stamp recorded after the previous change, or through
+//!   [`LogIndex::forget_tree`] (names created, removed or renamed); and a
+//!   read checks the stamp once more. Anything else that touched the file
+//!   (another path to it, a process outside dfos, a change this index was
+//!   not told of) makes the stamps differ, and the file's entry is dropped;
 //! - a range overwritten later is no longer located; truncation trims;
 //! - the index is memory only and bounded ([`MAX_EXTENTS`]): after a
 //!   restart, or when it fills, reads simply carry their data again.
@@ -176,15 +176,11 @@ impl LogIndex {
         let Some(size) = size else { return };
         let held = file.extents.len();
         file.extents.retain(|&start, _| start < size);
-        let trimmed: Vec<(u64, u32)> = file
-            .extents
-            .iter()
-            .filter(|(&start, extent)| start + extent.len as u64 > size)
-            .map(|(&start, _)| (start, (size - start) as u32))
-            .collect();
-        for (start, len) in trimmed {
-            if let Some(extent) = file.extents.get_mut(&start) {
-                extent.len = len;
+        // Extents do not overlap, so only the last can reach past the size.
+        if let Some((&start, last)) = file.extents.iter_mut().next_back() {
+            let room = size - start;
+            if last.len as u64 > room {
+                last.len = room as u32;
             }
         }
         let dropped = held - file.extents.len();
