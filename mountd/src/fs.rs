@@ -401,8 +401,10 @@ impl<T: Transport> DfosFs<T> {
         self.writes.lock().unwrap().get(&ino).cloned()
     }
 
+    /// Forgets the file's blocks, and the version its kernel pages are of.
     fn drop_cached_data(&self, ino: u64) {
         self.reads.forget(ino);
+        self.opened_versions.lock().unwrap().remove(&ino);
     }
 
     /// Makes buffered writes of `ino` visible on the server.
@@ -540,7 +542,6 @@ impl<T: Transport> DfosFs<T> {
         if self.inodes.lock().unwrap().forget(ino, count) {
             self.writes.lock().unwrap().remove(&ino);
             self.drop_cached_data(ino);
-            self.opened_versions.lock().unwrap().remove(&ino);
         }
     }
 
@@ -725,23 +726,18 @@ impl<T: Transport> DfosFs<T> {
     /// of the attribute cache: events from other mounts drop them).
     pub fn open(&self, ino: u64) -> FsResult<(u64, bool)> {
         let path = self.path_of(ino)?;
-        let version = match self.meta.lock().unwrap().attr(&path) {
-            Some(attr) if attr.kind == dfos_protocol::FileKind::File && self.quiet(ino) => {
-                Some((attr.size, attr.mtime, attr.ctime))
-            }
-            _ => None,
-        };
-        let mut versions = self.opened_versions.lock().unwrap();
-        let keep_cache = match version {
-            Some(version) => versions.insert(ino, version) == Some(version),
-            None => {
-                versions.remove(&ino);
-                false
-            }
-        };
-        drop(versions);
-        log::debug!("op=open ino={ino} path={path:?} keep_cache={keep_cache}");
+        let quiet = self.quiet(ino);
+        let attr = self.meta.lock().unwrap().attr(&path);
+        let version = attr
+            .filter(|attr| quiet && attr.kind == dfos_protocol::FileKind::File)
+            .map(|attr| (attr.size, attr.mtime, attr.ctime));
+        let previous = self.opened_versions.lock().unwrap().get(&ino).copied();
         self.drop_cached_data(ino);
+        if let Some(version) = version {
+            self.opened_versions.lock().unwrap().insert(ino, version);
+        }
+        let keep_cache = version.is_some() && version == previous;
+        log::debug!("op=open ino={ino} path={path:?} keep_cache={keep_cache}");
         Ok((self.new_handle(), keep_cache))
     }
 
@@ -779,7 +775,6 @@ impl<T: Transport> DfosFs<T> {
     /// the attributes (the size and mtime come back with the acknowledgement).
     fn before_write(&self, ino: u64, path: &str) {
         self.drop_cached_data(ino);
-        self.opened_versions.lock().unwrap().remove(&ino);
         self.small.forget(path);
         self.meta.lock().unwrap().drop_attr(path);
     }
@@ -880,7 +875,7 @@ impl<T: Transport> DfosFs<T> {
             }
             self.small.forget_tree(path);
             if let Some(ino) = inodes.ino_of(path) {
-                self.reads.forget(ino);
+                self.drop_cached_data(ino);
                 out.push(Invalidation::Inode(ino));
             }
         };
@@ -889,8 +884,7 @@ impl<T: Transport> DfosFs<T> {
                 meta.drop_attr(path);
                 self.small.forget(path);
                 if let Some(ino) = inodes.ino_of(path) {
-                    self.reads.forget(ino);
-                    self.opened_versions.lock().unwrap().remove(&ino);
+                    self.drop_cached_data(ino);
                     out.push(Invalidation::Inode(ino));
                 }
             }

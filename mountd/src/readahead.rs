@@ -6,6 +6,10 @@
 //! fetches whole blocks of one chunk (960 KiB), and a run of sequential
 //! reads fetches the next blocks ahead of time with a window that doubles up to
 //! [`MAX_WINDOW_BLOCKS`]. Random access fetches only what it touches.
+//! Blocks of a sequential run may come straight from the request log
+//! (`logread`); a read whose blocks have all arrived is answered without
+//! waiting ([`ReadCache::read_ready`]), and within one block it shares the
+//! block's buffer ([`FileBytes`]).
 //!
 //! Guarantees: a block is fetched at most once while cached (concurrent
 //! readers share one request); per inode at most `MAX_WINDOW_BLOCKS + 2`
