@@ -252,6 +252,29 @@ fn test_consumer() -> rdkafka::consumer::BaseConsumer {
         .unwrap()
 }
 
+/// A file of `size` random bytes beside the deployment, copied into the
+/// mount as `f.bin` with `cp`; returns the source.
+fn random_file_copied_in(d: &Deployment, m: &Mount, size: usize, seed: u64) -> std::path::PathBuf {
+    let src = d.dir.path().join("src.bin");
+    fs::write(&src, random_bytes(size, seed)).unwrap();
+    ok(&format!("cp '{}' {}", src.display(), m.p("f.bin")));
+    src
+}
+
+/// Reads `f.bin` back cold and compares it with `src`; returns the bytes
+/// the mount's replies carried from offset `from` on, and the next offset.
+fn reply_bytes_of_a_cold_read(
+    m: &Mount,
+    src: &std::path::Path,
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    from: i64,
+) -> (usize, i64) {
+    drop_caches();
+    ok(&format!("cmp '{}' {}", src.display(), m.p("f.bin")));
+    reply_bytes_since(consumer, topic, from)
+}
+
 /// Bytes a mount wrote are still in the request log; the storage node
 /// says where, and the mount fetches them from there. Its replies then
 /// carry no file data. A restarted node has forgotten where the bytes
@@ -260,23 +283,17 @@ fn test_consumer() -> rdkafka::consumer::BaseConsumer {
 fn reads_of_written_bytes_come_from_the_request_log_and_plainly_after_a_restart() {
     let mut d = Deployment::start("read-from-log");
     let m = d.mount(USER1);
-    let src = d.dir.path().join("src.bin");
-    fs::write(&src, random_bytes(24 << 20, 5)).unwrap();
-    ok(&format!("cp '{}' {}", src.display(), m.p("f.bin")));
+    let src = random_file_copied_in(&d, &m, 24 << 20, 5);
     let consumer = test_consumer();
     let topic = reply_topic_of(&d, &consumer);
     let (_, before) = reply_bytes_since(&consumer, &topic, 0);
-    drop_caches();
-    ok(&format!("cmp '{}' {}", src.display(), m.p("f.bin")));
-    let (located, after_located) = reply_bytes_since(&consumer, &topic, before);
+    let (located, after_located) = reply_bytes_of_a_cold_read(&m, &src, &consumer, &topic, before);
     // The first block of a read carries its bytes (a lone read does not seek
     // the log); the other 23 MiB must not.
     assert!(located < (4 << 20), "reading 24 MiB from the log put {located} bytes into replies");
     d.stop_node(0);
     d.start_node(0);
-    drop_caches();
-    ok(&format!("cmp '{}' {}", src.display(), m.p("f.bin")));
-    let (plain, _) = reply_bytes_since(&consumer, &topic, after_located);
+    let (plain, _) = reply_bytes_of_a_cold_read(&m, &src, &consumer, &topic, after_located);
     assert!(plain >= 24 << 20, "after a restart the replies carry the bytes; they held {plain}");
 }
 
@@ -287,9 +304,7 @@ fn reads_whose_logged_write_was_deleted_carry_their_bytes_instead() {
     use rdkafka::admin::{AdminClient, AdminOptions};
     let d = Deployment::start("log-deleted");
     let m = d.mount(USER1);
-    let src = d.dir.path().join("src.bin");
-    fs::write(&src, random_bytes(24 << 20, 6)).unwrap();
-    ok(&format!("cp '{}' {}", src.display(), m.p("f.bin")));
+    let src = random_file_copied_in(&d, &m, 24 << 20, 6);
     let requests = dfos_protocol::Topics::new(&d.namespace).requests();
     let mut everything = rdkafka::TopicPartitionList::new();
     for partition in 0..dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS {
@@ -302,9 +317,7 @@ fn reads_whose_logged_write_was_deleted_carry_their_bytes_instead() {
     let consumer = test_consumer();
     let topic = reply_topic_of(&d, &consumer);
     let (_, before) = reply_bytes_since(&consumer, &topic, 0);
-    drop_caches();
-    ok(&format!("cmp '{}' {}", src.display(), m.p("f.bin")));
-    let (plain, _) = reply_bytes_since(&consumer, &topic, before);
+    let (plain, _) = reply_bytes_of_a_cold_read(&m, &src, &consumer, &topic, before);
     assert!(plain >= 23 << 20, "the bytes came back in replies; they held {plain}");
 }
 
@@ -353,14 +366,12 @@ fn read_data_leaves_the_reply_topic_soon_after() {
     use std::time::{Duration, Instant};
     let mut d = Deployment::start("reply-retention");
     let m = d.mount(USER1);
-    let src = d.dir.path().join("src.bin");
     // More than one 64 MiB segment of replies, so one can be deleted.
-    fs::write(&src, random_bytes(96 << 20, 3)).unwrap();
-    ok(&format!("cp '{}' {}", src.display(), m.p("big.bin")));
+    let src = random_file_copied_in(&d, &m, 96 << 20, 3);
     d.stop_node(0);
     d.start_node(0);
     drop_caches();
-    ok(&format!("cmp '{}' {}", src.display(), m.p("big.bin")));
+    ok(&format!("cmp '{}' {}", src.display(), m.p("f.bin")));
     let consumer = test_consumer();
     let reply_topic = reply_topic_of(&d, &consumer);
     let (_, end) = consumer.fetch_watermarks(&reply_topic, 0, Duration::from_secs(10)).unwrap();
