@@ -75,10 +75,10 @@ struct IndexedFile {
     extents: BTreeMap<u64, Extent>,
 }
 
-type FileKey = (String, String);
-
 pub struct LogIndex {
-    files: BTreeMap<FileKey, IndexedFile>,
+    /// By user, then path: looked up by `&str`, with no allocation on the
+    /// write and read paths.
+    files: BTreeMap<String, BTreeMap<String, IndexedFile>>,
     extents: usize,
     /// A location older than this may point at a message the broker has
     /// deleted by retention; `None` when the log is kept forever.
@@ -95,17 +95,21 @@ impl LogIndex {
 
     /// The file's entry if the file is still as the entry last saw it;
     /// otherwise the entry is dropped.
-    fn unchanged(&mut self, key: &FileKey, now: Option<FileStamp>) -> Option<&mut IndexedFile> {
-        let stale = self.files.get(key).is_some_and(|file| Some(file.stamp) != now);
+    fn unchanged(&mut self, user: &str, path: &str, now: Option<FileStamp>) -> Option<&mut IndexedFile> {
+        let stale = self.files.get(user).and_then(|paths| paths.get(path)).is_some_and(|file| Some(file.stamp) != now);
         if stale {
-            self.remove(key);
+            self.remove(user, path);
         }
-        self.files.get_mut(key)
+        self.files.get_mut(user)?.get_mut(path)
     }
 
-    fn remove(&mut self, key: &FileKey) {
-        if let Some(file) = self.files.remove(key) {
+    fn remove(&mut self, user: &str, path: &str) {
+        let Some(paths) = self.files.get_mut(user) else { return };
+        if let Some(file) = paths.remove(path) {
             self.extents -= file.extents.len();
+        }
+        if paths.is_empty() {
+            self.files.remove(user);
         }
     }
 
@@ -121,20 +125,19 @@ impl LogIndex {
         position: LogPosition,
     ) {
         let (file_offset, len) = (written.start, (written.end - written.start) as usize);
-        let key = (user.to_owned(), path.to_owned());
         let Some(after) = after else {
-            self.remove(&key);
+            self.remove(user, path);
             return;
         };
-        if self.unchanged(&key, before).is_none() {
-            self.files.insert(key.clone(), IndexedFile { stamp: after, extents: BTreeMap::new() });
+        if self.unchanged(user, path, before).is_none() {
+            let fresh = IndexedFile { stamp: after, extents: BTreeMap::new() };
+            self.files.entry(user.to_owned()).or_default().insert(path.to_owned(), fresh);
         }
-        let file = self.files.get_mut(&key).expect("entry just ensured");
+        let file = self.files.get_mut(user).and_then(|paths| paths.get_mut(path)).expect("entry just ensured");
         file.stamp = after;
-        let end = written.end;
         let overlapping: Vec<u64> = file
             .extents
-            .range(..end)
+            .range(..written.end)
             .rev()
             .take_while(|(&start, extent)| start + extent.len as u64 > file_offset)
             .map(|(&start, _)| start)
@@ -147,7 +150,7 @@ impl LogIndex {
             file.extents.insert(file_offset, Extent { len: len as u32, position, applied: Instant::now() });
             self.extents += 1;
         } else if file.extents.is_empty() {
-            self.files.remove(&key);
+            self.remove(user, path);
         }
         if self.extents > MAX_EXTENTS {
             // Rare enough that dropping everything beats tracking recency.
@@ -167,9 +170,8 @@ impl LogIndex {
         after: Option<FileStamp>,
         size: Option<u64>,
     ) {
-        let key = (user.to_owned(), path.to_owned());
-        let (Some(file), Some(after)) = (self.unchanged(&key, before), after) else {
-            self.remove(&key);
+        let (Some(file), Some(after)) = (self.unchanged(user, path, before), after) else {
+            self.remove(user, path);
             return;
         };
         file.stamp = after;
@@ -183,25 +185,25 @@ impl LogIndex {
                 last.len = room as u32;
             }
         }
-        let dropped = held - file.extents.len();
-        if file.extents.is_empty() {
-            self.files.remove(&key);
-        }
+        let (dropped, now_empty) = (held - file.extents.len(), file.extents.is_empty());
         self.extents -= dropped;
+        if now_empty {
+            self.remove(user, path);
+        }
     }
 
     /// `path` and everything under it were created, removed or renamed:
     /// whatever is there now is not what was indexed.
     pub fn forget_tree(&mut self, user: &str, path: &str) {
-        let keys: Vec<FileKey> = self
-            .files
-            .range((user.to_owned(), path.to_owned())..)
-            .take_while(|((u, p), _)| u == user && p.starts_with(path))
-            .filter(|((_, p), _)| is_within(p, path))
-            .map(|(key, _)| key.clone())
+        let Some(paths) = self.files.get(user) else { return };
+        let within: Vec<String> = paths
+            .range::<str, _>((std::ops::Bound::Included(path), std::ops::Bound::Unbounded))
+            .take_while(|(p, _)| p.starts_with(path))
+            .filter(|(p, _)| is_within(p, path))
+            .map(|(p, _)| p.clone())
             .collect();
-        for key in keys {
-            self.remove(&key);
+        for p in within {
+            self.remove(user, &p);
         }
     }
 
@@ -216,9 +218,8 @@ impl LogIndex {
         offset: u64,
         len: u32,
     ) -> Option<LogLocation> {
-        let key = (user.to_owned(), path.to_owned());
         let max_age = self.max_age;
-        let file = self.unchanged(&key, now)?;
+        let file = self.unchanged(user, path, now)?;
         let end = (offset + len as u64).min(file.stamp.size);
         if end <= offset {
             return None;
@@ -239,7 +240,7 @@ impl LogIndex {
 
     /// Whether the index holds anything of this file.
     pub fn tracks(&self, user: &str, path: &str) -> bool {
-        self.files.contains_key(&(user.to_owned(), path.to_owned()))
+        self.files.get(user).is_some_and(|paths| paths.contains_key(path))
     }
 
     /// Extents held, for tests and log lines.
