@@ -15,6 +15,7 @@
 #                     port+I-1, its controller on port+1000+I-1
 #   DFOS_KAFKA_NODES  number of nodes (default 1; 3 for a replicated cluster)
 #   DFOS_KAFKA_HOME   cache directory (default <repo>/.cache/kafka)
+#   DFOS_KAFKA_PROPS  extra server.properties lines, appended last so they win
 #   KAFKA_VERSION     Apache Kafka version from Maven Central (default 4.1.1)
 set -euo pipefail
 
@@ -121,6 +122,7 @@ broker.session.timeout.ms=4000
 # Reply topics keep their data 10 s; checking often frees it soon after
 # (see REPLY_TOPIC_CONFIG in mountd/src/rpc.rs).
 log.retention.check.interval.ms=5000
+${DFOS_KAFKA_PROPS:-}
 PROPS
 }
 
