@@ -123,6 +123,20 @@ mod tests {
         assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 7, 2, 4, 3, 4, 5, 6]);
     }
 
+    /// Appended after the read-from-log pair: request variant 15, payload
+    /// variant 8.
+    #[test]
+    fn golden_bytes_of_a_locate_in_log_and_its_answer() {
+        let mut envelope = sample_envelope();
+        envelope.request = Request::LocateInLog { path: "f".into(), offset: 2, len: 3 };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(bytes[bytes.len() - 5..], [15, 1, b'f', 2, 3]);
+        let location = LogLocation { partition: 1, offset: 2, request_id: 3, file_offset: 4, skip: 5, len: 6 };
+        let located = Payload::Located { locations: vec![location], size: 7 };
+        let reply = Reply { request_id: 1, node: "n".into(), result: Ok(located) };
+        assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 8, 1, 2, 4, 3, 4, 5, 6, 7]);
+    }
+
     #[test]
     fn hostile_length_prefix_is_refused_without_allocating() {
         // A string length claiming ~2^60 bytes.

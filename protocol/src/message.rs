@@ -116,6 +116,14 @@ pub enum Request {
         offset: u64,
         len: u32,
     },
+    /// Where the bytes of `offset..offset + len` are in the request log,
+    /// write by write: answered with [`Payload::Located`]. One request
+    /// serves a whole read-ahead window.
+    LocateInLog {
+        path: String,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Request {
@@ -137,6 +145,7 @@ impl Request {
             Request::StatFs => "statfs",
             Request::Fsync { .. } => "fsync",
             Request::ReadFromLog { .. } => "read-from-log",
+            Request::LocateInLog { .. } => "locate-in-log",
         }
     }
 
@@ -171,6 +180,7 @@ impl Request {
             | Request::Rmdir { path }
             | Request::Read { path, .. }
             | Request::ReadFromLog { path, .. }
+            | Request::LocateInLog { path, .. }
             | Request::Write { path, .. }
             | Request::SetAttr { path, .. }
             | Request::Fsync { path } => path,
@@ -238,6 +248,13 @@ pub enum Payload {
     Done,
     /// The answer to [`Request::ReadFromLog`] when the bytes are in the log.
     InLog(LogLocation),
+    /// The answer to [`Request::LocateInLog`]: consecutive locations from
+    /// the asked offset on, covering a prefix of the range (none when its
+    /// first byte is not in the log), and the file's size as of then.
+    Located {
+        locations: Vec<LogLocation>,
+        size: u64,
+    },
 }
 
 /// Where file bytes already are in the request log: the data of the
@@ -311,6 +328,7 @@ impl Request {
             | Request::ReadDir { .. }
             | Request::Read { .. }
             | Request::ReadFromLog { .. }
+            | Request::LocateInLog { .. }
             | Request::StatFs
             | Request::Fsync { .. } => None,
         }
@@ -340,6 +358,7 @@ mod tests {
             Request::StatFs,
             Request::Fsync { path: p() },
             Request::ReadFromLog { path: p(), offset: 0, len: 1 },
+            Request::LocateInLog { path: p(), offset: 0, len: 1 },
         ];
         for request in all {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

@@ -218,24 +218,47 @@ impl LogIndex {
         offset: u64,
         len: u32,
     ) -> Option<LogLocation> {
+        let mut run = self.locate_run(user, path, now, offset, len as u64, 1);
+        let end = (offset + len as u64).min(now?.size);
+        run.pop().filter(|location| offset + location.len as u64 == end)
+    }
+
+    /// Where the bytes from `offset` on are in the log, write by write:
+    /// consecutive locations covering as much of `offset..offset + len`
+    /// (cut at the end of the file) as the log holds without a gap, at most
+    /// `max_locations` of them. `now` is the file's stamp at this moment.
+    pub fn locate_run(
+        &mut self,
+        user: &str,
+        path: &str,
+        now: Option<FileStamp>,
+        offset: u64,
+        len: u64,
+        max_locations: usize,
+    ) -> Vec<LogLocation> {
         let max_age = self.max_age;
-        let file = self.unchanged(user, path, now)?;
-        let end = (offset + len as u64).min(file.stamp.size);
-        if end <= offset {
-            return None;
+        let Some(file) = self.unchanged(user, path, now) else { return Vec::new() };
+        let end = offset.saturating_add(len).min(file.stamp.size);
+        let mut run = Vec::new();
+        let mut at = offset;
+        while at < end && run.len() < max_locations {
+            let Some((&start, extent)) = file.extents.range(..=at).next_back() else { break };
+            let extent_end = start + extent.len as u64;
+            if extent_end <= at || max_age.is_some_and(|age| extent.applied.elapsed() > age) {
+                break;
+            }
+            let upto = extent_end.min(end);
+            run.push(LogLocation {
+                partition: extent.position.partition,
+                offset: extent.position.offset,
+                request_id: extent.position.request_id,
+                file_offset: start,
+                skip: (at - start) as u32,
+                len: (upto - at) as u32,
+            });
+            at = upto;
         }
-        let (&start, extent) = file.extents.range(..=offset).next_back()?;
-        if start + (extent.len as u64) < end || max_age.is_some_and(|age| extent.applied.elapsed() > age) {
-            return None;
-        }
-        Some(LogLocation {
-            partition: extent.position.partition,
-            offset: extent.position.offset,
-            request_id: extent.position.request_id,
-            file_offset: start,
-            skip: (offset - start) as u32,
-            len: (end - offset) as u32,
-        })
+        run
     }
 
     /// Whether the index holds anything of this file.
@@ -296,6 +319,24 @@ mod tests {
         assert!(index.locate("u", "f", now, CHUNK as u64 - 1, 2).is_none());
         assert!(index.locate("u", "f", now, 2 * CHUNK as u64, 10).is_none());
         assert_eq!(index.extents(), 2);
+    }
+
+    #[test]
+    fn a_run_is_located_write_by_write_up_to_the_first_gap_or_the_end() {
+        let mut index = two_chunks();
+        let now = stamp(2, 2 * CHUNK as u64);
+        let run = index.locate_run("u", "f", now, 10, 10 * CHUNK as u64, 16);
+        let parts: Vec<_> = run.iter().map(|l| (l.offset, l.file_offset, l.skip, l.len)).collect();
+        assert_eq!(parts, [(10, 0, 10, CHUNK as u32 - 10), (11, CHUNK as u64, 0, CHUNK as u32)]);
+        assert_eq!(index.locate_run("u", "f", now, 0, 10 * CHUNK as u64, 1).len(), 1);
+        // A small overwrite unindexes the first write: a run from there
+        // finds nothing, though the second write is still located.
+        index.record_write("u", "f", now, stamp(3, 2 * CHUNK as u64), 100..200, at(12));
+        let now = stamp(3, 2 * CHUNK as u64);
+        assert!(index.locate_run("u", "f", now, 0, 2 * CHUNK as u64, 16).is_empty());
+        let run = index.locate_run("u", "f", now, CHUNK as u64 + 5, 2 * CHUNK as u64, 16);
+        assert_eq!(run.iter().map(|l| (l.offset, l.skip, l.len)).collect::<Vec<_>>(), [(11, 5, CHUNK as u32 - 5)]);
+        assert!(index.locate_run("u", "f", stamp(4, 1), CHUNK as u64, 10, 16).is_empty());
     }
 
     #[test]

@@ -164,6 +164,10 @@ impl Burst {
     }
 }
 
+/// Locations one `LocateInLog` answers with at most: a read-ahead window
+/// of whole chunks needs 16.
+const MAX_LOCATIONS: usize = 64;
+
 /// Requests older than this get no reply and read-only ones are not even
 /// executed: no mount waits that long (deadlines are seconds), and a
 /// replica catching up from the log would otherwise flood dead reply topics.
@@ -478,9 +482,15 @@ impl Service {
             _ => false,
         };
         let before = if indexed_file { self.store.stamp(user, envelope.request.path()) } else { None };
-        let result = self.store.apply(user, envelope.client_time, &envelope.request);
+        let mut result = self.store.apply(user, envelope.client_time, &envelope.request);
         if result.is_ok() {
             self.track_in_log_index(envelope, indexed_file, before, position);
+        }
+        if let (Request::LocateInLog { path, offset, len }, Ok(Payload::Located { locations, .. })) =
+            (&envelope.request, &mut result)
+        {
+            let now = self.store.stamp(user, path);
+            *locations = self.log_index.locate_run(user, path, now, *offset, *len, MAX_LOCATIONS);
         }
         result.map_err(|e| {
             log::debug!(
@@ -692,6 +702,31 @@ mod tests {
         foreign.reply_to = "t.dfos.requests".into();
         assert!(h.send(encode_envelope(&foreign).unwrap()).is_none());
         assert!(h.call("alice", "", Request::Login { password: "pw".into() }).is_ok());
+    }
+
+    #[test]
+    fn locating_a_range_answers_write_by_write_with_the_file_size() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        h.call("alice", &token, Request::Create { path: "f".into(), mode: 0o644, exclusive: true }).unwrap();
+        let chunk = dfos_protocol::limits::CHUNK_SIZE as u64;
+        for i in 0..3u8 {
+            let data = vec![i; chunk as usize];
+            h.call("alice", &token, Request::Write { path: "f".into(), offset: i as u64 * chunk, data }).unwrap();
+        }
+        let locate = |offset, len| Request::LocateInLog { path: "f".into(), offset, len };
+        let Ok(Payload::Located { locations, size }) = h.call("alice", &token, locate(10, 8 * chunk)) else {
+            panic!("not located")
+        };
+        assert_eq!(size, 3 * chunk);
+        // The writes are log offsets 2, 3 and 4 (after login and create).
+        let parts: Vec<_> = locations.iter().map(|l| (l.offset, l.file_offset, l.skip, l.len as u64)).collect();
+        assert_eq!(parts, [(2, 0, 10, chunk - 10), (3, chunk, 0, chunk), (4, 2 * chunk, 0, chunk)]);
+        // Missing files and hostile paths get the errors a read gets.
+        let missing = Request::LocateInLog { path: "nope".into(), offset: 0, len: 1 };
+        assert_eq!(h.call("alice", &token, missing), Err(ErrorCode::NotFound));
+        let hostile = Request::LocateInLog { path: "../bob/f".into(), offset: 0, len: 1 };
+        assert!(h.call("alice", &token, hostile).is_err());
     }
 
     /// DESIGN.md's hard case: rename a→b, create a, crash, replay. The
