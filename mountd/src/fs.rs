@@ -931,7 +931,7 @@ mod tests {
 
     impl Transport for Arc<LocalTransport> {
         fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
-            if matches!(request, Request::Read { .. } | Request::ReadFromLog { .. }) {
+            if matches!(request, Request::Read { .. } | Request::LocateInLog { .. }) {
                 self.reads.fetch_add(1, Ordering::SeqCst);
             }
             let result = self.store.apply("u", now(), &request).map_err(|e| RpcError::Remote(e.code()));
@@ -1009,7 +1009,7 @@ mod tests {
             let fetched = reads();
             let within = fs.read_now(f.ino, 4096, 4096).expect("block 0 has arrived").unwrap();
             assert_eq!(within, &data[4096..8192]);
-            assert_eq!(reads(), fetched + 1, "block 0 is not asked again; block 1 is read ahead");
+            assert_eq!(reads(), fetched + 1, "block 0 is not asked again; block 1 is located ahead");
             // Sequential now: the next block is read ahead, and once it has
             // arrived a read across both blocks is answered at once.
             let across = CHUNK_SIZE as u64 - 10;

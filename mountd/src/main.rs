@@ -38,7 +38,9 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
     let outcome = mountd::read_password(cli.password_file.as_deref(), &cli.user).and_then(|password| {
         mountd::run(mountd::Config {

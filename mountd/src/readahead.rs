@@ -7,14 +7,19 @@
 //! reads fetches the next blocks ahead of time with a window that doubles up to
 //! [`MAX_WINDOW_BLOCKS`]. Random access fetches only what it touches.
 //! Blocks of a sequential run may come straight from the request log
-//! (`logread`); a read whose blocks have all arrived is answered without
+//! (`logread`): one `LocateInLog` asks where a group of
+//! [`LOCATE_GROUP_BLOCKS`] blocks is, so a streaming reader pays one small
+//! request per group rather than per block, and blocks the log does not
+//! hold are read plainly. A read whose blocks have all arrived is answered without
 //! waiting ([`ReadCache::read_ready`]), and within one block it shares the
 //! block's buffer ([`FileBytes`]).
 //!
 //! Guarantees: a block is fetched at most once while cached (concurrent
 //! readers share one request); per inode at most `MAX_WINDOW_BLOCKS + 2`
-//! blocks are held; [`ReadCache::forget`] drops an inode's blocks, which
-//! the core does on open, write, truncate, forget and change events.
+//! blocks are held; [`ReadCache::forget`] drops an inode's blocks and
+//! their locations, which the core does on open, write, truncate, forget
+//! and change events. A block from the log waits at most two deadlines:
+//! its group's location, then the fetch with its fallback.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -22,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use dfos_protocol::limits::CHUNK_SIZE;
-use dfos_protocol::{Payload, Request};
+use dfos_protocol::{LogLocation, Payload, Request};
 
 use crate::fs::{FsError, FsResult};
 use crate::rpc::Transport;
@@ -31,11 +36,20 @@ use crate::rpc::Transport;
 pub const MAX_WINDOW_BLOCKS: u64 = 16;
 const CHUNK: u64 = CHUNK_SIZE as u64;
 
+/// Blocks one `LocateInLog` covers: 8 × 960 KiB = 7.5 MiB.
+pub const LOCATE_GROUP_BLOCKS: u64 = 8;
+
 type Block = Shared<BoxFuture<'static, FsResult<Arc<Vec<u8>>>>>;
+/// Where a group's bytes are in the log, and the file's size then; `None`
+/// when the node could not say (its blocks are then read plainly, and
+/// those reads report any error).
+type Located = Shared<BoxFuture<'static, Option<Arc<(Vec<LogLocation>, u64)>>>>;
 
 #[derive(Default)]
 struct InodeBlocks {
     blocks: BTreeMap<u64, Block>,
+    /// By group index (block index / [`LOCATE_GROUP_BLOCKS`]).
+    located: BTreeMap<u64, Located>,
     /// Where a sequential reader is expected to continue.
     next_offset: u64,
     window: u64,
@@ -96,23 +110,87 @@ pub struct ReadCache {
     inodes: Mutex<HashMap<u64, InodeBlocks>>,
 }
 
-/// A sequential reader's blocks may come straight from the request log
-/// (see `logread`): that streams, but a lone read would pay a seek of the
-/// log consumer, which costs more than having the bytes in the reply.
-fn fetch<T: Transport>(transport: &T, path: &str, index: u64, sequential: bool) -> FsResult<Block> {
-    let (path, offset, len) = (path.to_owned(), index * CHUNK, CHUNK_SIZE as u32);
-    let request =
-        if sequential { Request::ReadFromLog { path, offset, len } } else { Request::Read { path, offset, len } };
-    let pending = transport.submit(request)?;
-    Ok(async move {
-        match pending.await {
-            Ok(Payload::Data(data)) => Ok(Arc::new(data)),
-            Ok(_) => Err(FsError::UnexpectedReply),
-            Err(e) => Err(FsError::from(e)),
+/// A block read plainly: its bytes come in the reply. Submitted now.
+fn fetch_plainly<T: Transport>(transport: &T, path: &str, index: u64) -> FsResult<Block> {
+    let pending = transport.submit(plain_read(path, index))?;
+    Ok(async move { block_data(pending.await) }.boxed().shared())
+}
+
+/// A sequential reader's block: from the request log where its group's
+/// locations cover it, which streams; plainly otherwise. (A lone read
+/// would pay a seek of the log consumer, which costs more than having the
+/// bytes in the reply, so only sequential runs come here.)
+fn fetch_sequential<T: Transport>(transport: &T, path: &str, index: u64, located: Located) -> Block {
+    let (transport, path) = (transport.clone(), path.to_owned());
+    async move {
+        let plain = plain_read(&path, index);
+        let pending = match located.await.as_deref().and_then(|(run, size)| block_source(run, *size, index)) {
+            Some(BlockSource::PastEnd) => return Ok(Arc::new(Vec::new())),
+            Some(BlockSource::Log(location)) => transport.read_logged(location, plain),
+            None => transport.submit(plain),
+        };
+        block_data(pending?.await)
+    }
+    .boxed()
+    .shared()
+}
+
+/// Asks where the blocks of group `group` are in the log. Submitted now.
+fn locate<T: Transport>(transport: &T, path: &str, group: u64) -> Located {
+    let request = Request::LocateInLog {
+        path: path.to_owned(),
+        offset: group * LOCATE_GROUP_BLOCKS * CHUNK,
+        len: LOCATE_GROUP_BLOCKS * CHUNK,
+    };
+    let pending = transport.submit(request);
+    async move {
+        match pending.ok()?.await {
+            Ok(Payload::Located { locations, size }) => Some(Arc::new((locations, size))),
+            _ => None,
         }
     }
     .boxed()
-    .shared())
+    .shared()
+}
+
+fn plain_read(path: &str, index: u64) -> Request {
+    Request::Read { path: path.to_owned(), offset: index * CHUNK, len: CHUNK_SIZE as u32 }
+}
+
+fn block_data(reply: Result<Payload, crate::rpc::RpcError>) -> FsResult<Arc<Vec<u8>>> {
+    match reply {
+        Ok(Payload::Data(data)) => Ok(Arc::new(data)),
+        Ok(_) => Err(FsError::UnexpectedReply),
+        Err(e) => Err(FsError::from(e)),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum BlockSource {
+    /// The block starts at or past the end of the file: it is empty.
+    PastEnd,
+    Log(LogLocation),
+}
+
+/// Where block `index` is, given a group's `run` of locations and the
+/// file's `size`: one location must hold the whole block (up to the end of
+/// the file). `None`: the block is read plainly.
+fn block_source(run: &[LogLocation], size: u64, index: u64) -> Option<BlockSource> {
+    let start = index * CHUNK;
+    if start >= size {
+        return Some(BlockSource::PastEnd);
+    }
+    let end = (start + CHUNK).min(size);
+    let location = run.iter().find(|l| {
+        let from = l.file_offset + l.skip as u64;
+        from <= start && start < from + l.len as u64
+    })?;
+    let from = location.file_offset + location.skip as u64;
+    if from + (location.len as u64) < end {
+        return None;
+    }
+    let skip = location.skip + (start - from) as u32;
+    Some(BlockSource::Log(LogLocation { skip, len: (end - start) as u32, ..location.clone() }))
 }
 
 impl ReadCache {
@@ -180,12 +258,23 @@ impl ReadCache {
         let end = offset + size as u64;
         state.next_offset = if sequential { state.next_offset.max(end) } else { end };
         state.blocks.retain(|&index, _| index + 1 >= first && index <= last + MAX_WINDOW_BLOCKS);
+        let groups =
+            (first.saturating_sub(1) / LOCATE_GROUP_BLOCKS)..=((last + MAX_WINDOW_BLOCKS) / LOCATE_GROUP_BLOCKS);
+        state.located.retain(|group, _| groups.contains(group));
+        let fetch = |state: &mut InodeBlocks, index: u64, sequential: bool| -> FsResult<Block> {
+            if !sequential {
+                return fetch_plainly(transport, path, index);
+            }
+            let group = index / LOCATE_GROUP_BLOCKS;
+            let located = state.located.entry(group).or_insert_with(|| locate(transport, path, group)).clone();
+            Ok(fetch_sequential(transport, path, index, located))
+        };
         let mut needed = Vec::new();
         for index in first..=last {
             let block = match state.blocks.get(&index) {
                 Some(block) => block.clone(),
                 None => {
-                    let block = fetch(transport, path, index, sequential)?;
+                    let block = fetch(state, index, sequential)?;
                     state.blocks.insert(index, block.clone());
                     block
                 }
@@ -193,9 +282,9 @@ impl ReadCache {
             needed.push((index, block));
         }
         for index in last + 1..=last + state.window {
-            if let std::collections::btree_map::Entry::Vacant(slot) = state.blocks.entry(index) {
-                let block = fetch(transport, path, index, true)?;
-                slot.insert(block.clone());
+            if !state.blocks.contains_key(&index) {
+                let block = fetch(state, index, true)?;
+                state.blocks.insert(index, block.clone());
                 // Drive the fetch now; its result waits in the cache.
                 tokio::spawn(async move {
                     let _ = block.await;
@@ -230,4 +319,34 @@ fn assemble(blocks: &[(u64, Arc<Vec<u8>>)], FileRead { offset, size, .. }: FileR
         }
     }
     out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(file_offset: u64, skip: u32, len: u32) -> LogLocation {
+        LogLocation { partition: 0, offset: file_offset as i64, request_id: 1, file_offset, skip, len }
+    }
+
+    #[test]
+    fn a_block_comes_from_the_log_only_when_one_location_holds_all_of_it() {
+        let c = CHUNK as u32;
+        // Two whole blocks, then half a block written last.
+        let run = [at(0, 0, c), at(CHUNK, 0, c), at(2 * CHUNK, 0, c / 2)];
+        let size = 2 * CHUNK + CHUNK / 2;
+        assert_eq!(block_source(&run, size, 1), Some(BlockSource::Log(at(CHUNK, 0, c))));
+        assert_eq!(block_source(&run, size, 2), Some(BlockSource::Log(at(2 * CHUNK, 0, c / 2))));
+        assert_eq!(block_source(&run, size, 3), Some(BlockSource::PastEnd));
+        // A write that straddles blocks serves the part in each block.
+        let straddling = [at(100, 0, c)];
+        assert_eq!(block_source(&straddling, 4 * CHUNK, 0), None);
+        let tail = block_source(&[at(100, 0, c), at(CHUNK + 100, 0, c)], 4 * CHUNK, 1);
+        assert_eq!(tail, None, "block 1 spans two writes");
+        let inner = [at(0, 0, 2 * c)];
+        assert_eq!(block_source(&inner, 2 * CHUNK, 1), Some(BlockSource::Log(at(0, c, c))));
+        // A run that stops short, or does not reach the block: plainly.
+        assert_eq!(block_source(&[at(0, 0, c - 1)], 2 * CHUNK, 0), None);
+        assert_eq!(block_source(&[], 2 * CHUNK, 1), None);
+    }
 }

@@ -5,7 +5,8 @@
 //! Guarantees:
 //! - [`Transport::submit`] enqueues synchronously, so requests submitted one
 //!   after another from one task reach the log in that order;
-//! - every reply future resolves within the deadline: past it, `Timeout`;
+//! - every reply future resolves within the deadline: past it, `Timeout`
+//!   (a read from the request log and its fallback share one deadline);
 //! - a reply that arrives twice (several storage replicas) is delivered once,
 //!   later copies are dropped.
 
@@ -28,7 +29,8 @@ use tokio::sync::oneshot;
 
 use crate::logread::{LogReadError, LogReader};
 use dfos_protocol::{
-    decode_reply, encode_envelope, Envelope, ErrorCode, Payload, Request, Timestamp, Topics, PROTOCOL_VERSION,
+    decode_reply, encode_envelope, Envelope, ErrorCode, LogLocation, Payload, Request, Timestamp, Topics,
+    PROTOCOL_VERSION,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,10 +49,18 @@ pub type PendingReply = Pin<Box<dyn Future<Output = Result<Payload, RpcError>> +
 
 /// The only thing the filesystem core needs from the network, so the core
 /// can be tested against an in-process store.
-pub trait Transport: Send + Sync + 'static {
+pub trait Transport: Clone + Send + Sync + 'static {
     /// Enqueues `request` now (requests enqueued one after another reach
     /// the log in that order) and returns a future for its reply.
     fn submit(&self, request: Request) -> Result<PendingReply, RpcError>;
+
+    /// The bytes at `location` in the request log as [`Payload::Data`];
+    /// when they cannot be fetched from there, the reply to `plain_read`
+    /// (a read of the same bytes). Without a log reader, just that read.
+    fn read_logged(&self, location: LogLocation, plain_read: Request) -> Result<PendingReply, RpcError> {
+        let _ = location;
+        self.submit(plain_read)
+    }
 }
 
 pub fn now() -> Timestamp {
@@ -146,8 +156,15 @@ impl KafkaRpc {
         let log_reader = LogReader::start(
             manual_consumer(
                 &settings,
-                // Prefetch about one read-ahead window (16 chunks), not 64 MiB.
-                &[("auto.offset.reset", "error"), ("queued.max.messages.kbytes", "16384")],
+                // Prefetch about one read-ahead window (16 chunks), not 64 MiB,
+                // and fetch again soon after the reader drains it: by default
+                // librdkafka waits a whole second once that queue was full,
+                // which stalled a streaming read for that second.
+                &[
+                    ("auto.offset.reset", "error"),
+                    ("queued.max.messages.kbytes", "16384"),
+                    ("fetch.queue.backoff.ms", "5"),
+                ],
             )?,
             topics.requests(),
             user.to_owned(),
@@ -269,21 +286,14 @@ fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<
 }
 
 impl Transport for Arc<KafkaRpc> {
-    /// A [`Request::ReadFromLog`] answered with a location resolves to the
-    /// bytes fetched from the log; if that fetch fails, to the bytes of a
-    /// plain read sent then. The whole exchange keeps the one deadline.
     fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
-        let Request::ReadFromLog { path, offset, len } = &request else {
-            return self.send(request);
-        };
-        let plain_read = Request::Read { path: path.clone(), offset: *offset, len: *len };
-        let reply = self.send(request)?;
+        self.send(request)
+    }
+
+    /// The fetch, and the plain read after a failed one, share one deadline.
+    fn read_logged(&self, location: LogLocation, plain_read: Request) -> Result<PendingReply, RpcError> {
         let rpc = self.clone();
         let exchange = async move {
-            let location = match reply.await? {
-                Payload::InLog(location) => location,
-                other => return Ok(other),
-            };
             match rpc.log_reader.fetch(location).await {
                 Ok(data) => Ok(Payload::Data(data)),
                 Err(e) => {
