@@ -22,9 +22,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaResult;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode as Code;
 use rdkafka::{Offset, TopicPartitionList};
@@ -134,36 +133,6 @@ pub struct Handled {
     pub event: Option<Event>,
 }
 
-/// A burst ends after this many messages or this long, so the first reply
-/// of a burst waits for little more than its own request; within a burst,
-/// a streaming write's replies and events share produce requests.
-const MAX_BURST_MESSAGES: usize = 16;
-const MAX_BURST_TIME: Duration = Duration::from_millis(5);
-
-/// What a burst of consumed requests sends once it has been applied.
-#[derive(Default)]
-struct Burst {
-    messages: usize,
-    events: Vec<(Event, u64)>,
-    replies: Vec<(String, Reply)>,
-}
-
-impl Burst {
-    fn add(&mut self, handled: Handled) {
-        if let Some(event) = handled.event {
-            // One change event per burst and file is enough: receivers only
-            // drop what they cached of the path, which a repeat would redo.
-            let repeat = self.events.iter().any(|(seen, _)| {
-                seen.user == event.user && matches!(seen.change, Change::Modified { .. }) && seen.change == event.change
-            });
-            if !repeat {
-                self.events.push((event, handled.reply.request_id));
-            }
-        }
-        self.replies.push((handled.reply_topic, handled.reply));
-    }
-}
-
 /// Locations one `LocateInLog` answers with at most: a read-ahead window
 /// of whole chunks needs 16.
 const MAX_LOCATIONS: usize = 64;
@@ -246,22 +215,30 @@ impl Service {
             self.checkpoint.path().display()
         );
         while !stop.load(Ordering::Relaxed) {
-            let Some(first) = consumer.poll(Duration::from_millis(200)) else {
+            let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
                 if let Err(e) = self.checkpoint.persist_all() {
                     log::warn!("op=checkpoint node={} error={e}", self.config.node_id);
                 }
                 continue;
             };
-            let mut burst = Burst::default();
-            self.handle_polled(first, &mut burst);
-            let started = std::time::Instant::now();
-            while burst.messages < MAX_BURST_MESSAGES && started.elapsed() < MAX_BURST_TIME {
-                match consumer.poll(Duration::ZERO) {
-                    Some(polled) => self.handle_polled(polled, &mut burst),
-                    None => break,
+            let message = match polled {
+                Ok(m) => m,
+                Err(e) => {
+                    log::warn!("op=consume node={} error={e}", self.config.node_id);
+                    continue;
                 }
+            };
+            let (partition, offset) = (message.partition(), message.offset());
+            if let Some(handled) = self.handle(message.payload().unwrap_or_default(), partition, offset) {
+                let request_id = handled.reply.request_id;
+                // The event goes first, so other mounts hear of a change no
+                // later than the mount that made it hears it is done.
+                if let Some(event) = &handled.event {
+                    let events = self.topics.events();
+                    self.send(&producer, &events, Some(&event.user), encode_event(event), request_id);
+                }
+                self.send(&producer, &handled.reply_topic, None, encode_reply(&handled.reply), request_id);
             }
-            self.publish(&producer, burst);
         }
         log::info!("op=stop node={}", self.config.node_id);
         if let Err(e) = self.checkpoint.persist_all() {
@@ -269,34 +246,6 @@ impl Service {
         }
         let _ = producer.flush(Duration::from_secs(5));
         Ok(())
-    }
-
-    fn handle_polled(&mut self, polled: KafkaResult<BorrowedMessage<'_>>, burst: &mut Burst) {
-        burst.messages += 1;
-        let message = match polled {
-            Ok(m) => m,
-            Err(e) => {
-                log::warn!("op=consume node={} error={e}", self.config.node_id);
-                return;
-            }
-        };
-        let (partition, offset) = (message.partition(), message.offset());
-        if let Some(handled) = self.handle(message.payload().unwrap_or_default(), partition, offset) {
-            burst.add(handled);
-        }
-    }
-
-    /// Sends a burst's events, then its replies: other mounts hear of a
-    /// change no later than the mount that made it hears it is done, and
-    /// messages queued together travel in one produce request per topic.
-    fn publish(&self, producer: &ThreadedProducer<DefaultProducerContext>, burst: Burst) {
-        let events = self.topics.events();
-        for (event, request_id) in &burst.events {
-            self.send(producer, &events, Some(&event.user), encode_event(event), *request_id);
-        }
-        for (reply_topic, reply) in &burst.replies {
-            self.send(producer, reply_topic, None, encode_reply(reply), reply.request_id);
-        }
     }
 
     fn send(
@@ -589,26 +538,6 @@ pub fn status(config: &Config) -> Result<String, ServiceError> {
 mod tests {
     use super::*;
     use dfos_protocol::{encode_envelope, RenameMode, Timestamp};
-
-    #[test]
-    fn a_burst_sends_one_modified_event_per_file_and_every_reply() {
-        let handled = |request_id: u64, change: Change| Handled {
-            reply_topic: "dfos.reply.m".into(),
-            reply: Reply { request_id, node: "n".into(), result: Ok(Payload::Done) },
-            event: Some(Event { version: PROTOCOL_VERSION, user: "u".into(), origin: "m".into(), request_id, change }),
-        };
-        let modified = |path: &str| Change::Modified { path: path.into() };
-        let mut burst = Burst::default();
-        burst.add(handled(1, modified("a")));
-        burst.add(handled(2, modified("a")));
-        burst.add(handled(3, modified("b")));
-        burst.add(handled(4, Change::Created { path: "c".into() }));
-        burst.add(handled(5, Change::Removed { path: "c".into() }));
-        burst.add(handled(6, Change::Created { path: "c".into() }));
-        let sent: Vec<u64> = burst.events.iter().map(|(_, id)| *id).collect();
-        assert_eq!(sent, [1, 3, 4, 5, 6]);
-        assert_eq!(burst.replies.iter().map(|(_, r)| r.request_id).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
-    }
 
     /// A service plus a fake partition log: each message gets the next offset.
     struct Harness {
