@@ -155,7 +155,7 @@ launch() {
   local i=$1 dir; dir=$(node_dir "$i")
   if running "$i"; then return 0; fi
   local heap=1g; [ "$nodes" = 1 ] || heap=512m
-  nohup java -Xms256m -Xmx$heap -XX:+UseG1GC -XX:G1HeapRegionSize=4M -XX:MaxGCPauseMillis=20 -Dlog4j2.configurationFile="$home/log4j2.properties" \
+  nohup java -Xms$heap -Xmx$heap -XX:+AlwaysPreTouch -XX:+UseG1GC -XX:G1HeapRegionSize=4M -XX:MaxGCPauseMillis=20 -Dlog4j2.configurationFile="$home/log4j2.properties" \
     -cp "$libs/*" kafka.Kafka "$dir/server.properties" >>"$dir/kafka.log" 2>&1 </dev/null &
   echo $! >"$(pidfile "$i")"
 }
