@@ -174,3 +174,35 @@ fn a_password_file_takes_precedence_over_the_environment() {
     ok(&format!("touch {}", m.p("in")));
     assert!(d.storage.join("User1/in").exists());
 }
+
+/// A request topic made by an earlier dfos takes messages of ~1 MiB; a
+/// storage daemon starting on it raises the limit, so whole chunks (four
+/// times that) are written and read back.
+#[test]
+fn a_request_topic_from_an_earlier_version_takes_whole_chunks_after_storaged_starts() {
+    use dfos_protocol::limits::{CHUNK_SIZE, KAFKA_MAX_MESSAGE_BYTES};
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+    let mut d = Deployment::start_replicated("old-topic", 0, &brokers(), 1);
+    let requests = dfos_protocol::Topics::new(&d.namespace).requests();
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::config::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let partitions = dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
+    let old = NewTopic::new(&requests, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", "1048588");
+    for created in runtime.block_on(admin.create_topics([&old], &AdminOptions::new())).unwrap() {
+        created.unwrap();
+    }
+    let node = d.add_node();
+    d.start_node(node);
+    let m = d.mount(USER1);
+    let data = random_bytes(3 * CHUNK_SIZE + 12345, 11);
+    fs::write(m.join("big.bin"), &data).unwrap();
+    drop_caches();
+    assert!(fs::read(m.join("big.bin")).unwrap() == data, "the file read back differs");
+    let described =
+        runtime.block_on(admin.describe_configs([&ResourceSpecifier::Topic(&requests)], &AdminOptions::new())).unwrap();
+    let topic = described.into_iter().next().unwrap().unwrap();
+    let limit: usize = topic.get("max.message.bytes").unwrap().value.as_deref().unwrap().parse().unwrap();
+    assert!(limit >= KAFKA_MAX_MESSAGE_BYTES, "max.message.bytes is still {limit}");
+    assert_eq!(topic.get("retention.ms").unwrap().value.as_deref(), Some("-1"), "dfos's own settings kept");
+}

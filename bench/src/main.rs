@@ -14,7 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use dfos_protocol::limits::CHUNK_SIZE;
+use dfos_protocol::limits::{CHUNK_SIZE, KAFKA_MAX_MESSAGE_BYTES};
 use dfos_protocol::Request;
 use mountd::fs::MAX_WRITES_IN_FLIGHT;
 use mountd::rpc::{KafkaRpc, KafkaSettings, Transport};
@@ -67,7 +67,8 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
     admin
         .create_topics(
-            [&NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "1048588")],
+            [&NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", &KAFKA_MAX_MESSAGE_BYTES.to_string())],
             &options,
         )
         .await?;
@@ -77,6 +78,7 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", "30000")
+        .set("message.max.bytes", KAFKA_MAX_MESSAGE_BYTES.to_string())
         .create()?;
     let chunk = vec![0x5a_u8; CHUNK_SIZE];
     let messages = bytes.div_ceil(CHUNK_SIZE as u64);

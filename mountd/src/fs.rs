@@ -921,6 +921,7 @@ mod tests {
     //! one Kafka partition does.
     use super::*;
     use crate::rpc::{now, PendingReply};
+    use dfos_protocol::limits::READ_BLOCK_SIZE;
     use proptest::prelude::*;
     use std::ffi::OsStr;
 
@@ -1000,7 +1001,7 @@ mod tests {
             let (_dir, fs) = core();
             let reads = || fs.transport.reads.load(Ordering::SeqCst);
             let (f, _) = fs.create(1, OsStr::new("big"), 0o644, true).await.unwrap();
-            let data: Vec<u8> = (0..3 * CHUNK_SIZE).map(|i| (i * 13 % 251) as u8).collect();
+            let data: Vec<u8> = (0..3 * READ_BLOCK_SIZE).map(|i| (i * 13 % 251) as u8).collect();
             fs.write(f.ino, 0, &data).await.unwrap();
             fs.flush(f.ino).await.unwrap();
             fs.open(f.ino).unwrap();
@@ -1012,8 +1013,8 @@ mod tests {
             assert_eq!(reads(), fetched + 1, "block 0 is not asked again; block 1 is located ahead");
             // Sequential now: the next block is read ahead, and once it has
             // arrived a read across both blocks is answered at once.
-            let across = CHUNK_SIZE as u64 - 10;
-            fs.read(f.ino, CHUNK_SIZE as u64, 10).await.unwrap();
+            let across = READ_BLOCK_SIZE as u64 - 10;
+            fs.read(f.ino, READ_BLOCK_SIZE as u64, 10).await.unwrap();
             let both = fs.read_now(f.ino, across, 20).expect("blocks 0 and 1 have arrived").unwrap();
             assert_eq!(both, &data[across as usize..across as usize + 20]);
         });

@@ -49,11 +49,12 @@ pub enum LogReadError {
 /// A wanted message further ahead than this many offsets is sought, not
 /// streamed to: streaming reads every message in between.
 const MAX_GAP: i64 = 64;
-/// Messages passed unwanted that are kept for a moment: the answers to a
-/// window of read-aheads arrive slightly out of order, and a want that
-/// comes just after its message went by would otherwise cost a seek back
-/// (which also drops everything prefetched). At most ~8 MiB.
-const RECENTLY_PASSED: usize = 8;
+/// Messages passed that are kept for a moment: the answers to a window of
+/// read-aheads arrive slightly out of order, the later blocks of a chunk
+/// are wanted after its first, and a want that comes just after its
+/// message went by would otherwise cost a seek back (which also drops
+/// everything prefetched). At most four chunks, 15 MiB.
+const RECENTLY_PASSED: usize = 4;
 /// An idle consumer lets go of its partition, so it stops fetching.
 const IDLE_RELEASE: Duration = Duration::from_millis(500);
 
@@ -114,7 +115,7 @@ struct Fetcher {
     user: String,
     receiver: Receiver<Want>,
     wants: BTreeMap<(i32, i64), Vec<Want>>,
-    recently_passed: VecDeque<((i32, i64), Vec<u8>)>,
+    recently_passed: VecDeque<((i32, i64), Decoded)>,
     /// Partition assigned and the offset the consumer delivers next.
     next: Option<(i32, i64)>,
 }
@@ -159,8 +160,8 @@ impl Fetcher {
 
     fn add(&mut self, want: Want) {
         let key = (want.location.partition, want.location.offset);
-        if let Some((_, payload)) = self.recently_passed.iter().find(|(passed, _)| *passed == key) {
-            let _ = want.answer.send(extract(payload, &want.location, &self.user));
+        if let Some((_, write)) = self.recently_passed.iter().find(|(passed, _)| *passed == key) {
+            let _ = want.answer.send(extract(write, &want.location, &self.user));
             return;
         }
         self.wants.entry(key).or_default().push(want);
@@ -237,46 +238,53 @@ impl Fetcher {
                 let _ = want.answer.send(Err(LogReadError::Mismatch("no message at that offset")));
             }
         }
-        let payload = message.payload().unwrap_or_default();
-        let Some(wants) = self.wants.remove(&key) else {
-            if self.recently_passed.len() == RECENTLY_PASSED {
-                self.recently_passed.pop_front();
-            }
-            self.recently_passed.push_back((key, payload.to_vec()));
-            return;
-        };
-        for want in wants {
-            let answer = extract(payload, &want.location, &self.user);
-            let _ = want.answer.send(answer);
+        // Decoded once: the blocks of one chunk are several wants, and
+        // those of its blocks that enter the read-ahead window later find
+        // it among the recently passed.
+        let write = decode_write(message.payload().unwrap_or_default());
+        for want in self.wants.remove(&key).unwrap_or_default() {
+            let _ = want.answer.send(extract(&write, &want.location, &self.user));
         }
+        if self.recently_passed.len() == RECENTLY_PASSED {
+            self.recently_passed.pop_front();
+        }
+        self.recently_passed.push_back((key, write));
     }
+}
+
+/// A logged message decoded as far as a located read needs it.
+type Decoded = Result<LoggedWrite, LogReadError>;
+
+struct LoggedWrite {
+    user: String,
+    request_id: u64,
+    offset: u64,
+    data: Vec<u8>,
+}
+
+fn decode_write(payload: &[u8]) -> Decoded {
+    let envelope = decode_envelope(payload).map_err(|_| LogReadError::Mismatch("undecodable"))?;
+    let Request::Write { offset, data, .. } = envelope.request else {
+        return Err(LogReadError::Mismatch("not a write"));
+    };
+    Ok(LoggedWrite { user: envelope.user, request_id: envelope.request_id, offset, data })
 }
 
 /// The located bytes out of a logged request, after checking it is the
 /// write the location names.
-fn extract(payload: &[u8], location: &LogLocation, user: &str) -> Result<Vec<u8>, LogReadError> {
-    let envelope = decode_envelope(payload).map_err(|_| LogReadError::Mismatch("undecodable"))?;
-    if envelope.user != user {
+fn extract(write: &Decoded, location: &LogLocation, user: &str) -> Result<Vec<u8>, LogReadError> {
+    let write = write.as_ref().map_err(Clone::clone)?;
+    if write.user != user {
         return Err(LogReadError::Mismatch("another user's request"));
     }
-    if envelope.request_id != location.request_id {
+    if write.request_id != location.request_id {
         return Err(LogReadError::Mismatch("another request id"));
     }
-    let Request::Write { offset, mut data, .. } = envelope.request else {
-        return Err(LogReadError::Mismatch("not a write"));
-    };
-    if offset != location.file_offset {
+    if write.offset != location.file_offset {
         return Err(LogReadError::Mismatch("another file offset"));
     }
     let (skip, len) = (location.skip as usize, location.len as usize);
-    if skip + len > data.len() {
-        return Err(LogReadError::Mismatch("shorter than the location"));
-    }
-    if skip > 0 {
-        data.drain(..skip);
-    }
-    data.truncate(len);
-    Ok(data)
+    write.data.get(skip..skip + len).map(<[u8]>::to_vec).ok_or(LogReadError::Mismatch("shorter than the location"))
 }
 
 #[cfg(test)]
@@ -303,13 +311,15 @@ mod tests {
 
     #[test]
     fn the_located_bytes_come_out_of_the_right_write_only() {
-        let payload = logged_write("u", 7, 100, (0..10).collect());
-        assert_eq!(extract(&payload, &location(0, 10), "u").unwrap(), (0..10).collect::<Vec<u8>>());
-        assert_eq!(extract(&payload, &location(3, 4), "u").unwrap(), vec![3, 4, 5, 6]);
-        assert!(extract(&payload, &location(8, 4), "u").is_err(), "past the data");
-        assert!(extract(&payload, &location(0, 4), "v").is_err(), "another user");
-        assert!(extract(&logged_write("u", 8, 100, vec![0; 10]), &location(0, 4), "u").is_err(), "another id");
-        assert!(extract(&logged_write("u", 7, 0, vec![0; 10]), &location(0, 4), "u").is_err(), "another offset");
-        assert!(extract(b"garbage", &location(0, 4), "u").is_err());
+        let write = decode_write(&logged_write("u", 7, 100, (0..10).collect()));
+        assert_eq!(extract(&write, &location(0, 10), "u").unwrap(), (0..10).collect::<Vec<u8>>());
+        assert_eq!(extract(&write, &location(3, 4), "u").unwrap(), vec![3, 4, 5, 6]);
+        assert!(extract(&write, &location(8, 4), "u").is_err(), "past the data");
+        assert!(extract(&write, &location(0, 4), "v").is_err(), "another user");
+        let other_id = decode_write(&logged_write("u", 8, 100, vec![0; 10]));
+        assert!(extract(&other_id, &location(0, 4), "u").is_err(), "another id");
+        let other_offset = decode_write(&logged_write("u", 7, 0, vec![0; 10]));
+        assert!(extract(&other_offset, &location(0, 4), "u").is_err(), "another offset");
+        assert!(extract(&decode_write(b"garbage"), &location(0, 4), "u").is_err());
     }
 }

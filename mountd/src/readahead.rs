@@ -1,9 +1,9 @@
-//! File data read from the storage nodes, in chunk-aligned blocks, with
-//! read-ahead on sequential access.
+//! File data read from the storage nodes, in aligned blocks of
+//! `READ_BLOCK_SIZE`, with read-ahead on sequential access.
 //!
 //! The kernel asks for at most 128 KiB at a time; one request per kernel
 //! read would pay a Kafka round trip for every 128 KiB. Instead each read
-//! fetches whole blocks of one chunk (960 KiB), and a run of sequential
+//! fetches whole blocks (960 KiB; a written chunk is four), and a run of sequential
 //! reads fetches the next blocks ahead of time with a window that doubles up to
 //! [`MAX_WINDOW_BLOCKS`]. Random access fetches only what it touches.
 //! Blocks of a sequential run may come straight from the request log
@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
-use dfos_protocol::limits::CHUNK_SIZE;
+use dfos_protocol::limits::READ_BLOCK_SIZE;
 use dfos_protocol::{LogLocation, Payload, Request};
 
 use crate::fs::{FsError, FsResult};
@@ -34,7 +34,7 @@ use crate::rpc::Transport;
 
 /// Blocks fetched ahead of a sequential reader: 16 × 960 KiB = 15 MiB.
 pub const MAX_WINDOW_BLOCKS: u64 = 16;
-const CHUNK: u64 = CHUNK_SIZE as u64;
+const BLOCK: u64 = READ_BLOCK_SIZE as u64;
 
 /// Blocks one `LocateInLog` covers: 8 × 960 KiB = 7.5 MiB.
 pub const LOCATE_GROUP_BLOCKS: u64 = 8;
@@ -139,8 +139,8 @@ fn fetch_sequential<T: Transport>(transport: &T, path: &str, index: u64, located
 fn locate<T: Transport>(transport: &T, path: &str, group: u64) -> Located {
     let request = Request::LocateInLog {
         path: path.to_owned(),
-        offset: group * LOCATE_GROUP_BLOCKS * CHUNK,
-        len: LOCATE_GROUP_BLOCKS * CHUNK,
+        offset: group * LOCATE_GROUP_BLOCKS * BLOCK,
+        len: LOCATE_GROUP_BLOCKS * BLOCK,
     };
     let pending = transport.submit(request);
     async move {
@@ -154,7 +154,7 @@ fn locate<T: Transport>(transport: &T, path: &str, group: u64) -> Located {
 }
 
 fn plain_read(path: &str, index: u64) -> Request {
-    Request::Read { path: path.to_owned(), offset: index * CHUNK, len: CHUNK_SIZE as u32 }
+    Request::Read { path: path.to_owned(), offset: index * BLOCK, len: READ_BLOCK_SIZE as u32 }
 }
 
 fn block_data(reply: Result<Payload, crate::rpc::RpcError>) -> FsResult<Arc<Vec<u8>>> {
@@ -176,11 +176,11 @@ enum BlockSource {
 /// file's `size`: one location must hold the whole block (up to the end of
 /// the file). `None`: the block is read plainly.
 fn block_source(run: &[LogLocation], size: u64, index: u64) -> Option<BlockSource> {
-    let start = index * CHUNK;
+    let start = index * BLOCK;
     if start >= size {
         return Some(BlockSource::PastEnd);
     }
-    let end = (start + CHUNK).min(size);
+    let end = (start + BLOCK).min(size);
     let location = run.iter().find(|l| {
         let from = l.file_offset + l.skip as u64;
         from <= start && start < from + l.len as u64
@@ -242,8 +242,8 @@ impl ReadCache {
         if size == 0 {
             return Ok(None);
         }
-        let first = offset / CHUNK;
-        let last = (offset + size as u64 - 1) / CHUNK;
+        let first = offset / BLOCK;
+        let last = (offset + size as u64 - 1) / BLOCK;
         let mut inodes = self.inodes.lock().unwrap();
         let state = inodes.entry(ino).or_default();
         let arrived = |index| state.blocks.get(&index).is_some_and(|block: &Block| matches!(block.peek(), Some(Ok(_))));
@@ -253,7 +253,7 @@ impl ReadCache {
         // The kernel's own read-ahead sends reads slightly out of order.
         // A first read at offset 0 is not yet a run: most files are
         // small, and fetching past their end would cost a round trip.
-        let sequential = offset > 0 && offset.abs_diff(state.next_offset) <= 2 * CHUNK;
+        let sequential = offset > 0 && offset.abs_diff(state.next_offset) <= 2 * BLOCK;
         state.window = if sequential { (state.window * 2).clamp(1, MAX_WINDOW_BLOCKS) } else { 0 };
         let end = offset + size as u64;
         state.next_offset = if sequential { state.next_offset.max(end) } else { end };
@@ -300,9 +300,9 @@ impl ReadCache {
 fn assemble(blocks: &[(u64, Arc<Vec<u8>>)], FileRead { offset, size, .. }: FileRead) -> FileBytes {
     let end = offset + size as u64;
     let within_block = |(index, data): &(u64, Arc<Vec<u8>>)| {
-        let block_start = index * CHUNK;
+        let block_start = index * BLOCK;
         let from = (offset.max(block_start) - block_start) as usize;
-        (from, ((end - block_start) as usize).min(data.len()), data.len() < CHUNK_SIZE)
+        (from, ((end - block_start) as usize).min(data.len()), data.len() < READ_BLOCK_SIZE)
     };
     if let [block] = blocks {
         let (from, to, _) = within_block(block);
@@ -331,22 +331,22 @@ mod tests {
 
     #[test]
     fn a_block_comes_from_the_log_only_when_one_location_holds_all_of_it() {
-        let c = CHUNK as u32;
+        let c = BLOCK as u32;
         // Two whole blocks, then half a block written last.
-        let run = [at(0, 0, c), at(CHUNK, 0, c), at(2 * CHUNK, 0, c / 2)];
-        let size = 2 * CHUNK + CHUNK / 2;
-        assert_eq!(block_source(&run, size, 1), Some(BlockSource::Log(at(CHUNK, 0, c))));
-        assert_eq!(block_source(&run, size, 2), Some(BlockSource::Log(at(2 * CHUNK, 0, c / 2))));
+        let run = [at(0, 0, c), at(BLOCK, 0, c), at(2 * BLOCK, 0, c / 2)];
+        let size = 2 * BLOCK + BLOCK / 2;
+        assert_eq!(block_source(&run, size, 1), Some(BlockSource::Log(at(BLOCK, 0, c))));
+        assert_eq!(block_source(&run, size, 2), Some(BlockSource::Log(at(2 * BLOCK, 0, c / 2))));
         assert_eq!(block_source(&run, size, 3), Some(BlockSource::PastEnd));
         // A write that straddles blocks serves the part in each block.
         let straddling = [at(100, 0, c)];
-        assert_eq!(block_source(&straddling, 4 * CHUNK, 0), None);
-        let tail = block_source(&[at(100, 0, c), at(CHUNK + 100, 0, c)], 4 * CHUNK, 1);
+        assert_eq!(block_source(&straddling, 4 * BLOCK, 0), None);
+        let tail = block_source(&[at(100, 0, c), at(BLOCK + 100, 0, c)], 4 * BLOCK, 1);
         assert_eq!(tail, None, "block 1 spans two writes");
         let inner = [at(0, 0, 2 * c)];
-        assert_eq!(block_source(&inner, 2 * CHUNK, 1), Some(BlockSource::Log(at(0, c, c))));
+        assert_eq!(block_source(&inner, 2 * BLOCK, 1), Some(BlockSource::Log(at(0, c, c))));
         // A run that stops short, or does not reach the block: plainly.
-        assert_eq!(block_source(&[at(0, 0, c - 1)], 2 * CHUNK, 0), None);
-        assert_eq!(block_source(&[], 2 * CHUNK, 1), None);
+        assert_eq!(block_source(&[at(0, 0, c - 1)], 2 * BLOCK, 0), None);
+        assert_eq!(block_source(&[], 2 * BLOCK, 1), None);
     }
 }

@@ -28,6 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use crate::logread::{LogReadError, LogReader};
+use dfos_protocol::limits::KAFKA_MAX_MESSAGE_BYTES;
 use dfos_protocol::{
     decode_reply, encode_envelope, Envelope, ErrorCode, LogLocation, Payload, Request, Timestamp, Topics,
     PROTOCOL_VERSION,
@@ -150,6 +151,8 @@ impl KafkaRpc {
                 ("acks", "all"),
                 ("enable.idempotence", "true"),
                 ("message.timeout.ms", &settings.deadline.as_millis().to_string()),
+                // A write carries a whole chunk, more than librdkafka's default.
+                ("message.max.bytes", &KAFKA_MAX_MESSAGE_BYTES.to_string()),
             ])
             .create()
             .map_err(|e| RpcError::Kafka(e.to_string()))?;

@@ -30,7 +30,7 @@ use dfos_protocol::LogLocation;
 
 /// Smaller writes are not worth a second round trip to the broker.
 pub const MIN_EXTENT_BYTES: usize = 64 * 1024;
-/// About 16 MiB of index; at 960 KiB per write, 240 GiB of located data.
+/// About 16 MiB of index; at 3.75 MiB per write, 960 GiB of located data.
 pub const MAX_EXTENTS: usize = 1 << 18;
 
 /// What identifies a file's contents as this node last changed them.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -28,6 +28,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::types::RDKafkaErrorCode as Code;
 use rdkafka::{Offset, TopicPartitionList};
 
+use dfos_protocol::limits::KAFKA_MAX_MESSAGE_BYTES;
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
     decode_envelope, encode_event, encode_reply, Change, Envelope, ErrorCode, Event, Payload, Reply, Request, Topics,
@@ -72,17 +73,21 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
     let requests = topics.requests();
     let events = topics.events();
     let min_isr = config.replication_factor.min(2).to_string();
-    let request_retention = config.request_retention_ms.to_string();
     // Events only matter to mounts that are up now.
     let event_retention = "3600000".to_string();
-    let new_topics: Vec<NewTopic> = [(&requests, &request_retention), (&events, &event_retention)]
+    let request_settings = request_topic_settings(config);
+    let event_settings = [
+        ("max.message.bytes", "1048588".to_string()),
+        ("min.insync.replicas", min_isr),
+        ("retention.ms", event_retention),
+        ("retention.bytes", "-1".to_string()),
+    ];
+    let new_topics: Vec<NewTopic> = [(&requests, &request_settings), (&events, &event_settings)]
         .into_iter()
-        .map(|(name, retention)| {
-            NewTopic::new(name, DEFAULT_REQUEST_PARTITIONS, TopicReplication::Fixed(config.replication_factor))
-                .set("max.message.bytes", "1048588")
-                .set("min.insync.replicas", &min_isr)
-                .set("retention.ms", retention)
-                .set("retention.bytes", "-1")
+        .map(|(name, settings)| {
+            let topic =
+                NewTopic::new(name, DEFAULT_REQUEST_PARTITIONS, TopicReplication::Fixed(config.replication_factor));
+            settings.iter().fold(topic, |topic, (key, value)| topic.set(key, value))
         })
         .collect();
     let timeout = Duration::from_secs(config.timeout_secs);
@@ -94,7 +99,7 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
                 .await
                 .map_err(|_| ServiceError::BrokerTimeout(config.brokers.clone(), timeout))??;
         match first_topic_failure(results) {
-            None => return Ok(()),
+            None => break,
             // A cluster that is still starting registers its brokers one by
             // one; admins start storaged beside the brokers, so wait for them.
             Some((topic, Code::InvalidReplicationFactor)) if tokio::time::Instant::now() < deadline => {
@@ -115,6 +120,54 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
             Some((topic, code)) => return Err(ServiceError::Topic { topic, reason: code.to_string() }),
         }
     }
+    raise_request_message_limit(config, &admin, &requests, &options).await
+}
+
+/// How dfos creates its request topic: a whole chunk per message, kept as
+/// long as configured.
+fn request_topic_settings(config: &Config) -> [(&'static str, String); 4] {
+    [
+        ("max.message.bytes", KAFKA_MAX_MESSAGE_BYTES.to_string()),
+        ("min.insync.replicas", config.replication_factor.min(2).to_string()),
+        ("retention.ms", config.request_retention_ms.to_string()),
+        ("retention.bytes", "-1".to_string()),
+    ]
+}
+
+/// A request topic created by an earlier dfos takes messages of ~1 MiB;
+/// today's chunks need more. Kafka's AlterConfigs replaces a topic's whole
+/// configuration, so dfos's own settings are written again with it.
+async fn raise_request_message_limit(
+    config: &Config,
+    admin: &AdminClient<DefaultClientContext>,
+    requests: &str,
+    options: &AdminOptions,
+) -> Result<(), ServiceError> {
+    let failed = |reason: String| ServiceError::Topic { topic: requests.to_owned(), reason };
+    let described = admin.describe_configs([&ResourceSpecifier::Topic(requests)], options).await?;
+    let current = described
+        .into_iter()
+        .next()
+        .ok_or_else(|| failed("no configuration described".into()))?
+        .map_err(|code| failed(code.to_string()))?
+        .get("max.message.bytes")
+        .and_then(|entry| entry.value.as_deref()?.parse::<usize>().ok())
+        .unwrap_or(0);
+    if current >= KAFKA_MAX_MESSAGE_BYTES {
+        return Ok(());
+    }
+    log::info!(
+        "op=init node={} topic={requests} max.message.bytes {current} -> {KAFKA_MAX_MESSAGE_BYTES}",
+        config.node_id
+    );
+    let settings = request_topic_settings(config);
+    let alter = settings
+        .iter()
+        .fold(AlterConfig::new(ResourceSpecifier::Topic(requests)), |alter, (key, value)| alter.set(key, value));
+    for result in admin.alter_configs([&alter], options).await? {
+        result.map_err(|(_, code)| failed(format!("cannot raise max.message.bytes: {code}")))?;
+    }
+    Ok(())
 }
 
 /// The first topic that could not be created; one that exists already is fine.

@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dfos_protocol::limits::{CHUNK_SIZE, MAX_NAME_BYTES, READDIR_PAGE_BYTES};
+use dfos_protocol::limits::{CHUNK_SIZE, MAX_NAME_BYTES, READDIR_PAGE_BYTES, READ_BLOCK_SIZE};
 use dfos_protocol::{
     DirEntry, ErrorCode, FileAttr, FileKind, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
 };
@@ -206,7 +206,8 @@ impl Store {
             // the log); the store answers with the bytes, or locates none.
             Request::Read { path, offset, len } | Request::ReadFromLog { path, offset, len } => {
                 let file = open_nofollow(&at(path)?, false)?;
-                let len = (*len as usize).min(CHUNK_SIZE);
+                // The reply must fit Kafka's default message limit.
+                let len = (*len as usize).min(READ_BLOCK_SIZE);
                 Ok(Payload::Data(read_at_most(&file, *offset, len)?))
             }
             Request::LocateInLog { path, .. } => {
