@@ -59,9 +59,21 @@ pub fn read_password(file: Option<&std::path::Path>, user: &str) -> anyhow::Resu
         .context("no password: use --password-file, DFOS_PASSWORD or a terminal")
 }
 
+/// Chunks are allocated and freed by several threads, and glibc gives each
+/// thread a heap of its own that keeps its peak: a 4 GiB copy held
+/// 170-270 MiB resident. Two heaps for all threads hold about half that.
+/// (Mapping every chunk instead, with a fixed mmap threshold, held 45 MiB
+/// but cost 2.5 times the CPU per GiB in page faults.)
+fn share_heaps_between_threads() {
+    // SAFETY: mallopt only changes allocator parameters; called before any
+    // thread of ours exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+}
+
 /// Connects, logs in, mounts, and serves until SIGINT, SIGTERM or an
 /// external unmount. Nothing is mounted unless login succeeded.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    share_heaps_between_threads();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let deadline = config.kafka.deadline;
     let brokers = config.kafka.brokers.clone();
