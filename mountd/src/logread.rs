@@ -1,7 +1,8 @@
 //! File data fetched straight from the request log.
 //!
-//! A storage node may answer a read with a [`LogLocation`]: the bytes are
-//! the data of a `Write` still in `dfos.requests`. Fetching that message
+//! A storage node may say where file bytes are ([`LogLocation`]s in its
+//! answer to `LocateInLog`): in the data of a `Write` still in
+//! `dfos.requests`. Fetching that message
 //! moves the data through the broker once, the way any Kafka consumer reads,
 //! instead of having the node produce it into a reply topic first.
 //!
@@ -16,7 +17,8 @@
 //! - every fetch ends by its deadline; any failure (the message is gone by
 //!   retention, Kafka refuses access, a mismatch) is an error the caller
 //!   answers by asking for the bytes themselves;
-//! - memory is bounded by the consumer's queue (`queued.max.messages.kbytes`).
+//! - memory is bounded by the consumer's queue (`queued.max.messages.kbytes`)
+//!   and [`RECENTLY_PASSED`] decoded chunks.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
