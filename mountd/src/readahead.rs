@@ -40,10 +40,16 @@ const BLOCK: u64 = READ_BLOCK_SIZE as u64;
 pub const LOCATE_GROUP_BLOCKS: u64 = 8;
 
 type Block = Shared<BoxFuture<'static, FsResult<Arc<Vec<u8>>>>>;
-/// Where a group's bytes are in the log, and the file's size then; `None`
-/// when the node could not say (its blocks are then read plainly, and
-/// those reads report any error).
-type Located = Shared<BoxFuture<'static, Option<Arc<(Vec<LogLocation>, u64)>>>>;
+/// Where a group's bytes are in the log; `None` when the node could not
+/// say (its blocks are then read plainly, and those reads report any error).
+type Located = Shared<BoxFuture<'static, Option<Arc<GroupLocations>>>>;
+
+/// A node's answer to `LocateInLog` for one group of blocks.
+struct GroupLocations {
+    run: Vec<LogLocation>,
+    /// The file's size when the node answered.
+    size: u64,
+}
 
 #[derive(Default)]
 struct InodeBlocks {
@@ -124,7 +130,7 @@ fn fetch_sequential<T: Transport>(transport: &T, path: &str, index: u64, located
     let (transport, path) = (transport.clone(), path.to_owned());
     async move {
         let plain = plain_read(&path, index);
-        let pending = match located.await.as_deref().and_then(|(run, size)| block_source(run, *size, index)) {
+        let pending = match located.await.as_deref().and_then(|g| block_source(&g.run, g.size, index)) {
             Some(BlockSource::PastEnd) => return Ok(Arc::new(Vec::new())),
             Some(BlockSource::Log(location)) => transport.read_logged(location, plain),
             None => transport.submit(plain),
@@ -145,7 +151,7 @@ fn locate<T: Transport>(transport: &T, path: &str, group: u64) -> Located {
     let pending = transport.submit(request);
     async move {
         match pending.ok()?.await {
-            Ok(Payload::Located { locations, size }) => Some(Arc::new((locations, size))),
+            Ok(Payload::Located { locations, size }) => Some(Arc::new(GroupLocations { run: locations, size })),
             _ => None,
         }
     }

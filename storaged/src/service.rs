@@ -72,16 +72,9 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
     let admin: AdminClient<DefaultClientContext> = client_config(config, &[]).create()?;
     let requests = topics.requests();
     let events = topics.events();
-    let min_isr = config.replication_factor.min(2).to_string();
-    // Events only matter to mounts that are up now.
-    let event_retention = "3600000".to_string();
     let request_settings = request_topic_settings(config);
-    let event_settings = [
-        ("max.message.bytes", "1048588".to_string()),
-        ("min.insync.replicas", min_isr),
-        ("retention.ms", event_retention),
-        ("retention.bytes", "-1".to_string()),
-    ];
+    // Events are small and only matter to mounts that are up now.
+    let event_settings = topic_settings(config, 1_048_588, 3_600_000);
     let new_topics: Vec<NewTopic> = [(&requests, &request_settings), (&events, &event_settings)]
         .into_iter()
         .map(|(name, settings)| {
@@ -126,10 +119,14 @@ pub async fn ensure_topics(config: &Config, topics: &Topics) -> Result<(), Servi
 /// How dfos creates its request topic: a whole chunk per message, kept as
 /// long as configured.
 fn request_topic_settings(config: &Config) -> [(&'static str, String); 4] {
+    topic_settings(config, KAFKA_MAX_MESSAGE_BYTES, config.request_retention_ms)
+}
+
+fn topic_settings(config: &Config, max_message_bytes: usize, retention_ms: i64) -> [(&'static str, String); 4] {
     [
-        ("max.message.bytes", KAFKA_MAX_MESSAGE_BYTES.to_string()),
+        ("max.message.bytes", max_message_bytes.to_string()),
         ("min.insync.replicas", config.replication_factor.min(2).to_string()),
-        ("retention.ms", config.request_retention_ms.to_string()),
+        ("retention.ms", retention_ms.to_string()),
         ("retention.bytes", "-1".to_string()),
     ]
 }
@@ -186,8 +183,9 @@ pub struct Handled {
     pub event: Option<Event>,
 }
 
-/// Locations one `LocateInLog` answers with at most: a read-ahead window
-/// of whole chunks needs 16.
+/// Locations one `LocateInLog` answers with at most: a mount's group of 8
+/// blocks lies in 2 or 3 whole-chunk writes, or in up to 120 of the
+/// smallest indexed (64 KiB); past this many it reads plainly.
 const MAX_LOCATIONS: usize = 64;
 
 /// Requests older than this get no reply and read-only ones are not even
