@@ -29,9 +29,10 @@ use dfos_protocol::limits::CHUNK_SIZE;
 use dfos_protocol::{Change, DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime, Timestamp};
 use tokio::sync::Semaphore;
 
+use crate::file_bytes::FileBytes;
 use crate::inodes::{self, InodeTable};
 use crate::metacache::MetaCache;
-use crate::readahead::{FileBytes, FileRead, ReadCache};
+use crate::readahead::{FileRead, ReadCache};
 use crate::rpc::{RpcError, Transport};
 use crate::smallfiles::{SmallFiles, MAX_FILE_BYTES};
 

@@ -18,8 +18,8 @@ use fuser::{
 
 use dfos_protocol::{ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
 
+use crate::file_bytes::FileBytes;
 use crate::fs::{DfosFs, Entry, FsError};
-use crate::readahead::FileBytes;
 use crate::rpc::{RpcError, Transport};
 
 /// Short, never zero: the kernel misbehaves with a TTL of 0.

@@ -1,6 +1,7 @@
 //! dfos mount daemon.
 //!
 //! Mounts one user's remote store as a local folder. The layers, bottom up:
+//! - [`file_bytes`]: file bytes as shared ranges of fetched buffers;
 //! - [`rpc`]: request/reply over Kafka with a deadline on every request;
 //! - [`logread`]: file data fetched straight from the request log when a
 //!   storage node says where it is;
@@ -13,6 +14,7 @@
 //! - [`fuse`]: the thin fuser adapter and the errno mapping.
 
 pub mod events;
+pub mod file_bytes;
 pub mod fs;
 pub mod fuse;
 pub mod inodes;

@@ -17,8 +17,9 @@
 //! - every fetch ends by its deadline; any failure (the message is gone by
 //!   retention, Kafka refuses access, a mismatch) is an error the caller
 //!   answers by asking for the bytes themselves;
-//! - memory is bounded by the consumer's queue (`queued.max.messages.kbytes`)
-//!   and [`RECENTLY_PASSED`] decoded chunks.
+//! - memory is bounded by the consumer's queue (`queued.max.messages.kbytes`),
+//!   [`RECENTLY_PASSED`] decoded chunks, and the chunks whose blocks the
+//!   read-ahead still holds (blocks share their chunk's buffer, uncopied).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +33,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use crate::file_bytes::FileBytes;
 use dfos_protocol::{decode_envelope, LogLocation, Request};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,7 +62,7 @@ const RECENTLY_PASSED: usize = 4;
 /// An idle consumer lets go of its partition, so it stops fetching.
 const IDLE_RELEASE: Duration = Duration::from_millis(500);
 
-type Answer = oneshot::Sender<Result<Vec<u8>, LogReadError>>;
+type Answer = oneshot::Sender<Result<FileBytes, LogReadError>>;
 
 struct Want {
     location: LogLocation,
@@ -96,7 +98,7 @@ impl LogReader {
     }
 
     /// The `location.len` bytes the location describes.
-    pub async fn fetch(&self, location: LogLocation) -> Result<Vec<u8>, LogReadError> {
+    pub async fn fetch(&self, location: LogLocation) -> Result<FileBytes, LogReadError> {
         let (answer, answered) = oneshot::channel();
         let want = Want { location, deadline: Instant::now() + self.deadline, answer };
         self.wants.lock().unwrap().send(want).map_err(|_| LogReadError::Stopped)?;
@@ -261,7 +263,8 @@ struct LoggedWrite {
     user: String,
     request_id: u64,
     offset: u64,
-    data: Vec<u8>,
+    /// Shared by every block handed out of it.
+    data: Arc<Vec<u8>>,
 }
 
 fn decode_write(payload: &[u8]) -> Decoded {
@@ -269,12 +272,12 @@ fn decode_write(payload: &[u8]) -> Decoded {
     let Request::Write { offset, data, .. } = envelope.request else {
         return Err(LogReadError::Mismatch("not a write"));
     };
-    Ok(LoggedWrite { user: envelope.user, request_id: envelope.request_id, offset, data })
+    Ok(LoggedWrite { user: envelope.user, request_id: envelope.request_id, offset, data: Arc::new(data) })
 }
 
 /// The located bytes out of a logged request, after checking it is the
 /// write the location names.
-fn extract(write: &Decoded, location: &LogLocation, user: &str) -> Result<Vec<u8>, LogReadError> {
+fn extract(write: &Decoded, location: &LogLocation, user: &str) -> Result<FileBytes, LogReadError> {
     let write = write.as_ref().map_err(Clone::clone)?;
     if write.user != user {
         return Err(LogReadError::Mismatch("another user's request"));
@@ -286,7 +289,15 @@ fn extract(write: &Decoded, location: &LogLocation, user: &str) -> Result<Vec<u8
         return Err(LogReadError::Mismatch("another file offset"));
     }
     let (skip, len) = (location.skip as usize, location.len as usize);
-    write.data.get(skip..skip + len).map(<[u8]>::to_vec).ok_or(LogReadError::Mismatch("shorter than the location"))
+    let Some(bytes) = write.data.get(skip..skip + len) else {
+        return Err(LogReadError::Mismatch("shorter than the location"));
+    };
+    // A small piece of a large chunk is copied, so a cached block never
+    // keeps more than four times its own size alive.
+    if len * 4 < write.data.len() {
+        return Ok(bytes.to_vec().into());
+    }
+    Ok(FileBytes::shared(write.data.clone(), skip..skip + len))
 }
 
 #[cfg(test)]

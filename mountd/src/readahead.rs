@@ -12,7 +12,8 @@
 //! request per group rather than per block, and blocks the log does not
 //! hold are read plainly. A read whose blocks have all arrived is answered without
 //! waiting ([`ReadCache::read_ready`]), and within one block it shares the
-//! block's buffer ([`FileBytes`]).
+//! block's buffer ([`FileBytes`]), which for a block from the log is the
+//! decoded chunk itself.
 //!
 //! Guarantees: a block is fetched at most once while cached (concurrent
 //! readers share one request); per inode at most `MAX_WINDOW_BLOCKS + 2`
@@ -29,8 +30,9 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use dfos_protocol::limits::READ_BLOCK_SIZE;
 use dfos_protocol::{LogLocation, Payload, Request};
 
+use crate::file_bytes::FileBytes;
 use crate::fs::{FsError, FsResult};
-use crate::rpc::Transport;
+use crate::rpc::{Fetched, RpcError, Transport};
 
 /// Blocks fetched ahead of a sequential reader: 16 × 960 KiB = 15 MiB.
 pub const MAX_WINDOW_BLOCKS: u64 = 16;
@@ -39,7 +41,7 @@ const BLOCK: u64 = READ_BLOCK_SIZE as u64;
 /// Blocks one `LocateInLog` covers: 8 × 960 KiB = 7.5 MiB.
 pub const LOCATE_GROUP_BLOCKS: u64 = 8;
 
-type Block = Shared<BoxFuture<'static, FsResult<Arc<Vec<u8>>>>>;
+type Block = Shared<BoxFuture<'static, FsResult<FileBytes>>>;
 /// Where a group's bytes are in the log; `None` when the node could not
 /// say (its blocks are then read plainly, and those reads report any error).
 type Located = Shared<BoxFuture<'static, Option<Arc<GroupLocations>>>>;
@@ -61,47 +63,6 @@ struct InodeBlocks {
     window: u64,
 }
 
-/// Bytes a read returns: a range of a cached block or small file when the
-/// read lies within one, so the reply to the kernel is the only copy.
-#[derive(Clone)]
-pub struct FileBytes {
-    data: Arc<Vec<u8>>,
-    range: std::ops::Range<usize>,
-}
-
-impl FileBytes {
-    /// `range` of `data`, clamped to its length.
-    pub fn shared(data: Arc<Vec<u8>>, range: std::ops::Range<usize>) -> Self {
-        let end = range.end.min(data.len());
-        FileBytes { range: range.start.min(end)..end, data }
-    }
-}
-
-impl From<Vec<u8>> for FileBytes {
-    fn from(data: Vec<u8>) -> Self {
-        FileBytes { range: 0..data.len(), data: Arc::new(data) }
-    }
-}
-
-impl std::ops::Deref for FileBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.data[self.range.clone()]
-    }
-}
-
-impl std::fmt::Debug for FileBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(f, "FileBytes({} bytes)", self.len())
-    }
-}
-
-impl<T: AsRef<[u8]>> PartialEq<T> for FileBytes {
-    fn eq(&self, other: &T) -> bool {
-        **self == *other.as_ref()
-    }
-}
-
 /// One read of a file: `size` bytes at `offset` of inode `ino`, at `path`.
 #[derive(Debug, Clone, Copy)]
 pub struct FileRead<'a> {
@@ -119,7 +80,7 @@ pub struct ReadCache {
 /// A block read plainly: its bytes come in the reply. Submitted now.
 fn fetch_plainly<T: Transport>(transport: &T, path: &str, index: u64) -> FsResult<Block> {
     let pending = transport.submit(plain_read(path, index))?;
-    Ok(async move { block_data(pending.await) }.boxed().shared())
+    Ok(async move { block_data(pending.await.map(Fetched::Reply)) }.boxed().shared())
 }
 
 /// A sequential reader's block: from the request log where its group's
@@ -130,12 +91,12 @@ fn fetch_sequential<T: Transport>(transport: &T, path: &str, index: u64, located
     let (transport, path) = (transport.clone(), path.to_owned());
     async move {
         let plain = plain_read(&path, index);
-        let pending = match located.await.as_deref().and_then(|g| block_source(&g.run, g.size, index)) {
-            Some(BlockSource::PastEnd) => return Ok(Arc::new(Vec::new())),
-            Some(BlockSource::Log(location)) => transport.read_logged(location, plain),
-            None => transport.submit(plain),
+        let fetched = match located.await.as_deref().and_then(|g| block_source(&g.run, g.size, index)) {
+            Some(BlockSource::PastEnd) => return Ok(Vec::new().into()),
+            Some(BlockSource::Log(location)) => transport.read_logged(location, plain)?.await,
+            None => transport.submit(plain)?.await.map(Fetched::Reply),
         };
-        block_data(pending?.await)
+        block_data(fetched)
     }
     .boxed()
     .shared()
@@ -163,10 +124,11 @@ fn plain_read(path: &str, index: u64) -> Request {
     Request::Read { path: path.to_owned(), offset: index * BLOCK, len: READ_BLOCK_SIZE as u32 }
 }
 
-fn block_data(reply: Result<Payload, crate::rpc::RpcError>) -> FsResult<Arc<Vec<u8>>> {
-    match reply {
-        Ok(Payload::Data(data)) => Ok(Arc::new(data)),
-        Ok(_) => Err(FsError::UnexpectedReply),
+fn block_data(fetched: Result<Fetched, RpcError>) -> FsResult<FileBytes> {
+    match fetched {
+        Ok(Fetched::Logged(bytes)) => Ok(bytes),
+        Ok(Fetched::Reply(Payload::Data(data))) => Ok(data.into()),
+        Ok(Fetched::Reply(_)) => Err(FsError::UnexpectedReply),
         Err(e) => Err(FsError::from(e)),
     }
 }
@@ -230,7 +192,7 @@ impl ReadCache {
             Ok(needed) => needed?,
             Err(e) => return Some(Err(e)),
         };
-        let blocks: Option<Vec<(u64, Arc<Vec<u8>>)>> =
+        let blocks: Option<Vec<(u64, FileBytes)>> =
             needed.into_iter().map(|(index, block)| Some((index, block.peek()?.clone().ok()?))).collect();
         blocks.map(|blocks| Ok(assemble(&blocks, wanted)))
     }
@@ -303,16 +265,16 @@ impl ReadCache {
 
 /// The bytes of `offset..offset + size` out of consecutive blocks; shorter
 /// when a block ends the file. Within one block, that block's range.
-fn assemble(blocks: &[(u64, Arc<Vec<u8>>)], FileRead { offset, size, .. }: FileRead) -> FileBytes {
+fn assemble(blocks: &[(u64, FileBytes)], FileRead { offset, size, .. }: FileRead) -> FileBytes {
     let end = offset + size as u64;
-    let within_block = |(index, data): &(u64, Arc<Vec<u8>>)| {
+    let within_block = |(index, data): &(u64, FileBytes)| {
         let block_start = index * BLOCK;
         let from = (offset.max(block_start) - block_start) as usize;
         (from, ((end - block_start) as usize).min(data.len()), data.len() < READ_BLOCK_SIZE)
     };
     if let [block] = blocks {
         let (from, to, _) = within_block(block);
-        return FileBytes::shared(block.1.clone(), from..to.max(from));
+        return block.1.slice(from..to.max(from));
     }
     let mut out = Vec::with_capacity(size as usize);
     for block in blocks {

@@ -27,6 +27,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use crate::file_bytes::FileBytes;
 use crate::logread::{LogReadError, LogReader};
 use dfos_protocol::limits::KAFKA_MAX_MESSAGE_BYTES;
 use dfos_protocol::{
@@ -48,6 +49,14 @@ pub enum RpcError {
 
 pub type PendingReply = Pin<Box<dyn Future<Output = Result<Payload, RpcError>> + Send>>;
 
+/// File bytes as fetched: shared out of a logged write, or in a node's reply.
+pub enum Fetched {
+    Logged(FileBytes),
+    Reply(Payload),
+}
+
+pub type PendingFetch = Pin<Box<dyn Future<Output = Result<Fetched, RpcError>> + Send>>;
+
 /// The only thing the filesystem core needs from the network, so the core
 /// can be tested against an in-process store.
 pub trait Transport: Clone + Send + Sync + 'static {
@@ -55,12 +64,13 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// the log in that order) and returns a future for its reply.
     fn submit(&self, request: Request) -> Result<PendingReply, RpcError>;
 
-    /// The bytes at `location` in the request log as [`Payload::Data`];
-    /// when they cannot be fetched from there, the reply to `plain_read`
-    /// (a read of the same bytes). Without a log reader, just that read.
-    fn read_logged(&self, location: LogLocation, plain_read: Request) -> Result<PendingReply, RpcError> {
+    /// The bytes at `location` in the request log; when they cannot be
+    /// fetched from there, the reply to `plain_read` (a read of the same
+    /// bytes). Without a log reader, just that read.
+    fn read_logged(&self, location: LogLocation, plain_read: Request) -> Result<PendingFetch, RpcError> {
         let _ = location;
-        self.submit(plain_read)
+        let reply = self.submit(plain_read)?;
+        Ok(Box::pin(async move { reply.await.map(Fetched::Reply) }))
     }
 }
 
@@ -300,11 +310,11 @@ impl Transport for Arc<KafkaRpc> {
     }
 
     /// The fetch, and the plain read after a failed one, share one deadline.
-    fn read_logged(&self, location: LogLocation, plain_read: Request) -> Result<PendingReply, RpcError> {
+    fn read_logged(&self, location: LogLocation, plain_read: Request) -> Result<PendingFetch, RpcError> {
         let rpc = self.clone();
         let exchange = async move {
             match rpc.log_reader.fetch(location).await {
-                Ok(data) => Ok(Payload::Data(data)),
+                Ok(bytes) => Ok(Fetched::Logged(bytes)),
                 Err(e) => {
                     let level = if e == LogReadError::Passed { log::Level::Debug } else { log::Level::Info };
                     log::log!(
@@ -313,7 +323,7 @@ impl Transport for Arc<KafkaRpc> {
                         rpc.user,
                         plain_read.path()
                     );
-                    rpc.send(plain_read)?.await
+                    rpc.send(plain_read)?.await.map(Fetched::Reply)
                 }
             }
         };
