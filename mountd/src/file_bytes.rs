@@ -1,22 +1,27 @@
 //! Bytes of a file handed to the kernel: a range of a shared buffer.
 //!
-//! A fetched chunk is decoded into one buffer, and every block, small file
+//! A fetched chunk stays in one buffer (a reply's decoded data, or the
+//! Kafka client's own copy of a logged write), and every block, small file
 //! and read answered from it is a range of that buffer, so the reply to the
-//! kernel is the only copy after the decode.
+//! kernel is the only copy after the bytes arrived.
 
 use std::ops::Range;
 use std::sync::Arc;
 
+/// Whatever owns the bytes: a `Vec`, or a message held from the Kafka client.
+pub trait Backing: AsRef<[u8]> + Send + Sync {}
+impl<T: AsRef<[u8]> + Send + Sync> Backing for T {}
+
 #[derive(Clone)]
 pub struct FileBytes {
-    data: Arc<Vec<u8>>,
+    data: Arc<dyn Backing>,
     range: Range<usize>,
 }
 
 impl FileBytes {
     /// `range` of `data`, clamped to its length.
-    pub fn shared(data: Arc<Vec<u8>>, range: Range<usize>) -> Self {
-        FileBytes { range: clamp(range, data.len()), data }
+    pub fn shared(data: Arc<dyn Backing>, range: Range<usize>) -> Self {
+        FileBytes { range: clamp(range, (*data).as_ref().len()), data }
     }
 
     /// `range` of these bytes (not of the whole buffer), clamped to them.
@@ -40,7 +45,7 @@ impl From<Vec<u8>> for FileBytes {
 impl std::ops::Deref for FileBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.data[self.range.clone()]
+        &(*self.data).as_ref()[self.range.clone()]
     }
 }
 
@@ -62,7 +67,7 @@ mod tests {
 
     #[test]
     fn ranges_and_slices_stay_within_their_bytes() {
-        let bytes = FileBytes::shared(Arc::new((0..10).collect()), 2..8);
+        let bytes = FileBytes::shared(Arc::new((0..10).collect::<Vec<u8>>()), 2..8);
         assert_eq!(bytes, [2, 3, 4, 5, 6, 7]);
         assert_eq!(bytes.slice(1..3), [3, 4]);
         assert_eq!(bytes.slice(4..100), [6, 7], "clamped to the slice, not the buffer");

@@ -18,8 +18,10 @@
 //!   retention, Kafka refuses access, a mismatch) is an error the caller
 //!   answers by asking for the bytes themselves;
 //! - memory is bounded by the consumer's queue (`queued.max.messages.kbytes`),
-//!   [`RECENTLY_PASSED`] decoded chunks, and the chunks whose blocks the
-//!   read-ahead still holds (blocks share their chunk's buffer, uncopied).
+//!   [`RECENTLY_PASSED`] held messages, and the messages whose blocks the
+//!   read-ahead still holds. Blocks are ranges of the message as the Kafka
+//!   client received it ([`HeldMessage`]): no byte is copied between the
+//!   socket and the reply to the kernel.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,12 +31,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use crate::file_bytes::FileBytes;
-use dfos_protocol::{decode_envelope, LogLocation, Request};
+use dfos_protocol::{decode_write_view, LogLocation};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogReadError {
@@ -83,7 +85,7 @@ impl LogReader {
         let (sender, receiver) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut fetcher = Fetcher {
-            consumer,
+            consumer: Arc::new(consumer),
             topic,
             user,
             receiver,
@@ -114,7 +116,7 @@ impl LogReader {
 }
 
 struct Fetcher {
-    consumer: BaseConsumer,
+    consumer: Arc<BaseConsumer>,
     topic: String,
     user: String,
     receiver: Receiver<Want>,
@@ -160,6 +162,9 @@ impl Fetcher {
             idle_since = Instant::now();
         }
         self.fail_all(&LogReadError::Stopped);
+        // Blocks still cached keep the consumer alive (they are its
+        // messages); it must not stay assigned to the request topic then.
+        let _ = self.consumer.unassign();
     }
 
     fn add(&mut self, want: Want) {
@@ -235,6 +240,7 @@ impl Fetcher {
         };
         let key = (message.partition(), message.offset());
         self.next = Some((key.0, key.1 + 1));
+        let message = HeldMessage::new(message, &self.consumer);
         // Offsets the log does not hold (a gap) were passed without a message.
         let passed: Vec<(i32, i64)> = self.wants.range((key.0, i64::MIN)..key).map(|(&passed, _)| passed).collect();
         for passed in passed {
@@ -245,7 +251,7 @@ impl Fetcher {
         // Decoded once: the blocks of one chunk are several wants, and
         // those of its blocks that enter the read-ahead window later find
         // it among the recently passed.
-        let write = decode_write(message.payload().unwrap_or_default());
+        let write = decode_write(FileBytes::shared(Arc::new(message), 0..usize::MAX));
         for want in self.wants.remove(&key).unwrap_or_default() {
             let _ = want.answer.send(extract(&write, &want.location, &self.user));
         }
@@ -256,6 +262,30 @@ impl Fetcher {
     }
 }
 
+/// A consumed message kept after the poll that returned it, so file bytes
+/// are served out of the Kafka client's buffer instead of a copy.
+struct HeldMessage {
+    // Declared first, so it is dropped before the consumer it borrows from.
+    message: BorrowedMessage<'static>,
+    _consumer: Arc<BaseConsumer>,
+}
+
+impl HeldMessage {
+    fn new(message: BorrowedMessage<'_>, consumer: &Arc<BaseConsumer>) -> Self {
+        // SAFETY: a polled message owns its memory (librdkafka's event,
+        // freed when the message drops) and only needs its client alive,
+        // which the Arc kept beside it guarantees for as long as it lives.
+        let message = unsafe { std::mem::transmute::<BorrowedMessage<'_>, BorrowedMessage<'static>>(message) };
+        HeldMessage { message, _consumer: consumer.clone() }
+    }
+}
+
+impl AsRef<[u8]> for HeldMessage {
+    fn as_ref(&self) -> &[u8] {
+        self.message.payload().unwrap_or_default()
+    }
+}
+
 /// A logged message decoded as far as a located read needs it.
 type Decoded = Result<LoggedWrite, LogReadError>;
 
@@ -263,16 +293,16 @@ struct LoggedWrite {
     user: String,
     request_id: u64,
     offset: u64,
-    /// Shared by every block handed out of it.
-    data: Arc<Vec<u8>>,
+    /// The write's data, a range of the message: shared by every block
+    /// handed out of it.
+    data: FileBytes,
 }
 
-fn decode_write(payload: &[u8]) -> Decoded {
-    let envelope = decode_envelope(payload).map_err(|_| LogReadError::Mismatch("undecodable"))?;
-    let Request::Write { offset, data, .. } = envelope.request else {
-        return Err(LogReadError::Mismatch("not a write"));
-    };
-    Ok(LoggedWrite { user: envelope.user, request_id: envelope.request_id, offset, data: Arc::new(data) })
+fn decode_write(message: FileBytes) -> Decoded {
+    let view = decode_write_view(&message).map_err(|_| LogReadError::Mismatch("not a decodable write"))?;
+    let start = view.data.as_ptr() as usize - message.as_ptr() as usize;
+    let data = message.slice(start..start + view.data.len());
+    Ok(LoggedWrite { user: view.user.to_owned(), request_id: view.request_id, offset: view.offset, data })
 }
 
 /// The located bytes out of a logged request, after checking it is the
@@ -289,21 +319,22 @@ fn extract(write: &Decoded, location: &LogLocation, user: &str) -> Result<FileBy
         return Err(LogReadError::Mismatch("another file offset"));
     }
     let (skip, len) = (location.skip as usize, location.len as usize);
-    let Some(bytes) = write.data.get(skip..skip + len) else {
+    if skip + len > write.data.len() {
         return Err(LogReadError::Mismatch("shorter than the location"));
-    };
+    }
+    let bytes = write.data.slice(skip..skip + len);
     // A small piece of a large chunk is copied, so a cached block never
     // keeps more than four times its own size alive.
     if len * 4 < write.data.len() {
         return Ok(bytes.to_vec().into());
     }
-    Ok(FileBytes::shared(write.data.clone(), skip..skip + len))
+    Ok(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dfos_protocol::{encode_envelope, Envelope, Timestamp, PROTOCOL_VERSION};
+    use dfos_protocol::{encode_envelope, Envelope, Request, Timestamp, PROTOCOL_VERSION};
 
     fn logged_write(user: &str, request_id: u64, offset: u64, data: Vec<u8>) -> Vec<u8> {
         encode_envelope(&Envelope {
@@ -324,15 +355,16 @@ mod tests {
 
     #[test]
     fn the_located_bytes_come_out_of_the_right_write_only() {
-        let write = decode_write(&logged_write("u", 7, 100, (0..10).collect()));
+        let decode = |bytes: Vec<u8>| decode_write(bytes.into());
+        let write = decode(logged_write("u", 7, 100, (0..10).collect()));
         assert_eq!(extract(&write, &location(0, 10), "u").unwrap(), (0..10).collect::<Vec<u8>>());
         assert_eq!(extract(&write, &location(3, 4), "u").unwrap(), vec![3, 4, 5, 6]);
         assert!(extract(&write, &location(8, 4), "u").is_err(), "past the data");
         assert!(extract(&write, &location(0, 4), "v").is_err(), "another user");
-        let other_id = decode_write(&logged_write("u", 8, 100, vec![0; 10]));
+        let other_id = decode(logged_write("u", 8, 100, vec![0; 10]));
         assert!(extract(&other_id, &location(0, 4), "u").is_err(), "another id");
-        let other_offset = decode_write(&logged_write("u", 7, 0, vec![0; 10]));
+        let other_offset = decode(logged_write("u", 7, 0, vec![0; 10]));
         assert!(extract(&other_offset, &location(0, 4), "u").is_err(), "another offset");
-        assert!(extract(&decode_write(b"garbage"), &location(0, 4), "u").is_err());
+        assert!(extract(&decode(b"garbage".to_vec()), &location(0, 4), "u").is_err());
     }
 }

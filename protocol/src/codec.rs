@@ -1,7 +1,7 @@
 //! bincode 2 (serde mode) with a decode size limit, so a hostile length
 //! prefix inside a message cannot make the receiver allocate gigabytes.
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::{Envelope, Event, Reply};
@@ -31,11 +31,16 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_borrowed(bytes)
+}
+
+/// Decodes a whole message into a value that may borrow from it.
+pub(crate) fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(CodecError::TooLarge(bytes.len()));
     }
     let (value, used) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
+        bincode::serde::borrow_decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }

@@ -11,11 +11,13 @@ mod file_data;
 pub mod limits;
 pub mod message;
 pub mod topics;
+mod write_view;
 
 pub use codec::{decode_envelope, decode_event, decode_reply, encode_envelope, encode_event, encode_reply, CodecError};
 pub use error::ErrorCode;
 pub use message::*;
 pub use topics::Topics;
+pub use write_view::{decode_write_view, WriteView};
 
 /// Bumped whenever a change is not purely additive at the end of an enum.
 pub const PROTOCOL_VERSION: u16 = 1;
