@@ -108,3 +108,42 @@ fn an_unchanged_file_is_reread_from_the_page_cache_until_another_mount_changes_i
     ok(&patch.replace("{}", &b.p("f.bin")));
     soon("a change of a cached file", || sh(&compare).status.success());
 }
+
+/// A small file's create travels with its data, and unlinks of known names
+/// travel together (`Request::Batch`), so `cp -r` and `rm -r` put fewer
+/// messages into the request log than they make requests; every change in
+/// a batch still reaches the other mount (each carries its own request id,
+/// by which mounts tell replicas' copies of one change apart).
+#[test]
+fn batched_creates_and_unlinks_take_fewer_messages_and_all_reach_another_mount() {
+    let d = Deployment::start("batches");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let src = d.local_dir("tree");
+    for dir in 0..4 {
+        fs::create_dir(src.join(format!("d{dir}"))).unwrap();
+        for file in 0..25 {
+            fs::write(src.join(format!("d{dir}/f{file}")), format!("file {file} of {dir}\n").repeat(file + 1)).unwrap();
+        }
+    }
+    fs::create_dir(a.join("copy")).unwrap();
+    assert!(names(&b.join("copy")).is_empty(), "B caches the empty listing");
+
+    let before = d.request_messages();
+    ok(&format!("cp -r '{}' {}", src.display(), a.p("copy/tree")));
+    let copy_messages = d.request_messages() - before;
+    // One by one: 5 mkdirs, 100 creates and 100 writes.
+    assert!(copy_messages < 195, "cp -r of 100 files and 5 directories took {copy_messages} messages");
+    soon("the copied tree", || names(&b.join("copy")) == ["tree"]);
+    ok(&format!("diff -r '{}' {}", src.display(), b.p("copy/tree")));
+
+    let before = d.request_messages();
+    ok(&format!("rm -r {}", a.p("copy/tree")));
+    let remove_messages = d.request_messages() - before;
+    assert!(remove_messages < 80, "rm -r of 100 files and 5 directories took {remove_messages} messages");
+    soon("the removal", || names(&b.join("copy")).is_empty());
+    for dir in 0..4 {
+        assert!(!b.join(&format!("copy/tree/d{dir}")).exists());
+    }
+    assert!(names(&a.join("copy")).is_empty());
+}

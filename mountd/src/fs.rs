@@ -11,7 +11,8 @@
 //!   (`remote_change`), within the TTL at the latest (docs/SEMANTICS.md);
 //! - requests that go behind (exclusive create, mkdir, unlink, rmdir of
 //!   names the cache knows) are queued before anything that follows, so
-//!   every replica applies them first;
+//!   every replica applies them first; they may wait a moment to travel
+//!   with what follows ([`Transport::submit_behind`]);
 //! - writes are buffered per inode into chunks of at most `CHUNK_SIZE` and
 //!   up to `MAX_WRITES_IN_FLIGHT` chunks travel at once, so memory is
 //!   bounded whatever the file size;
@@ -514,7 +515,7 @@ impl<T: Transport> DfosFs<T> {
         // fails. It is answered at once, like a local unlink that is not yet
         // in the journal, and applied in log order before anything this
         // mount does next.
-        let reply = match self.transport.submit(Request::Unlink { path: path.clone() }) {
+        let reply = match self.transport.submit_behind(Request::Unlink { path: path.clone() }) {
             Ok(reply) => reply,
             Err(e) => return Some(Err(e.into())),
         };
@@ -699,7 +700,7 @@ impl<T: Transport> DfosFs<T> {
             self.forget(entry.ino, 1);
             return None;
         };
-        match self.transport.submit(Request::Create { path: path.clone(), mode, exclusive }) {
+        match self.transport.submit_behind(Request::Create { path: path.clone(), mode, exclusive }) {
             Ok(reply) => stream.track(slot, reply),
             Err(e) => {
                 self.forget(entry.ino, 1);
@@ -792,7 +793,7 @@ impl<T: Transport> DfosFs<T> {
             // Like create_behind: what follows inside the new directory is
             // queued after it, and reports its errors if it failed.
             let attr = new_attr(dfos_protocol::FileKind::Directory, mode);
-            let reply = self.transport.submit(Request::Mkdir { path: path.clone(), mode })?;
+            let reply = self.transport.submit_behind(Request::Mkdir { path: path.clone(), mode })?;
             self.behind("mkdir", &path, reply);
             self.meta.lock().unwrap().created(&path, attr.clone());
             return Ok(self.remember(&path, attr));
@@ -832,7 +833,7 @@ impl<T: Transport> DfosFs<T> {
         if known_empty && !path.is_empty() {
             // Like unlink: known empty here, so only an out-of-band change
             // or another mount's create in the last milliseconds can refuse.
-            let reply = self.transport.submit(Request::Rmdir { path: path.clone() })?;
+            let reply = self.transport.submit_behind(Request::Rmdir { path: path.clone() })?;
             self.behind("rmdir", &path, reply);
         } else {
             self.call(Request::Rmdir { path: path.clone() }).await?;

@@ -5,6 +5,10 @@
 //! Guarantees:
 //! - [`Transport::submit`] enqueues synchronously, so requests submitted one
 //!   after another from one task reach the log in that order;
+//! - requests submitted behind (no one waits for their reply yet) are held
+//!   at most [`BATCH_DELAY`], and travel in one `Request::Batch` with those
+//!   that follow, still in order: the broker then carries one message, one
+//!   reply and one fetch for a file's create and data instead of two each;
 //! - every reply future resolves within the deadline: past it, `Timeout`
 //!   (a read from the request log and its fallback share one deadline);
 //! - a reply that arrives twice (several storage replicas) is delivered once,
@@ -29,9 +33,9 @@ use tokio::sync::oneshot;
 
 use crate::file_bytes::FileBytes;
 use crate::logread::{LogReadError, LogReader};
-use dfos_protocol::limits::KAFKA_MAX_MESSAGE_BYTES;
+use dfos_protocol::limits::{KAFKA_MAX_MESSAGE_BYTES, MAX_BATCHED_DATA_BYTES, MAX_BATCH_BYTES, MAX_BATCH_REQUESTS};
 use dfos_protocol::{
-    decode_reply, encode_envelope, Envelope, ErrorCode, LogLocation, Payload, Request, Timestamp, Topics,
+    decode_reply, encode_envelope, Batched, Envelope, ErrorCode, LogLocation, Payload, Request, Timestamp, Topics,
     PROTOCOL_VERSION,
 };
 
@@ -63,6 +67,13 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// Enqueues `request` now (requests enqueued one after another reach
     /// the log in that order) and returns a future for its reply.
     fn submit(&self, request: Request) -> Result<PendingReply, RpcError>;
+
+    /// Like `submit`, for a request whose reply nobody waits for yet: it
+    /// may be held back a moment to travel with the next request (in one
+    /// `Request::Batch`), still in order with everything submitted after.
+    fn submit_behind(&self, request: Request) -> Result<PendingReply, RpcError> {
+        self.submit(request)
+    }
 
     /// The bytes at `location` in the request log; when they cannot be
     /// fetched from there, the reply to `plain_read` (a read of the same
@@ -126,7 +137,8 @@ pub struct KafkaRpc {
     requests_topic: String,
     reply_topic: String,
     producer: FutureProducer,
-    pending: Arc<DashMap<u64, Waiter>>,
+    waiting: Arc<Waiting>,
+    batch: Mutex<Batch>,
     next_id: AtomicU64,
     stop: Arc<AtomicBool>,
     listener: Mutex<Option<JoinHandle<()>>>,
@@ -199,17 +211,18 @@ impl KafkaRpc {
             user: user.to_owned(),
             token: RwLock::new(String::new()),
             producer,
-            pending: Arc::new(DashMap::new()),
+            waiting: Arc::new(Waiting::default()),
+            batch: Mutex::new(Batch::default()),
             next_id: AtomicU64::new(1),
             stop: Arc::new(AtomicBool::new(false)),
             listener: Mutex::new(None),
             settings,
         });
         let consumer = rpc.reply_consumer()?;
-        let (pending, stop) = (rpc.pending.clone(), rpc.stop.clone());
+        let (waiting, stop) = (rpc.waiting.clone(), rpc.stop.clone());
         let handle = std::thread::Builder::new()
             .name("dfos-replies".into())
-            .spawn(move || listen(consumer, pending, stop))
+            .spawn(move || listen(consumer, waiting, stop))
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         *rpc.listener.lock().unwrap() = Some(handle);
         Ok(rpc)
@@ -245,7 +258,10 @@ impl KafkaRpc {
 
     /// Stops the listener, then deletes the reply topic. The order matters:
     /// deleting a topic under an assigned consumer crashes librdkafka.
-    pub async fn shutdown(&self) {
+    pub async fn shutdown(self: &Arc<Self>) {
+        // Requests that went behind still go out, and before the listener
+        // stops, so they are applied even though no one hears the answer.
+        self.send_batch(&mut self.batch.lock().unwrap());
         self.log_reader.stop();
         self.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.listener.lock().unwrap().take() {
@@ -278,7 +294,7 @@ fn manual_consumer(settings: &KafkaSettings, extra: &[(&str, &str)]) -> Result<B
     settings.client_config(&tuning).create().map_err(|e| RpcError::Kafka(e.to_string()))
 }
 
-fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<AtomicBool>) {
+fn listen(consumer: BaseConsumer, waiting: Arc<Waiting>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         let Some(polled) = consumer.poll(Duration::from_millis(100)) else {
             continue;
@@ -291,14 +307,11 @@ fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<
             }
         };
         match decode_reply(message.payload().unwrap_or_default()) {
-            Ok(reply) => match pending.remove(&reply.request_id) {
-                Some((_, waiter)) => {
-                    let _ = waiter.send(reply.result.map_err(RpcError::Remote));
-                }
-                None => {
+            Ok(reply) => {
+                if !waiting.resolve(reply.request_id, reply.result.map_err(RpcError::Remote)) {
                     log::trace!("op=reply req={} node={} duplicate or late reply dropped", reply.request_id, reply.node)
                 }
-            },
+            }
             Err(e) => log::warn!("op=reply offset={} undecodable reply skipped: {e}", message.offset()),
         }
     }
@@ -306,7 +319,11 @@ fn listen(consumer: BaseConsumer, pending: Arc<DashMap<u64, Waiter>>, stop: Arc<
 
 impl Transport for Arc<KafkaRpc> {
     fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
-        self.send(request)
+        self.enqueue(request, true)
+    }
+
+    fn submit_behind(&self, request: Request) -> Result<PendingReply, RpcError> {
+        self.enqueue(request, false)
     }
 
     /// The fetch, and the plain read after a failed one, share one deadline.
@@ -323,7 +340,7 @@ impl Transport for Arc<KafkaRpc> {
                         rpc.user,
                         plain_read.path()
                     );
-                    rpc.send(plain_read)?.await.map(Fetched::Reply)
+                    rpc.enqueue(plain_read, true)?.await.map(Fetched::Reply)
                 }
             }
         };
@@ -333,51 +350,44 @@ impl Transport for Arc<KafkaRpc> {
 }
 
 impl KafkaRpc {
-    /// Enqueues one envelope and returns the future of its reply.
-    fn send(self: &Arc<Self>, request: Request) -> Result<PendingReply, RpcError> {
+    /// Enqueues `request`, alone or with the requests queued behind, and
+    /// returns the future of its reply. `now`: the batch goes out at once
+    /// (someone waits for this reply); otherwise within [`BATCH_DELAY`].
+    fn enqueue(self: &Arc<Self>, request: Request, now: bool) -> Result<PendingReply, RpcError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (op, path) = (request.name(), request.path().to_owned());
-        let envelope = Envelope {
-            version: PROTOCOL_VERSION,
-            request_id,
-            reply_to: self.reply_topic.clone(),
-            user: self.user.clone(),
-            token: self.token.read().unwrap().clone(),
-            client_time: now(),
-            request,
-        };
-        let bytes = encode_envelope(&envelope).map_err(|e| RpcError::Encode(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        self.pending.insert(request_id, tx);
-        let record = FutureRecord::to(&self.requests_topic).key(&self.user).payload(&bytes);
-        let delivery = match self.producer.send_result(record) {
-            Ok(d) => d,
-            Err((e, _)) => {
-                self.pending.remove(&request_id);
-                return Err(RpcError::Kafka(e.to_string()));
+        self.waiting.replies.insert(request_id, tx);
+        {
+            let mut batch = self.batch.lock().unwrap();
+            if !batchable(&request) {
+                self.send_batch(&mut batch);
+                self.produce(request_id, request);
+            } else {
+                if !batch.fits(&request) {
+                    self.send_batch(&mut batch);
+                }
+                let first = batch.requests.is_empty();
+                batch.push(request_id, request);
+                if now {
+                    self.send_batch(&mut batch);
+                } else if first {
+                    let rpc = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(BATCH_DELAY).await;
+                        rpc.send_batch(&mut rpc.batch.lock().unwrap());
+                    });
+                }
             }
-        };
-        // The reply can arrive before the delivery report, so the report is
-        // only watched for failures, which fail the reply.
-        let pending = self.pending.clone();
-        tokio::spawn(async move {
-            let failure = match delivery.await {
-                Ok(Ok(_)) => return,
-                Ok(Err((e, _))) => RpcError::Kafka(e.to_string()),
-                Err(_) => RpcError::Kafka("producer dropped the request".into()),
-            };
-            if let Some((_, waiter)) = pending.remove(&request_id) {
-                let _ = waiter.send(Err(failure));
-            }
-        });
+        }
         log::debug!("op={op} user={} path={path:?} req={request_id} submitted", self.user);
-        let (pending, deadline, user) = (self.pending.clone(), self.settings.deadline, self.user.clone());
+        let (waiting, deadline, user) = (self.waiting.clone(), self.settings.deadline, self.user.clone());
         let reply: PendingReply = Box::pin(async move {
             let outcome = match tokio::time::timeout(deadline, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(RpcError::Kafka("reply channel closed".into())),
                 Err(_) => {
-                    pending.remove(&request_id);
+                    waiting.replies.remove(&request_id);
                     Err(RpcError::Timeout)
                 }
             };
@@ -390,5 +400,149 @@ impl KafkaRpc {
             outcome
         });
         Ok(reply)
+    }
+
+    /// Sends what is queued: one request as itself, several as a batch.
+    /// The caller holds the batch lock, so messages reach the log in the
+    /// order their requests were enqueued.
+    fn send_batch(self: &Arc<Self>, batch: &mut Batch) {
+        let mut queued = std::mem::take(batch).requests;
+        match queued.len() {
+            0 => {}
+            1 => {
+                let (request_id, request) = queued.pop().expect("one request");
+                self.produce(request_id, request);
+            }
+            _ => {
+                let batch_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let members: Vec<u64> = queued.iter().map(|(request_id, _)| *request_id).collect();
+                let requests =
+                    queued.into_iter().map(|(request_id, request)| Batched { request_id, request }).collect();
+                log::debug!("op=batch user={} req={batch_id} requests={members:?}", self.user);
+                self.waiting.batches.insert(batch_id, members);
+                self.produce(batch_id, Request::Batch { requests });
+            }
+        }
+    }
+
+    /// Produces one envelope; its failure (now, or in the delivery report)
+    /// becomes the reply of whoever waits for `request_id`.
+    fn produce(self: &Arc<Self>, request_id: u64, request: Request) {
+        let envelope = Envelope {
+            version: PROTOCOL_VERSION,
+            request_id,
+            reply_to: self.reply_topic.clone(),
+            user: self.user.clone(),
+            token: self.token.read().unwrap().clone(),
+            client_time: now(),
+            request,
+        };
+        let bytes = match encode_envelope(&envelope) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.waiting.resolve(request_id, Err(RpcError::Encode(e.to_string())));
+                return;
+            }
+        };
+        let record = FutureRecord::to(&self.requests_topic).key(&self.user).payload(&bytes);
+        let delivery = match self.producer.send_result(record) {
+            Ok(d) => d,
+            Err((e, _)) => {
+                self.waiting.resolve(request_id, Err(RpcError::Kafka(e.to_string())));
+                return;
+            }
+        };
+        // The reply can arrive before the delivery report, so the report is
+        // only watched for failures, which fail the reply.
+        let waiting = self.waiting.clone();
+        tokio::spawn(async move {
+            let failure = match delivery.await {
+                Ok(Ok(_)) => return,
+                Ok(Err((e, _))) => RpcError::Kafka(e.to_string()),
+                Err(_) => RpcError::Kafka("producer dropped the request".into()),
+            };
+            waiting.resolve(request_id, Err(failure));
+        });
+    }
+}
+
+/// How long a request nobody waits for yet (a create, mkdir, unlink or
+/// rmdir that went behind) may wait for company before it is sent alone.
+/// `cp` closes a small file well within it, so the file's create and its
+/// data travel as one message; `rm -r` sends a directory's unlinks a few
+/// dozen at a time.
+pub const BATCH_DELAY: Duration = Duration::from_millis(5);
+
+/// Requests queued to travel together, in order, with their request ids.
+#[derive(Default)]
+struct Batch {
+    requests: Vec<(u64, Request)>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn fits(&self, request: &Request) -> bool {
+        self.requests.len() < MAX_BATCH_REQUESTS && self.bytes + weight(request) <= MAX_BATCH_BYTES
+    }
+
+    fn push(&mut self, request_id: u64, request: Request) {
+        self.bytes += weight(&request);
+        self.requests.push((request_id, request));
+    }
+}
+
+/// Small requests join batches; a large write keeps its own message, which
+/// the request log can serve reads from.
+fn batchable(request: &Request) -> bool {
+    match request {
+        Request::Login { .. } | Request::Batch { .. } => false,
+        Request::Write { data, .. } => data.len() <= MAX_BATCHED_DATA_BYTES,
+        _ => true,
+    }
+}
+
+/// Roughly the request's encoded size.
+fn weight(request: &Request) -> usize {
+    let extra = match request {
+        Request::Write { data, .. } => data.len(),
+        Request::Rename { to, .. } => to.len(),
+        _ => 0,
+    };
+    64 + request.path().len() + extra
+}
+
+/// Who waits for which reply: a request's own waiter by its id, and the
+/// ids of a batch's requests by the batch's id.
+#[derive(Default)]
+struct Waiting {
+    replies: DashMap<u64, Waiter>,
+    batches: DashMap<u64, Vec<u64>>,
+}
+
+impl Waiting {
+    /// Hands the answer to `request_id` to whoever waits for it; `false`
+    /// when nobody does (a second replica's copy, or a reply too late).
+    fn resolve(&self, request_id: u64, result: Result<Payload, RpcError>) -> bool {
+        let Some((_, members)) = self.batches.remove(&request_id) else {
+            return match self.replies.remove(&request_id) {
+                Some((_, waiter)) => {
+                    let _ = waiter.send(result);
+                    true
+                }
+                None => false,
+            };
+        };
+        let mut results: Vec<Result<Payload, RpcError>> = match result {
+            Ok(Payload::Batch(results)) => results.into_iter().map(|r| r.map_err(RpcError::Remote)).collect(),
+            Ok(_) => Vec::new(),
+            Err(e) => vec![Err(e); members.len()],
+        };
+        results.resize(members.len(), Err(RpcError::Remote(ErrorCode::Io)));
+        for (member, result) in members.into_iter().zip(results) {
+            if let Some((_, waiter)) = self.replies.remove(&member) {
+                let _ = waiter.send(result);
+            }
+        }
+        true
     }
 }

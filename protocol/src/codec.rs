@@ -142,6 +142,20 @@ mod tests {
         assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 8, 1, 2, 4, 3, 4, 5, 6, 7]);
     }
 
+    /// Appended after the locate pair: request variant 16, payload variant 9.
+    #[test]
+    fn golden_bytes_of_a_batch_and_its_answer() {
+        let mut envelope = sample_envelope();
+        let unlink = Batched { request_id: 8, request: Request::Unlink { path: "f".into() } };
+        envelope.request =
+            Request::Batch { requests: vec![unlink, Batched { request_id: 9, request: Request::StatFs }] };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(bytes[bytes.len() - 8..], [16, 2, 8, 6, 1, b'f', 9, 12]);
+        let answers = Payload::Batch(vec![Ok(Payload::Done), Err(ErrorCode::NotFound)]);
+        let reply = Reply { request_id: 1, node: "n".into(), result: Ok(answers) };
+        assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 9, 2, 0, 6, 1, 0]);
+    }
+
     #[test]
     fn hostile_length_prefix_is_refused_without_allocating() {
         // A string length claiming ~2^60 bytes.

@@ -29,3 +29,11 @@ pub const READDIR_PAGE_BYTES: usize = 256 * 1024;
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Longest accepted path component, in bytes (Linux NAME_MAX).
 pub const MAX_NAME_BYTES: usize = 255;
+/// Most requests one `Request::Batch` may hold.
+pub const MAX_BATCH_REQUESTS: usize = 256;
+/// A request joins a batch only if its file data is at most this long, so
+/// a batch stays a small message and large writes keep their own (which the
+/// request log can serve reads from).
+pub const MAX_BATCHED_DATA_BYTES: usize = 32 * 1024;
+/// Budget of one batch's file data and paths together.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;

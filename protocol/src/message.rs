@@ -124,6 +124,23 @@ pub enum Request {
         offset: u64,
         len: u64,
     },
+    /// Several requests in one message, applied in order as if they had
+    /// come one by one (each with its own request id, which its log line
+    /// and change event carry), answered with one [`Payload::Batch`]. A
+    /// mount sends the requests it does not wait for (a create that went
+    /// behind, unlinks of known names) together with the next one, so the
+    /// broker carries one message instead of several. Never nested, never
+    /// holds a login.
+    Batch {
+        requests: Vec<Batched>,
+    },
+}
+
+/// One request of a [`Request::Batch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batched {
+    pub request_id: u64,
+    pub request: Request,
 }
 
 impl Request {
@@ -146,6 +163,7 @@ impl Request {
             Request::Fsync { .. } => "fsync",
             Request::ReadFromLog { .. } => "read-from-log",
             Request::LocateInLog { .. } => "locate-in-log",
+            Request::Batch { .. } => "batch",
         }
     }
 
@@ -164,13 +182,13 @@ impl Request {
                 | Request::Rename { .. }
                 | Request::Write { .. }
                 | Request::SetAttr { .. }
-        )
+        ) || matches!(self, Request::Batch { requests } if requests.iter().any(|b| b.request.mutates()))
     }
 
     /// The main path, for log lines ("" for requests without one).
     pub fn path(&self) -> &str {
         match self {
-            Request::Login { .. } | Request::StatFs => "",
+            Request::Login { .. } | Request::StatFs | Request::Batch { .. } => "",
             Request::Lookup { path }
             | Request::GetAttr { path }
             | Request::ReadDir { path, .. }
@@ -255,6 +273,8 @@ pub enum Payload {
         locations: Vec<LogLocation>,
         size: u64,
     },
+    /// The answer to [`Request::Batch`]: one result per request, in order.
+    Batch(Vec<Result<Payload, ErrorCode>>),
 }
 
 /// Where file bytes already are in the request log: the data of the
@@ -331,6 +351,8 @@ impl Request {
             | Request::LocateInLog { .. }
             | Request::StatFs
             | Request::Fsync { .. } => None,
+            // Each request of a batch makes its own change.
+            Request::Batch { .. } => None,
         }
     }
 }
@@ -360,8 +382,14 @@ mod tests {
             Request::ReadFromLog { path: p(), offset: 0, len: 1 },
             Request::LocateInLog { path: p(), offset: 0, len: 1 },
         ];
-        for request in all {
+        for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());
+        }
+        for request in all {
+            let mutates = request.mutates();
+            let batched = |request_id, request| Batched { request_id, request };
+            let batch = Request::Batch { requests: vec![batched(1, Request::StatFs), batched(2, request)] };
+            assert_eq!(batch.mutates(), mutates, "a batch mutates when one of its requests does");
         }
     }
 }

@@ -28,11 +28,11 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::types::RDKafkaErrorCode as Code;
 use rdkafka::{Offset, TopicPartitionList};
 
-use dfos_protocol::limits::KAFKA_MAX_MESSAGE_BYTES;
+use dfos_protocol::limits::{KAFKA_MAX_MESSAGE_BYTES, MAX_BATCH_REQUESTS};
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
-    decode_envelope, encode_event, encode_reply, Change, Envelope, ErrorCode, Event, Payload, Reply, Request, Topics,
-    PROTOCOL_VERSION,
+    decode_envelope, encode_event, encode_reply, Batched, Change, Envelope, ErrorCode, Event, Payload, Reply, Request,
+    Topics, PROTOCOL_VERSION,
 };
 
 use crate::checkpoint::{read_applied, Checkpoint};
@@ -180,7 +180,8 @@ fn first_topic_failure(results: Vec<rdkafka::admin::TopicResult>) -> Option<(Str
 pub struct Handled {
     pub reply_topic: String,
     pub reply: Reply,
-    pub event: Option<Event>,
+    /// One per change made: a batch makes several.
+    pub events: Vec<Event>,
 }
 
 /// Locations one `LocateInLog` answers with at most: a mount's group of 8
@@ -284,7 +285,7 @@ impl Service {
                 let request_id = handled.reply.request_id;
                 // The event goes first, so other mounts hear of a change no
                 // later than the mount that made it hears it is done.
-                if let Some(event) = &handled.event {
+                for event in &handled.events {
                     let events = self.topics.events();
                     self.send(&producer, &events, Some(&event.user), encode_event(event), request_id);
                 }
@@ -352,18 +353,26 @@ impl Service {
         if crate::session::age_secs(envelope.client_time) > REPLY_HORIZON_SECS {
             return None;
         }
-        let event = match (&result, envelope.request.change()) {
-            (Ok(_), Some(change)) => Some(Event {
+        let event = |request_id: u64, request: &Request, result: &Result<Payload, ErrorCode>| {
+            let change = request.change().filter(|_| result.is_ok())?;
+            Some(Event {
                 version: PROTOCOL_VERSION,
                 user: envelope.user.clone(),
                 origin: envelope.reply_to.clone(),
-                request_id: envelope.request_id,
+                request_id,
                 change,
-            }),
-            _ => None,
+            })
+        };
+        let events = match (&envelope.request, &result) {
+            (Request::Batch { requests }, Ok(Payload::Batch(results))) => requests
+                .iter()
+                .zip(results)
+                .filter_map(|(batched, result)| event(batched.request_id, &batched.request, result))
+                .collect(),
+            (request, result) => event(envelope.request_id, request, result).into_iter().collect(),
         };
         let reply = Reply { request_id: envelope.request_id, node: self.config.node_id.clone(), result };
-        Some(Handled { reply_topic: envelope.reply_to, reply, event })
+        Some(Handled { reply_topic: envelope.reply_to, reply, events })
     }
 
     /// Decodes and executes; `None` for messages that are skipped.
@@ -389,28 +398,54 @@ impl Service {
         if stale && !envelope.request.mutates() {
             return None;
         }
-        let position = LogPosition { partition, offset, request_id: envelope.request_id };
-        let mut result = self.execute(&envelope, position);
-        if envelope.request.mutates() {
-            let in_doubt = std::mem::replace(&mut self.in_doubt[partition as usize], false);
-            if in_doubt {
-                result = self.settle_in_doubt(&envelope, result);
+        let in_doubt = envelope.request.mutates() && std::mem::replace(&mut self.in_doubt[partition as usize], false);
+        let result = match &envelope.request {
+            Request::Batch { requests } => self.execute_batch(&envelope, requests, in_doubt, (partition, offset)),
+            _ => {
+                let position = LogPosition { partition, offset, request_id: envelope.request_id };
+                let result = self.execute(&envelope, Some(position));
+                let result = if in_doubt { self.settle_in_doubt(&envelope, result) } else { result };
+                log_applied(&envelope, &result, (partition, offset), false);
+                result
             }
-        }
-        let level = if result.is_ok() { log::Level::Debug } else { log::Level::Info };
-        log::log!(
-            level,
-            "op={} user={} path={:?} req={} partition={partition} offset={offset} result={}",
-            envelope.request.name(),
-            envelope.user,
-            envelope.request.path(),
-            envelope.request_id,
-            match &result {
-                Ok(_) => "ok".to_string(),
-                Err(code) => format!("{code:?}"),
-            }
-        );
+        };
         Some((envelope, result))
+    }
+
+    /// Applies a batch's requests in order, each as if it had come alone.
+    /// A batch replayed after a crash is in doubt as a whole: any of its
+    /// mutations may have been applied, so each is settled on its own.
+    /// Its writes are not locatable in the log (the message is no `Write`).
+    fn execute_batch(
+        &mut self,
+        envelope: &Envelope,
+        requests: &[Batched],
+        in_doubt: bool,
+        at: (i32, i64),
+    ) -> Result<Payload, ErrorCode> {
+        let nested_or_login = |b: &Batched| matches!(b.request, Request::Batch { .. } | Request::Login { .. });
+        if requests.len() > MAX_BATCH_REQUESTS || requests.iter().any(nested_or_login) {
+            log_applied(envelope, &Err(ErrorCode::Invalid), at, false);
+            return Err(ErrorCode::Invalid);
+        }
+        let mut one = Envelope {
+            version: envelope.version,
+            request_id: envelope.request_id,
+            reply_to: envelope.reply_to.clone(),
+            user: envelope.user.clone(),
+            token: envelope.token.clone(),
+            client_time: envelope.client_time,
+            request: Request::StatFs,
+        };
+        let mut results = Vec::with_capacity(requests.len());
+        for batched in requests {
+            (one.request_id, one.request) = (batched.request_id, batched.request.clone());
+            let result = self.execute(&one, None);
+            let result = if in_doubt && one.request.mutates() { self.settle_in_doubt(&one, result) } else { result };
+            log_applied(&one, &result, at, true);
+            results.push(result);
+        }
+        Ok(Payload::Batch(results))
     }
 
     /// The first mutation after a restart may have been applied just before
@@ -445,7 +480,9 @@ impl Service {
         }
     }
 
-    fn execute(&mut self, envelope: &Envelope, position: LogPosition) -> Result<Payload, ErrorCode> {
+    /// `position`: where the request is in the log, if a mount could
+    /// fetch its data from there (`None` inside a batch).
+    fn execute(&mut self, envelope: &Envelope, position: Option<LogPosition>) -> Result<Payload, ErrorCode> {
         if envelope.version != PROTOCOL_VERSION {
             return Err(ErrorCode::UnsupportedVersion);
         }
@@ -511,23 +548,26 @@ impl Service {
         envelope: &Envelope,
         indexed_file: bool,
         before: Option<FileStamp>,
-        position: LogPosition,
+        position: Option<LogPosition>,
     ) {
         let user = envelope.user.as_str();
         let index = &mut self.log_index;
-        match &envelope.request {
-            Request::Write { .. } | Request::SetAttr { .. } if !indexed_file => {}
-            Request::Write { path, offset, data } => {
+        match (&envelope.request, position) {
+            (Request::Write { .. } | Request::SetAttr { .. }, _) if !indexed_file => {}
+            (Request::Write { path, offset, data }, Some(position)) => {
                 let after = self.store.stamp(user, path);
                 index.record_write(user, path, before, after, *offset..*offset + data.len() as u64, position);
             }
-            Request::SetAttr { path, size, .. } => {
+            // Its bytes cannot be fetched from the log: what the index
+            // held of this file may now be stale.
+            (Request::Write { path, .. }, None) => index.forget_tree(user, path),
+            (Request::SetAttr { path, size, .. }, _) => {
                 let after = self.store.stamp(user, path);
                 index.record_setattr(user, path, before, after, *size);
             }
             // Namespace changes: whatever is at those names now is not
             // what was indexed there.
-            request => match request.change() {
+            (request, _) => match request.change() {
                 Some(Change::Created { path } | Change::Removed { path }) => index.forget_tree(user, &path),
                 Some(Change::Renamed { from, to }) => {
                     index.forget_tree(user, &from);
@@ -537,6 +577,25 @@ impl Service {
             },
         }
     }
+}
+
+/// One applied request's log line (`batched`: it came in a batch).
+fn log_applied(envelope: &Envelope, result: &Result<Payload, ErrorCode>, at: (i32, i64), batched: bool) {
+    let level = if result.is_ok() { log::Level::Debug } else { log::Level::Info };
+    let (partition, offset) = at;
+    log::log!(
+        level,
+        "op={} user={} path={:?} req={}{} partition={partition} offset={offset} result={}",
+        envelope.request.name(),
+        envelope.user,
+        envelope.request.path(),
+        envelope.request_id,
+        if batched { " batched" } else { "" },
+        match result {
+            Ok(_) => "ok".to_string(),
+            Err(code) => format!("{code:?}"),
+        }
+    );
 }
 
 /// Number of partitions of the request topic, from the broker.
@@ -671,6 +730,63 @@ mod tests {
         assert_eq!(h.call("bob", &token, mkdir.clone()), Err(ErrorCode::AccessDenied));
         assert_eq!(h.call("alice", "1.00", mkdir), Err(ErrorCode::AccessDenied));
         assert!(!h.dir.path().join("storage/bob/d").exists());
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_answers_each_request_and_settles_on_replay() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        // The first mutation after a start is in doubt; this batch is not.
+        h.call("alice", &token, Request::Mkdir { path: "first".into(), mode: 0o755 }).unwrap();
+        let requests = [
+            Request::Mkdir { path: "d".into(), mode: 0o755 },
+            Request::Create { path: "d/f".into(), mode: 0o644, exclusive: true },
+            Request::Write { path: "d/f".into(), offset: 0, data: b"hello".to_vec() },
+            Request::Unlink { path: "missing".into() },
+        ];
+        let requests = (10..).zip(requests).map(|(request_id, request)| Batched { request_id, request }).collect();
+        let batch = Request::Batch { requests };
+        h.log.push(envelope("alice", &token, batch));
+        let handled = h.service.handle(&h.log[2], 0, 2).expect("a reply");
+        let Ok(Payload::Batch(results)) = handled.reply.result else { panic!("{:?}", handled.reply.result) };
+        assert!(matches!(results[..], [Ok(Payload::Attr(_)), Ok(Payload::Attr(_)), Ok(Payload::Written { .. }), _]));
+        assert_eq!(results[3], Err(ErrorCode::NotFound));
+        assert_eq!(std::fs::read(h.user_file("d/f")).unwrap(), b"hello");
+        let changes: Vec<_> = handled.events.iter().map(|e| (e.request_id, e.change.clone())).collect();
+        assert_eq!(
+            changes,
+            [
+                (10, Change::Created { path: "d".into() }),
+                (11, Change::Created { path: "d/f".into() }),
+                (12, Change::Modified { path: "d/f".into() })
+            ],
+            "one event per change made, with its own request id; none for the failed unlink"
+        );
+        // Killed before its offset was recorded (the checkpoint still says
+        // 1): the replayed batch finds its own effects and answers as the
+        // first application did.
+        let checkpoint =
+            crate::checkpoint::checkpoint_path(&h.dir.path().join("storage"), &Topics::new("t").requests());
+        let mut slots = std::fs::read(&checkpoint).unwrap();
+        slots[..8].copy_from_slice(&1i64.to_le_bytes());
+        std::fs::write(&checkpoint, slots).unwrap();
+        let replayed = h.crash_and_replay_from(2);
+        let Some(Ok(Payload::Batch(again))) = &replayed[0] else { panic!("{replayed:?}") };
+        assert!(again[..3].iter().all(Result::is_ok), "{again:?}");
+        assert_eq!(std::fs::read(h.user_file("d/f")).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn nested_batches_and_logins_in_a_batch_are_refused_whole() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        let batched = |request| Batched { request_id: 5, request };
+        let mkdir = batched(Request::Mkdir { path: "d".into(), mode: 0o755 });
+        let nested = Request::Batch { requests: vec![mkdir.clone(), batched(Request::Batch { requests: vec![] })] };
+        assert_eq!(h.call("alice", &token, nested), Err(ErrorCode::Invalid));
+        let login = Request::Batch { requests: vec![mkdir, batched(Request::Login { password: "pw".into() })] };
+        assert_eq!(h.call("alice", &token, login), Err(ErrorCode::Invalid));
+        assert!(!h.user_file("d").exists(), "nothing of a refused batch is applied");
     }
 
     #[test]

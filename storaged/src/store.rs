@@ -167,6 +167,7 @@ impl Store {
         let at = |rel: &str| paths::resolve(&root, rel);
         match request {
             Request::Login { .. } => Err(StoreError::NotApplicable("login is handled by the service")),
+            Request::Batch { .. } => Err(StoreError::NotApplicable("a batch is taken apart by the service")),
             Request::Lookup { path } | Request::GetAttr { path } => {
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(at(path)?)?)))
             }

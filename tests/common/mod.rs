@@ -154,6 +154,18 @@ impl Deployment {
         dir
     }
 
+    /// How many messages the deployment's request topic holds, over all
+    /// partitions.
+    pub fn request_messages(&self) -> i64 {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer =
+            rdkafka::config::ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        let topic = dfos_protocol::Topics::new(&self.namespace).requests();
+        (0..dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS)
+            .map(|partition| consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)).unwrap().1)
+            .sum()
+    }
+
     pub fn log_path(&self, what: &str) -> PathBuf {
         self.dir.path().join(format!("{what}.log"))
     }
