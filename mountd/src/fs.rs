@@ -30,6 +30,7 @@ use dfos_protocol::limits::CHUNK_SIZE;
 use dfos_protocol::{Change, DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime, Timestamp};
 use tokio::sync::Semaphore;
 
+use crate::chunk::Chunk;
 use crate::file_bytes::FileBytes;
 use crate::inodes::{self, InodeTable};
 use crate::metacache::MetaCache;
@@ -81,19 +82,15 @@ pub struct Entry {
 /// starting at `offset`.
 struct WriteBuffer {
     offset: u64,
-    data: Vec<u8>,
+    data: Chunk,
 }
 
 impl WriteBuffer {
     /// Appends the front of `data` that fits in the chunk being gathered.
     /// Returns the rest, and the chunk with its offset once it is full.
-    fn fill<'a>(&mut self, data: &'a [u8]) -> (&'a [u8], Option<(u64, Vec<u8>)>) {
+    fn fill<'a>(&mut self, data: &'a [u8]) -> (&'a [u8], Option<(u64, Chunk)>) {
         let (now, rest) = data.split_at(data.len().min(CHUNK_SIZE - self.data.len()));
-        if self.data.len() + now.len() == CHUNK_SIZE {
-            // One allocation per chunk, not a doubling Vec copied as it grows.
-            self.data.reserve_exact(CHUNK_SIZE - self.data.len());
-        }
-        self.data.extend_from_slice(now);
+        self.data.extend(now);
         if self.data.len() < CHUNK_SIZE {
             return (rest, None);
         }
@@ -120,7 +117,7 @@ struct WriteStream {
 impl WriteStream {
     fn new() -> Self {
         WriteStream {
-            buffer: tokio::sync::Mutex::new(WriteBuffer { offset: 0, data: Vec::new() }),
+            buffer: tokio::sync::Mutex::new(WriteBuffer { offset: 0, data: Chunk::default() }),
             in_flight: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT as usize)),
             error: Arc::new(Mutex::new(None)),
             sent: Arc::new(AtomicU64::new(0)),
@@ -153,7 +150,7 @@ impl WriteStream {
     }
 
     /// Sends one chunk once an in-flight slot is free.
-    async fn send<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: Vec<u8>) -> FsResult<()> {
+    async fn send<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: Chunk) -> FsResult<()> {
         let slot = self.in_flight.clone().acquire_owned().await.expect("semaphore never closed");
         self.send_with(slot, transport, path, offset, data)
     }
@@ -167,9 +164,9 @@ impl WriteStream {
         transport: &T,
         path: &str,
         offset: u64,
-        data: Vec<u8>,
+        data: Chunk,
     ) -> FsResult<()> {
-        let reply = transport.submit(Request::Write { path: path.to_owned(), offset, data })?;
+        let reply = transport.submit_write(path, offset, data)?;
         let seq = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
         let (error, sent, last_attr) = (self.error.clone(), self.sent.clone(), self.last_attr.clone());
         tokio::spawn(async move {

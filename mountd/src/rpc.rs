@@ -31,12 +31,13 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use crate::chunk::Chunk;
 use crate::file_bytes::FileBytes;
 use crate::logread::{LogReadError, LogReader};
 use dfos_protocol::limits::{KAFKA_MAX_MESSAGE_BYTES, MAX_BATCHED_DATA_BYTES, MAX_BATCH_BYTES, MAX_BATCH_REQUESTS};
 use dfos_protocol::{
-    decode_reply, encode_envelope, Batched, Envelope, ErrorCode, LogLocation, Payload, Request, Timestamp, Topics,
-    PROTOCOL_VERSION,
+    decode_reply, encode_envelope, encode_write_in_place, Batched, Envelope, ErrorCode, LogLocation, Payload, Request,
+    Timestamp, Topics, PROTOCOL_VERSION,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +74,11 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// `Request::Batch`), still in order with everything submitted after.
     fn submit_behind(&self, request: Request) -> Result<PendingReply, RpcError> {
         self.submit(request)
+    }
+
+    /// Like `submit` of a `Write` of `chunk`'s data at `offset`.
+    fn submit_write(&self, path: &str, offset: u64, chunk: Chunk) -> Result<PendingReply, RpcError> {
+        self.submit(Request::Write { path: path.to_owned(), offset, data: chunk.into_data() })
     }
 
     /// The bytes at `location` in the request log; when they cannot be
@@ -326,6 +332,16 @@ impl Transport for Arc<KafkaRpc> {
         self.enqueue(request, false)
     }
 
+    /// A small write joins the batch; a large one is encoded around its
+    /// chunk, in place.
+    fn submit_write(&self, path: &str, offset: u64, chunk: Chunk) -> Result<PendingReply, RpcError> {
+        let path = path.to_owned();
+        if chunk.len() <= MAX_BATCHED_DATA_BYTES {
+            return self.enqueue(Request::Write { path, offset, data: chunk.into_data() }, true);
+        }
+        self.enqueue(Outgoing::Write { path, offset, chunk }, true)
+    }
+
     /// The fetch, and the plain read after a failed one, share one deadline.
     fn read_logged(&self, location: LogLocation, plain_read: Request) -> Result<PendingFetch, RpcError> {
         let rpc = self.clone();
@@ -353,30 +369,37 @@ impl KafkaRpc {
     /// Enqueues `request`, alone or with the requests queued behind, and
     /// returns the future of its reply. `now`: the batch goes out at once
     /// (someone waits for this reply); otherwise within [`BATCH_DELAY`].
-    fn enqueue(self: &Arc<Self>, request: Request, now: bool) -> Result<PendingReply, RpcError> {
+    fn enqueue(self: &Arc<Self>, outgoing: impl Into<Outgoing>, now: bool) -> Result<PendingReply, RpcError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (op, path) = (request.name(), request.path().to_owned());
+        let outgoing = outgoing.into();
+        let (op, path) = match &outgoing {
+            Outgoing::Request(request) => (request.name(), request.path().to_owned()),
+            Outgoing::Write { path, .. } => ("write", path.clone()),
+        };
         let (tx, rx) = oneshot::channel();
         self.waiting.replies.insert(request_id, tx);
         {
             let mut batch = self.batch.lock().unwrap();
-            if !batchable(&request) {
-                self.send_batch(&mut batch);
-                self.produce(request_id, request);
-            } else {
-                if !batch.fits(&request) {
-                    self.send_batch(&mut batch);
+            match outgoing {
+                Outgoing::Request(request) if batchable(&request) => {
+                    if !batch.fits(&request) {
+                        self.send_batch(&mut batch);
+                    }
+                    let first = batch.requests.is_empty();
+                    batch.push(request_id, request);
+                    if now {
+                        self.send_batch(&mut batch);
+                    } else if first {
+                        let rpc = self.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(BATCH_DELAY).await;
+                            rpc.send_batch(&mut rpc.batch.lock().unwrap());
+                        });
+                    }
                 }
-                let first = batch.requests.is_empty();
-                batch.push(request_id, request);
-                if now {
+                alone => {
                     self.send_batch(&mut batch);
-                } else if first {
-                    let rpc = self.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(BATCH_DELAY).await;
-                        rpc.send_batch(&mut rpc.batch.lock().unwrap());
-                    });
+                    self.produce(request_id, alone);
                 }
             }
         }
@@ -411,7 +434,7 @@ impl KafkaRpc {
             0 => {}
             1 => {
                 let (request_id, request) = queued.pop().expect("one request");
-                self.produce(request_id, request);
+                self.produce(request_id, request.into());
             }
             _ => {
                 let batch_id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -420,14 +443,18 @@ impl KafkaRpc {
                     queued.into_iter().map(|(request_id, request)| Batched { request_id, request }).collect();
                 log::debug!("op=batch user={} req={batch_id} requests={members:?}", self.user);
                 self.waiting.batches.insert(batch_id, members);
-                self.produce(batch_id, Request::Batch { requests });
+                self.produce(batch_id, Request::Batch { requests }.into());
             }
         }
     }
 
     /// Produces one envelope; its failure (now, or in the delivery report)
     /// becomes the reply of whoever waits for `request_id`.
-    fn produce(self: &Arc<Self>, request_id: u64, request: Request) {
+    fn produce(self: &Arc<Self>, request_id: u64, outgoing: Outgoing) {
+        let (request, chunk) = match outgoing {
+            Outgoing::Request(request) => (request, None),
+            Outgoing::Write { path, offset, chunk } => (Request::Write { path, offset, data: Vec::new() }, Some(chunk)),
+        };
         let envelope = Envelope {
             version: PROTOCOL_VERSION,
             request_id,
@@ -437,14 +464,21 @@ impl KafkaRpc {
             client_time: now(),
             request,
         };
-        let bytes = match encode_envelope(&envelope) {
-            Ok(bytes) => bytes,
+        let encoded = match chunk {
+            None => encode_envelope(&envelope).map(|bytes| (bytes, 0)),
+            Some(chunk) => {
+                let mut buffer = chunk.into_buffer();
+                encode_write_in_place(&envelope, &mut buffer).map(|start| (buffer, start))
+            }
+        };
+        let (bytes, start) = match encoded {
+            Ok(encoded) => encoded,
             Err(e) => {
                 self.waiting.resolve(request_id, Err(RpcError::Encode(e.to_string())));
                 return;
             }
         };
-        let record = FutureRecord::to(&self.requests_topic).key(&self.user).payload(&bytes);
+        let record = FutureRecord::to(&self.requests_topic).key(&self.user).payload(&bytes[start..]);
         let delivery = match self.producer.send_result(record) {
             Ok(d) => d,
             Err((e, _)) => {
@@ -472,6 +506,19 @@ impl KafkaRpc {
 /// data travel as one message; `rm -r` sends a directory's unlinks a few
 /// dozen at a time.
 pub const BATCH_DELAY: Duration = Duration::from_millis(5);
+
+/// What one message carries: a request, or a write whose data already
+/// sits in its message buffer ([`Chunk`]).
+enum Outgoing {
+    Request(Request),
+    Write { path: String, offset: u64, chunk: Chunk },
+}
+
+impl From<Request> for Outgoing {
+    fn from(request: Request) -> Self {
+        Outgoing::Request(request)
+    }
+}
 
 /// Requests queued to travel together, in order, with their request ids.
 #[derive(Default)]

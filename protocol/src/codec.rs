@@ -3,8 +3,8 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::limits::MAX_MESSAGE_BYTES;
-use crate::{Envelope, Event, Reply};
+use crate::limits::{CHUNK_SIZE, MAX_MESSAGE_BYTES};
+use crate::{Envelope, Event, Reply, Request};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -49,6 +49,33 @@ pub(crate) fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result
 
 pub fn encode_envelope(envelope: &Envelope) -> Result<Vec<u8>, CodecError> {
     encode(envelope)
+}
+
+/// Room a buffer keeps in front of a write's data for the rest of its
+/// envelope (reply topic, user, token, path of up to 4 KiB, numbers).
+pub const WRITE_HEADROOM: usize = MAX_MESSAGE_BYTES - CHUNK_SIZE;
+
+/// Encodes a `Write` envelope whose data already fills
+/// `buffer[WRITE_HEADROOM..]`, by writing the envelope's other fields just
+/// in front of the data: the very bytes [`encode_envelope`] gives, without
+/// copying the data. `envelope.request` must be that `Write` with empty
+/// data. Returns where the message starts in `buffer`.
+pub fn encode_write_in_place(envelope: &Envelope, buffer: &mut [u8]) -> Result<usize, CodecError> {
+    if !matches!(&envelope.request, Request::Write { data, .. } if data.is_empty()) {
+        return Err(CodecError::Encode("in place: not a Write without data".into()));
+    }
+    let data_len = buffer.len().checked_sub(WRITE_HEADROOM).ok_or(CodecError::TooLarge(buffer.len()))?;
+    let mut head = encode(envelope)?;
+    // The data is the last field: its length prefix (0) ends the encoding.
+    head.pop();
+    let length = bincode::encode_to_vec(data_len as u64, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
+    head.extend_from_slice(&length);
+    if head.len() > WRITE_HEADROOM || head.len() + data_len > MAX_MESSAGE_BYTES {
+        return Err(CodecError::TooLarge(head.len() + data_len));
+    }
+    let start = WRITE_HEADROOM - head.len();
+    buffer[start..WRITE_HEADROOM].copy_from_slice(&head);
+    Ok(start)
 }
 
 pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, CodecError> {
@@ -106,6 +133,38 @@ mod tests {
             3, 1, 2, 3, // data
         ];
         assert_eq!(bytes, expected);
+    }
+
+    proptest! {
+        #[test]
+        fn a_write_encoded_in_place_is_the_write_encoded_whole(
+            path in "[a-z/]{0,300}", offset in any::<u64>(), len in prop_oneof![0..300usize, 60_000..70_000usize],
+        ) {
+            let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+            let mut envelope = sample_envelope();
+            envelope.request = Request::Write { path: path.clone(), offset, data: data.clone() };
+            let whole = encode_envelope(&envelope).unwrap();
+            envelope.request = Request::Write { path, offset, data: Vec::new() };
+            let mut buffer = vec![0xee; WRITE_HEADROOM];
+            buffer.extend_from_slice(&data);
+            let start = encode_write_in_place(&envelope, &mut buffer).unwrap();
+            prop_assert_eq!(&buffer[start..], &whole[..]);
+        }
+    }
+
+    #[test]
+    fn only_a_write_without_data_that_fits_is_encoded_in_place() {
+        let mut buffer = vec![0; WRITE_HEADROOM + 10];
+        assert!(encode_write_in_place(&sample_envelope(), &mut buffer).is_err(), "carries data itself");
+        let mut envelope = sample_envelope();
+        envelope.request = Request::StatFs;
+        assert!(encode_write_in_place(&envelope, &mut buffer).is_err());
+        envelope.request = Request::Write { path: "f".into(), offset: 0, data: Vec::new() };
+        assert!(encode_write_in_place(&envelope, &mut [0; 10]).is_err(), "no headroom");
+        let mut too_long = vec![0; WRITE_HEADROOM + MAX_MESSAGE_BYTES];
+        assert!(matches!(encode_write_in_place(&envelope, &mut too_long), Err(CodecError::TooLarge(_))));
+        let mut full = vec![0; WRITE_HEADROOM + CHUNK_SIZE];
+        assert!(encode_write_in_place(&envelope, &mut full).is_ok());
     }
 
     #[test]

@@ -13,7 +13,10 @@ pub mod message;
 pub mod topics;
 mod write_view;
 
-pub use codec::{decode_envelope, decode_event, decode_reply, encode_envelope, encode_event, encode_reply, CodecError};
+pub use codec::{
+    decode_envelope, decode_event, decode_reply, encode_envelope, encode_event, encode_reply, encode_write_in_place,
+    CodecError, WRITE_HEADROOM,
+};
 pub use error::ErrorCode;
 pub use message::*;
 pub use topics::Topics;
