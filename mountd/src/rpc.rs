@@ -539,10 +539,15 @@ impl Batch {
 }
 
 /// Small requests join batches; a large write keeps its own message, which
-/// the request log can serve reads from.
+/// the request log can serve reads from. A rename travels alone too: a
+/// storage node that crashed after applying a batch replays all of it, and
+/// an unlink of `x` replayed after a `mv a x` in the same batch would
+/// remove the moved file. (Every other pair a batch can hold, behind
+/// requests and at most one request someone waits for at its end, comes
+/// out of a replay as it went in.)
 fn batchable(request: &Request) -> bool {
     match request {
-        Request::Login { .. } | Request::Batch { .. } => false,
+        Request::Login { .. } | Request::Batch { .. } | Request::Rename { .. } => false,
         Request::Write { data, .. } => data.len() <= MAX_BATCHED_DATA_BYTES,
         _ => true,
     }
@@ -591,5 +596,64 @@ impl Waiting {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfos_protocol::RenameMode;
+
+    #[test]
+    fn renames_logins_and_large_writes_travel_alone() {
+        let write = |len| Request::Write { path: "f".into(), offset: 0, data: vec![0; len] };
+        assert!(batchable(&Request::Unlink { path: "f".into() }));
+        assert!(batchable(&write(MAX_BATCHED_DATA_BYTES)));
+        assert!(!batchable(&write(MAX_BATCHED_DATA_BYTES + 1)));
+        assert!(!batchable(&Request::Rename { from: "a".into(), to: "x".into(), mode: RenameMode::Replace }));
+        assert!(!batchable(&Request::Login { password: "p".into() }));
+    }
+
+    #[test]
+    fn a_batch_holds_a_bounded_number_of_requests_and_bytes() {
+        let mut batch = Batch::default();
+        let unlink = Request::Unlink { path: "f".into() };
+        for id in 0..MAX_BATCH_REQUESTS as u64 {
+            assert!(batch.fits(&unlink));
+            batch.push(id, unlink.clone());
+        }
+        assert!(!batch.fits(&unlink), "full by count");
+        let mut batch = Batch::default();
+        let write = Request::Write { path: "f".into(), offset: 0, data: vec![0; MAX_BATCHED_DATA_BYTES] };
+        while batch.fits(&write) {
+            batch.push(0, write.clone());
+        }
+        assert!(batch.bytes <= MAX_BATCH_BYTES && batch.requests.len() < MAX_BATCH_REQUESTS);
+    }
+
+    #[test]
+    fn a_batch_answer_reaches_each_request_and_a_failure_all_of_them() {
+        let waiting = Waiting::default();
+        let wait = |id| {
+            let (tx, rx) = oneshot::channel();
+            waiting.replies.insert(id, tx);
+            rx
+        };
+        let (mut one, mut two) = (wait(1), wait(2));
+        waiting.batches.insert(10, vec![1, 2]);
+        let answers = Payload::Batch(vec![Ok(Payload::Done), Err(ErrorCode::NotFound)]);
+        assert!(waiting.resolve(10, Ok(answers)));
+        assert_eq!(one.try_recv().unwrap(), Ok(Payload::Done));
+        assert_eq!(two.try_recv().unwrap(), Err(RpcError::Remote(ErrorCode::NotFound)));
+        assert!(!waiting.resolve(10, Ok(Payload::Done)), "a second replica's copy finds no one");
+        let (mut three, mut four) = (wait(3), wait(4));
+        waiting.batches.insert(11, vec![3, 4]);
+        assert!(waiting.resolve(11, Err(RpcError::Timeout)));
+        assert_eq!(three.try_recv().unwrap(), Err(RpcError::Timeout));
+        assert_eq!(four.try_recv().unwrap(), Err(RpcError::Timeout));
+        let mut five = wait(5);
+        waiting.batches.insert(12, vec![5]);
+        assert!(waiting.resolve(12, Ok(Payload::Batch(vec![]))));
+        assert_eq!(five.try_recv().unwrap(), Err(RpcError::Remote(ErrorCode::Io)), "an answer short of requests");
     }
 }
