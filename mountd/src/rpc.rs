@@ -553,14 +553,13 @@ fn batchable(request: &Request) -> bool {
     }
 }
 
-/// Roughly the request's encoded size.
+/// Roughly a batchable request's encoded size.
 fn weight(request: &Request) -> usize {
-    let extra = match request {
+    let data = match request {
         Request::Write { data, .. } => data.len(),
-        Request::Rename { to, .. } => to.len(),
         _ => 0,
     };
-    64 + request.path().len() + extra
+    64 + request.path().len() + data
 }
 
 /// Who waits for which reply: a request's own waiter by its id, and the
