@@ -31,7 +31,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
-use crate::chunk::Chunk;
+use crate::chunk::{Chunk, Gathered};
 use crate::file_bytes::FileBytes;
 use crate::logread::{LogReadError, LogReader};
 use dfos_protocol::limits::{KAFKA_MAX_MESSAGE_BYTES, MAX_BATCHED_DATA_BYTES, MAX_BATCH_BYTES, MAX_BATCH_REQUESTS};
@@ -333,13 +333,13 @@ impl Transport for Arc<KafkaRpc> {
     }
 
     /// A small write joins the batch; a large one is encoded around its
-    /// chunk, in place.
+    /// data, in place.
     fn submit_write(&self, path: &str, offset: u64, chunk: Chunk) -> Result<PendingReply, RpcError> {
         let path = path.to_owned();
-        if chunk.len() <= MAX_BATCHED_DATA_BYTES {
-            return self.enqueue(Request::Write { path, offset, data: chunk.into_data() }, true);
+        match chunk.into_gathered() {
+            Gathered::Data(data) => self.enqueue(Request::Write { path, offset, data }, true),
+            Gathered::Framed(framed) => self.enqueue(Outgoing::Write { path, offset, framed }, true),
         }
-        self.enqueue(Outgoing::Write { path, offset, chunk }, true)
     }
 
     /// The fetch, and the plain read after a failed one, share one deadline.
@@ -451,9 +451,11 @@ impl KafkaRpc {
     /// Produces one envelope; its failure (now, or in the delivery report)
     /// becomes the reply of whoever waits for `request_id`.
     fn produce(self: &Arc<Self>, request_id: u64, outgoing: Outgoing) {
-        let (request, chunk) = match outgoing {
+        let (request, framed) = match outgoing {
             Outgoing::Request(request) => (request, None),
-            Outgoing::Write { path, offset, chunk } => (Request::Write { path, offset, data: Vec::new() }, Some(chunk)),
+            Outgoing::Write { path, offset, framed } => {
+                (Request::Write { path, offset, data: Vec::new() }, Some(framed))
+            }
         };
         let envelope = Envelope {
             version: PROTOCOL_VERSION,
@@ -464,12 +466,9 @@ impl KafkaRpc {
             client_time: now(),
             request,
         };
-        let encoded = match chunk {
+        let encoded = match framed {
             None => encode_envelope(&envelope).map(|bytes| (bytes, 0)),
-            Some(chunk) => {
-                let mut buffer = chunk.into_buffer();
-                encode_write_in_place(&envelope, &mut buffer).map(|start| (buffer, start))
-            }
+            Some(mut buffer) => encode_write_in_place(&envelope, &mut buffer).map(|start| (buffer, start)),
         };
         let (bytes, start) = match encoded {
             Ok(encoded) => encoded,
@@ -508,10 +507,10 @@ impl KafkaRpc {
 pub const BATCH_DELAY: Duration = Duration::from_millis(5);
 
 /// What one message carries: a request, or a write whose data already
-/// sits in its message buffer ([`Chunk`]).
+/// sits in its message buffer, behind room for the envelope ([`Chunk`]).
 enum Outgoing {
     Request(Request),
-    Write { path: String, offset: u64, chunk: Chunk },
+    Write { path: String, offset: u64, framed: Vec<u8> },
 }
 
 impl From<Request> for Outgoing {
