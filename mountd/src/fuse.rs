@@ -114,6 +114,15 @@ impl<T: Transport> FuseAdapter<T> {
         self.runtime.spawn(async move { answer(future.await) });
     }
 
+    /// Flush and release: answered here when there is nothing to send or
+    /// wait for, which saves a hand-off to a tokio worker per close.
+    fn flush_inode(&self, ino: INodeNo, reply: ReplyEmpty) {
+        match self.fs.flush_now(ino.0) {
+            Some(done) => empty(reply)(done),
+            None => self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply)),
+        }
+    }
+
     fn reply_entry(&self, reply: ReplyEntry) -> impl FnOnce(Result<Entry, FsError>) + Send + 'static {
         let attrs = self.attrs;
         move |result| match result {
@@ -328,7 +337,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply));
+        self.flush_inode(ino, reply);
     }
 
     fn release(
@@ -341,7 +350,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply));
+        self.flush_inode(ino, reply);
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
