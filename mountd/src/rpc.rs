@@ -23,11 +23,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
@@ -142,7 +143,7 @@ pub struct KafkaRpc {
     token: RwLock<String>,
     requests_topic: String,
     reply_topic: String,
-    producer: FutureProducer,
+    producer: ThreadedProducer<RequestDeliveries>,
     waiting: Arc<Waiting>,
     batch: Mutex<Batch>,
     next_id: AtomicU64,
@@ -173,7 +174,8 @@ impl KafkaRpc {
         for result in created {
             result.map_err(|(t, code)| RpcError::Kafka(format!("cannot create {t}: {code}")))?;
         }
-        let producer: FutureProducer = settings
+        let waiting = Arc::new(Waiting::default());
+        let producer = settings
             .client_config(&[
                 ("linger.ms", "0"),
                 ("acks", "all"),
@@ -182,7 +184,7 @@ impl KafkaRpc {
                 // A write carries a whole chunk, more than librdkafka's default.
                 ("message.max.bytes", &KAFKA_MAX_MESSAGE_BYTES.to_string()),
             ])
-            .create()
+            .create_with_context(RequestDeliveries { waiting: waiting.clone() })
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let log_reader = LogReader::start(
             manual_consumer(
@@ -217,7 +219,7 @@ impl KafkaRpc {
             user: user.to_owned(),
             token: RwLock::new(String::new()),
             producer,
-            waiting: Arc::new(Waiting::default()),
+            waiting,
             batch: Mutex::new(Batch::default()),
             next_id: AtomicU64::new(1),
             stop: Arc::new(AtomicBool::new(false)),
@@ -268,6 +270,7 @@ impl KafkaRpc {
         // Requests that went behind still go out, and before the listener
         // stops, so they are applied even though no one hears the answer.
         self.send_batch(&mut self.batch.lock().unwrap());
+        let _ = self.producer.flush(Duration::from_secs(2));
         self.log_reader.stop();
         self.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.listener.lock().unwrap().take() {
@@ -477,25 +480,34 @@ impl KafkaRpc {
                 return;
             }
         };
-        let record = FutureRecord::to(&self.requests_topic).key(&self.user).payload(&bytes[start..]);
-        let delivery = match self.producer.send_result(record) {
-            Ok(d) => d,
-            Err((e, _)) => {
-                self.waiting.resolve(request_id, Err(RpcError::Kafka(e.to_string())));
-                return;
-            }
-        };
-        // The reply can arrive before the delivery report, so the report is
-        // only watched for failures, which fail the reply.
-        let waiting = self.waiting.clone();
-        tokio::spawn(async move {
-            let failure = match delivery.await {
-                Ok(Ok(_)) => return,
-                Ok(Err((e, _))) => RpcError::Kafka(e.to_string()),
-                Err(_) => RpcError::Kafka("producer dropped the request".into()),
-            };
-            waiting.resolve(request_id, Err(failure));
-        });
+        let record = BaseRecord::with_opaque_to(&self.requests_topic, request_id as usize)
+            .key(&self.user)
+            .payload(&bytes[start..]);
+        // The delivery report only matters when it fails (RequestDeliveries):
+        // the reply, which can come first, is what completes a request.
+        if let Err((e, _)) = self.producer.send(record) {
+            self.waiting.resolve(request_id, Err(RpcError::Kafka(e.to_string())));
+        }
+    }
+}
+
+/// Delivery reports of the request producer, on its polling thread: a
+/// failure becomes the answer of whoever waits for that request (or the
+/// requests of that batch); a success costs no hand-off to anyone.
+struct RequestDeliveries {
+    waiting: Arc<Waiting>,
+}
+
+impl ClientContext for RequestDeliveries {}
+
+impl ProducerContext for RequestDeliveries {
+    /// The request id.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, request_id: usize) {
+        if let Err((e, _)) = result {
+            self.waiting.resolve(request_id as u64, Err(RpcError::Kafka(e.to_string())));
+        }
     }
 }
 
