@@ -14,6 +14,7 @@
 //! - a reply that arrives twice (several storage replicas) is delivered once,
 //!   later copies are dropped.
 
+use std::ffi::CString;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -144,6 +145,8 @@ pub struct KafkaRpc {
     requests_topic: String,
     reply_topic: String,
     producer: ThreadedProducer<RequestDeliveries>,
+    /// After the producer, so it outlives it: librdkafka may read these.
+    held: Arc<Held>,
     waiting: Arc<Waiting>,
     batch: Mutex<Batch>,
     next_id: AtomicU64,
@@ -174,7 +177,7 @@ impl KafkaRpc {
         for result in created {
             result.map_err(|(t, code)| RpcError::Kafka(format!("cannot create {t}: {code}")))?;
         }
-        let waiting = Arc::new(Waiting::default());
+        let (waiting, held) = (Arc::new(Waiting::default()), Arc::new(Held::default()));
         let producer = settings
             .client_config(&[
                 ("linger.ms", "0"),
@@ -184,7 +187,7 @@ impl KafkaRpc {
                 // A write carries a whole chunk, more than librdkafka's default.
                 ("message.max.bytes", &KAFKA_MAX_MESSAGE_BYTES.to_string()),
             ])
-            .create_with_context(RequestDeliveries { waiting: waiting.clone() })
+            .create_with_context(RequestDeliveries { waiting: waiting.clone(), held: held.clone() })
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let log_reader = LogReader::start(
             manual_consumer(
@@ -219,6 +222,7 @@ impl KafkaRpc {
             user: user.to_owned(),
             token: RwLock::new(String::new()),
             producer,
+            held,
             waiting,
             batch: Mutex::new(Batch::default()),
             next_id: AtomicU64::new(1),
@@ -469,6 +473,7 @@ impl KafkaRpc {
             client_time: now(),
             request,
         };
+        let lent = framed.is_some();
         let encoded = match framed {
             None => encode_envelope(&envelope).map(|bytes| (bytes, 0)),
             Some(mut buffer) => encode_write_in_place(&envelope, &mut buffer).map(|start| (buffer, start)),
@@ -480,22 +485,74 @@ impl KafkaRpc {
                 return;
             }
         };
-        let record = BaseRecord::with_opaque_to(&self.requests_topic, request_id as usize)
-            .key(&self.user)
-            .payload(&bytes[start..]);
         // The delivery report only matters when it fails (RequestDeliveries):
         // the reply, which can come first, is what completes a request.
-        if let Err((e, _)) = self.producer.send(record) {
-            self.waiting.resolve(request_id, Err(RpcError::Kafka(e.to_string())));
+        let sent = if lent {
+            self.produce_uncopied(request_id, bytes, start)
+        } else {
+            let record =
+                BaseRecord::with_opaque_to(&self.requests_topic, request_id as usize).key(&self.user).payload(&bytes);
+            self.producer.send(record).map_err(|(e, _)| e.to_string())
+        };
+        if let Err(e) = sent {
+            self.waiting.resolve(request_id, Err(RpcError::Kafka(e)));
         }
     }
+
+    /// Produces `message[start..]` (a chunk encoded in place) without the
+    /// copy rust-rdkafka always asks librdkafka for: the buffer is lent to
+    /// librdkafka, kept in [`Held`] until its delivery report drops it.
+    fn produce_uncopied(&self, request_id: u64, message: Vec<u8>, start: usize) -> Result<(), String> {
+        use rdkafka::bindings::{rd_kafka_producev, rd_kafka_resp_err_t, rd_kafka_vtype_t::*};
+        let topic = CString::new(self.requests_topic.as_str()).map_err(|e| e.to_string())?;
+        let payload = &message[start..];
+        let (payload_ptr, payload_len) = (payload.as_ptr(), payload.len());
+        // Moving the Vec into the map leaves its heap buffer where it is.
+        self.held.insert(request_id, message);
+        let key = self.user.as_bytes();
+        // SAFETY: the call mirrors rust-rdkafka's own BaseProducer::send,
+        // with message flags 0 instead of RD_KAFKA_MSG_F_COPY: librdkafka
+        // reads the payload until the message's delivery report, and the
+        // buffer stays in `held` until RequestDeliveries removes it in that
+        // report (or below, when librdkafka refuses the message). The
+        // opaque is the request id, as RequestDeliveries expects.
+        let error = unsafe {
+            rd_kafka_producev(
+                self.producer.client().native_ptr(),
+                RD_KAFKA_VTYPE_TOPIC,
+                topic.as_ptr(),
+                RD_KAFKA_VTYPE_PARTITION,
+                -1i32,
+                RD_KAFKA_VTYPE_MSGFLAGS,
+                0i32,
+                RD_KAFKA_VTYPE_VALUE,
+                payload_ptr as *mut std::ffi::c_void,
+                payload_len,
+                RD_KAFKA_VTYPE_KEY,
+                key.as_ptr() as *mut std::ffi::c_void,
+                key.len(),
+                RD_KAFKA_VTYPE_OPAQUE,
+                request_id as usize as *mut std::ffi::c_void,
+                RD_KAFKA_VTYPE_END,
+            )
+        };
+        if error == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Ok(());
+        }
+        self.held.remove(&request_id);
+        Err(rdkafka::error::RDKafkaErrorCode::from(error).to_string())
+    }
 }
+
+/// Messages lent to librdkafka uncopied, by request id, until delivered.
+type Held = DashMap<u64, Vec<u8>>;
 
 /// Delivery reports of the request producer, on its polling thread: a
 /// failure becomes the answer of whoever waits for that request (or the
 /// requests of that batch); a success costs no hand-off to anyone.
 struct RequestDeliveries {
     waiting: Arc<Waiting>,
+    held: Arc<Held>,
 }
 
 impl ClientContext for RequestDeliveries {}
@@ -505,6 +562,7 @@ impl ProducerContext for RequestDeliveries {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, request_id: usize) {
+        self.held.remove(&(request_id as u64));
         if let Err((e, _)) = result {
             self.waiting.resolve(request_id as u64, Err(RpcError::Kafka(e.to_string())));
         }
