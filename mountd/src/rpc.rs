@@ -12,7 +12,10 @@
 //! - every reply future resolves within the deadline: past it, `Timeout`
 //!   (a read from the request log and its fallback share one deadline);
 //! - a reply that arrives twice (several storage replicas) is delivered once,
-//!   later copies are dropped.
+//!   later copies are dropped;
+//! - a large write's bytes are copied once in mountd, into its chunk: the
+//!   envelope is encoded in front of them and librdkafka borrows the buffer
+//!   until the delivery report.
 
 use std::ffi::CString;
 use std::future::Future;
