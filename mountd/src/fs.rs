@@ -38,7 +38,7 @@ use crate::readahead::{FileRead, ReadCache};
 use crate::rpc::{RpcError, Transport};
 use crate::smallfiles::{SmallFiles, MAX_FILE_BYTES};
 
-/// Chunks of one inode in flight at once: 8 × 960 KiB = 7.5 MiB per file.
+/// Chunks of one inode in flight at once: 8 × 3.75 MiB = 30 MiB per file.
 pub const MAX_WRITES_IN_FLIGHT: u32 = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
