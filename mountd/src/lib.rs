@@ -3,6 +3,7 @@
 //! Mounts one user's remote store as a local folder. The layers, bottom up:
 //! - [`file_bytes`]: file bytes as shared ranges of fetched buffers;
 //! - [`chunk`]: a write's data gathered behind room for its envelope;
+//! - [`batch`]: which requests may travel together in one message;
 //! - [`rpc`]: request/reply over Kafka with a deadline on every request;
 //! - [`logread`]: file data fetched straight from the request log when a
 //!   storage node says where it is;
@@ -14,6 +15,7 @@
 //! - [`fs`]: the filesystem core (write buffers, consistency), kernel-free;
 //! - [`fuse`]: the thin fuser adapter and the errno mapping.
 
+pub mod batch;
 pub mod chunk;
 pub mod events;
 pub mod file_bytes;

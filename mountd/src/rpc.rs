@@ -36,10 +36,11 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use crate::batch::{batchable, Batch, BATCH_DELAY};
 use crate::chunk::{Chunk, Gathered};
 use crate::file_bytes::FileBytes;
 use crate::logread::{LogReadError, LogReader};
-use dfos_protocol::limits::{KAFKA_MAX_MESSAGE_BYTES, MAX_BATCHED_DATA_BYTES, MAX_BATCH_BYTES, MAX_BATCH_REQUESTS};
+use dfos_protocol::limits::KAFKA_MAX_MESSAGE_BYTES;
 use dfos_protocol::{
     decode_reply, encode_envelope, encode_write_in_place, Batched, Envelope, ErrorCode, LogLocation, Payload, Request,
     Timestamp, Topics, PROTOCOL_VERSION,
@@ -395,7 +396,7 @@ impl KafkaRpc {
                     if !batch.fits(&request) {
                         self.send_batch(&mut batch);
                     }
-                    let first = batch.requests.is_empty();
+                    let first = batch.is_empty();
                     batch.push(request_id, request);
                     if now {
                         self.send_batch(&mut batch);
@@ -439,7 +440,7 @@ impl KafkaRpc {
     /// The caller holds the batch lock, so messages reach the log in the
     /// order their requests were enqueued.
     fn send_batch(self: &Arc<Self>, batch: &mut Batch) {
-        let mut queued = std::mem::take(batch).requests;
+        let mut queued = batch.take();
         match queued.len() {
             0 => {}
             1 => {
@@ -572,13 +573,6 @@ impl ProducerContext for RequestDeliveries {
     }
 }
 
-/// How long a request nobody waits for yet (a create, mkdir, unlink or
-/// rmdir that went behind) may wait for company before it is sent alone.
-/// `cp` closes a small file well within it, so the file's create and its
-/// data travel as one message; `rm -r` sends a directory's unlinks a few
-/// dozen at a time.
-pub const BATCH_DELAY: Duration = Duration::from_millis(5);
-
 /// What one message carries: a request, or a write whose data already
 /// sits in its message buffer, behind room for the envelope ([`Chunk`]).
 enum Outgoing {
@@ -590,48 +584,6 @@ impl From<Request> for Outgoing {
     fn from(request: Request) -> Self {
         Outgoing::Request(request)
     }
-}
-
-/// Requests queued to travel together, in order, with their request ids.
-#[derive(Default)]
-struct Batch {
-    requests: Vec<(u64, Request)>,
-    bytes: usize,
-}
-
-impl Batch {
-    fn fits(&self, request: &Request) -> bool {
-        self.requests.len() < MAX_BATCH_REQUESTS && self.bytes + weight(request) <= MAX_BATCH_BYTES
-    }
-
-    fn push(&mut self, request_id: u64, request: Request) {
-        self.bytes += weight(&request);
-        self.requests.push((request_id, request));
-    }
-}
-
-/// Small requests join batches; a large write keeps its own message, which
-/// the request log can serve reads from. A rename travels alone too: a
-/// storage node that crashed after applying a batch replays all of it, and
-/// an unlink of `x` replayed after a `mv a x` in the same batch would
-/// remove the moved file. (Every other pair a batch can hold, behind
-/// requests and at most one request someone waits for at its end, comes
-/// out of a replay as it went in.)
-fn batchable(request: &Request) -> bool {
-    match request {
-        Request::Login { .. } | Request::Batch { .. } | Request::Rename { .. } => false,
-        Request::Write { data, .. } => data.len() <= MAX_BATCHED_DATA_BYTES,
-        _ => true,
-    }
-}
-
-/// Roughly a batchable request's encoded size.
-fn weight(request: &Request) -> usize {
-    let data = match request {
-        Request::Write { data, .. } => data.len(),
-        _ => 0,
-    };
-    64 + request.path().len() + data
 }
 
 /// Who waits for which reply: a request's own waiter by its id, and the
@@ -673,34 +625,6 @@ impl Waiting {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dfos_protocol::RenameMode;
-
-    #[test]
-    fn renames_logins_and_large_writes_travel_alone() {
-        let write = |len| Request::Write { path: "f".into(), offset: 0, data: vec![0; len] };
-        assert!(batchable(&Request::Unlink { path: "f".into() }));
-        assert!(batchable(&write(MAX_BATCHED_DATA_BYTES)));
-        assert!(!batchable(&write(MAX_BATCHED_DATA_BYTES + 1)));
-        assert!(!batchable(&Request::Rename { from: "a".into(), to: "x".into(), mode: RenameMode::Replace }));
-        assert!(!batchable(&Request::Login { password: "p".into() }));
-    }
-
-    #[test]
-    fn a_batch_holds_a_bounded_number_of_requests_and_bytes() {
-        let mut batch = Batch::default();
-        let unlink = Request::Unlink { path: "f".into() };
-        for id in 0..MAX_BATCH_REQUESTS as u64 {
-            assert!(batch.fits(&unlink));
-            batch.push(id, unlink.clone());
-        }
-        assert!(!batch.fits(&unlink), "full by count");
-        let mut batch = Batch::default();
-        let write = Request::Write { path: "f".into(), offset: 0, data: vec![0; MAX_BATCHED_DATA_BYTES] };
-        while batch.fits(&write) {
-            batch.push(0, write.clone());
-        }
-        assert!(batch.bytes <= MAX_BATCH_BYTES && batch.requests.len() < MAX_BATCH_REQUESTS);
-    }
 
     #[test]
     fn a_batch_answer_reaches_each_request_and_a_failure_all_of_them() {

@@ -1,0 +1,107 @@
+//! Which requests may travel together in one `Request::Batch`, and the
+//! bounds of a batch.
+//!
+//! A request that went behind (no one waits for its reply yet) waits up to
+//! [`BATCH_DELAY`] in the mount and leaves with the next request, in order
+//! (the transport in `rpc` does the sending). Guarantees: a batch holds at
+//! most `MAX_BATCH_REQUESTS` requests and about `MAX_BATCH_BYTES` of paths
+//! and data, never a login, a batch, a rename or a write larger than
+//! `MAX_BATCHED_DATA_BYTES`, so it stays a small message whose replay after
+//! a storage node's crash gives what its first application gave.
+
+use std::time::Duration;
+
+use dfos_protocol::limits::{MAX_BATCHED_DATA_BYTES, MAX_BATCH_BYTES, MAX_BATCH_REQUESTS};
+use dfos_protocol::Request;
+
+/// How long a request nobody waits for yet (a create, mkdir, unlink or
+/// rmdir that went behind) may wait for company before it is sent alone.
+/// `cp` closes a small file well within it, so the file's create and its
+/// data travel as one message; `rm -r` sends a directory's unlinks a few
+/// dozen at a time.
+pub const BATCH_DELAY: Duration = Duration::from_millis(5);
+
+/// Requests queued to travel together, in order, with their request ids.
+#[derive(Default)]
+pub struct Batch {
+    requests: Vec<(u64, Request)>,
+    bytes: usize,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// Whether `request` may join without passing the batch's bounds.
+    pub fn fits(&self, request: &Request) -> bool {
+        self.requests.len() < MAX_BATCH_REQUESTS && self.bytes + weight(request) <= MAX_BATCH_BYTES
+    }
+
+    pub fn push(&mut self, request_id: u64, request: Request) {
+        self.bytes += weight(&request);
+        self.requests.push((request_id, request));
+    }
+
+    /// The queued requests, in order, leaving the batch empty.
+    pub fn take(&mut self) -> Vec<(u64, Request)> {
+        std::mem::take(self).requests
+    }
+}
+
+/// Small requests join batches; a large write keeps its own message, which
+/// the request log can serve reads from. A rename travels alone too: a
+/// storage node that crashed after applying a batch replays all of it, and
+/// an unlink of `x` replayed after a `mv a x` in the same batch would
+/// remove the moved file. (Every other pair a batch can hold, behind
+/// requests and at most one request someone waits for at its end, comes
+/// out of a replay as it went in.)
+pub fn batchable(request: &Request) -> bool {
+    match request {
+        Request::Login { .. } | Request::Batch { .. } | Request::Rename { .. } => false,
+        Request::Write { data, .. } => data.len() <= MAX_BATCHED_DATA_BYTES,
+        _ => true,
+    }
+}
+
+/// Roughly a batchable request's encoded size.
+fn weight(request: &Request) -> usize {
+    let data = match request {
+        Request::Write { data, .. } => data.len(),
+        _ => 0,
+    };
+    64 + request.path().len() + data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfos_protocol::RenameMode;
+
+    #[test]
+    fn renames_logins_and_large_writes_travel_alone() {
+        let write = |len| Request::Write { path: "f".into(), offset: 0, data: vec![0; len] };
+        assert!(batchable(&Request::Unlink { path: "f".into() }));
+        assert!(batchable(&write(MAX_BATCHED_DATA_BYTES)));
+        assert!(!batchable(&write(MAX_BATCHED_DATA_BYTES + 1)));
+        assert!(!batchable(&Request::Rename { from: "a".into(), to: "x".into(), mode: RenameMode::Replace }));
+        assert!(!batchable(&Request::Login { password: "p".into() }));
+    }
+
+    #[test]
+    fn a_batch_holds_a_bounded_number_of_requests_and_bytes() {
+        let mut batch = Batch::default();
+        let unlink = Request::Unlink { path: "f".into() };
+        for id in 0..MAX_BATCH_REQUESTS as u64 {
+            assert!(batch.fits(&unlink));
+            batch.push(id, unlink.clone());
+        }
+        assert!(!batch.fits(&unlink), "full by count");
+        let mut batch = Batch::default();
+        let write = Request::Write { path: "f".into(), offset: 0, data: vec![0; MAX_BATCHED_DATA_BYTES] };
+        while batch.fits(&write) {
+            batch.push(0, write.clone());
+        }
+        assert!(batch.bytes <= MAX_BATCH_BYTES && batch.requests.len() < MAX_BATCH_REQUESTS);
+    }
+}
