@@ -403,13 +403,26 @@ impl Service {
             Request::Batch { requests } => self.execute_batch(&envelope, requests, in_doubt, (partition, offset)),
             _ => {
                 let position = LogPosition { partition, offset, request_id: envelope.request_id };
-                let result = self.execute(&envelope, Some(position));
-                let result = if in_doubt { self.settle_in_doubt(&envelope, result) } else { result };
-                log_applied(&envelope, &result, (partition, offset), false);
-                result
+                self.apply_one(&envelope, Some(position), in_doubt, (partition, offset))
             }
         };
         Some((envelope, result))
+    }
+
+    /// Executes one request (alone, or one of a batch: then `position` is
+    /// `None`), settles it if it is a mutation in doubt, and logs it.
+    fn apply_one(
+        &mut self,
+        envelope: &Envelope,
+        position: Option<LogPosition>,
+        in_doubt: bool,
+        at: (i32, i64),
+    ) -> Result<Payload, ErrorCode> {
+        let result = self.execute(envelope, position);
+        let result =
+            if in_doubt && envelope.request.mutates() { self.settle_in_doubt(envelope, result) } else { result };
+        log_applied(envelope, &result, at, position.is_none());
+        result
     }
 
     /// Applies a batch's requests in order, each as if it had come alone.
@@ -440,10 +453,7 @@ impl Service {
         let mut results = Vec::with_capacity(requests.len());
         for batched in requests {
             (one.request_id, one.request) = (batched.request_id, batched.request.clone());
-            let result = self.execute(&one, None);
-            let result = if in_doubt && one.request.mutates() { self.settle_in_doubt(&one, result) } else { result };
-            log_applied(&one, &result, at, true);
-            results.push(result);
+            results.push(self.apply_one(&one, None, in_doubt, at));
         }
         Ok(Payload::Batch(results))
     }
