@@ -147,6 +147,8 @@ pub struct KafkaRpc {
     user: String,
     token: RwLock<String>,
     requests_topic: String,
+    /// The same, for producing through librdkafka's C API.
+    requests_topic_c: CString,
     reply_topic: String,
     producer: ThreadedProducer<RequestDeliveries>,
     /// After the producer, so it outlives it: librdkafka may read these.
@@ -222,6 +224,7 @@ impl KafkaRpc {
         let rpc = Arc::new(KafkaRpc {
             log_reader,
             requests_topic: topics.requests(),
+            requests_topic_c: CString::new(topics.requests()).map_err(|e| RpcError::Kafka(e.to_string()))?,
             reply_topic,
             user: user.to_owned(),
             token: RwLock::new(String::new()),
@@ -421,7 +424,7 @@ impl KafkaRpc {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(RpcError::Kafka("reply channel closed".into())),
                 Err(_) => {
-                    waiting.replies.remove(&request_id);
+                    waiting.forget(request_id);
                     Err(RpcError::Timeout)
                 }
             };
@@ -508,7 +511,6 @@ impl KafkaRpc {
     /// librdkafka, kept in [`Held`] until its delivery report drops it.
     fn produce_uncopied(&self, request_id: u64, message: Vec<u8>, start: usize) -> Result<(), String> {
         use rdkafka::bindings::{rd_kafka_producev, rd_kafka_resp_err_t, rd_kafka_vtype_t::*};
-        let topic = CString::new(self.requests_topic.as_str()).map_err(|e| e.to_string())?;
         let payload = &message[start..];
         let (payload_ptr, payload_len) = (payload.as_ptr(), payload.len());
         // Moving the Vec into the map leaves its heap buffer where it is.
@@ -524,7 +526,7 @@ impl KafkaRpc {
             rd_kafka_producev(
                 self.producer.client().native_ptr(),
                 RD_KAFKA_VTYPE_TOPIC,
-                topic.as_ptr(),
+                self.requests_topic_c.as_ptr(),
                 RD_KAFKA_VTYPE_PARTITION,
                 -1i32,
                 RD_KAFKA_VTYPE_MSGFLAGS,
@@ -594,7 +596,23 @@ struct Waiting {
     batches: DashMap<u64, Vec<u64>>,
 }
 
+/// Never a request id (they start at 1): a batch member that gave up.
+const GAVE_UP: u64 = 0;
+
 impl Waiting {
+    /// A request past its deadline: nobody waits for it any more, and a
+    /// batch whose members all gave up is dropped (its reply, if it ever
+    /// comes, finds no one).
+    fn forget(&self, request_id: u64) {
+        self.replies.remove(&request_id);
+        self.batches.retain(|_, members| {
+            for member in members.iter_mut().filter(|member| **member == request_id) {
+                *member = GAVE_UP;
+            }
+            members.iter().any(|member| *member != GAVE_UP)
+        });
+    }
+
     /// Hands the answer to `request_id` to whoever waits for it; `false`
     /// when nobody does (a second replica's copy, or a reply too late).
     fn resolve(&self, request_id: u64, result: Result<Payload, RpcError>) -> bool {
@@ -650,5 +668,30 @@ mod tests {
         waiting.batches.insert(12, vec![5]);
         assert!(waiting.resolve(12, Ok(Payload::Batch(vec![]))));
         assert_eq!(five.try_recv().unwrap(), Err(RpcError::Remote(ErrorCode::Io)), "an answer short of requests");
+    }
+
+    #[test]
+    fn a_batch_whose_requests_all_gave_up_is_forgotten_and_the_others_keep_their_places() {
+        let waiting = Waiting::default();
+        let mut rx = Vec::new();
+        for id in [1, 2] {
+            let (tx, r) = oneshot::channel();
+            waiting.replies.insert(id, tx);
+            rx.push(r);
+        }
+        waiting.batches.insert(10, vec![1, 2]);
+        waiting.forget(1);
+        assert!(waiting.batches.contains_key(&10), "request 2 still waits");
+        let answers = Payload::Batch(vec![Ok(Payload::Done), Err(ErrorCode::Exists)]);
+        assert!(waiting.resolve(10, Ok(answers)));
+        assert_eq!(
+            rx[1].try_recv().unwrap(),
+            Err(RpcError::Remote(ErrorCode::Exists)),
+            "its own answer, not the first"
+        );
+        waiting.batches.insert(11, vec![3, 4]);
+        waiting.forget(3);
+        waiting.forget(4);
+        assert!(waiting.batches.is_empty());
     }
 }
