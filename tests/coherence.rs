@@ -147,3 +147,21 @@ fn batched_creates_and_unlinks_take_fewer_messages_and_all_reach_another_mount()
     }
     assert!(names(&a.join("copy")).is_empty());
 }
+
+#[test]
+fn an_fsync_travels_with_the_write_it_makes_durable() {
+    let d = Deployment::start("fsync-batch");
+    let m = d.mount(USER1);
+    fs::create_dir(m.join("logs")).unwrap();
+    let before = d.request_messages();
+    for i in 0..10 {
+        ok(&format!("printf 'entry {i}\\n' | dd of={} conv=fsync status=none", m.p(&format!("logs/{i}"))));
+    }
+    let messages = d.request_messages() - before;
+    // One by one: a create, a write and an fsync per file.
+    assert!(messages < 25, "10 files written with dd conv=fsync took {messages} messages");
+    for i in 0..10 {
+        let on_node = fs::read_to_string(d.storage.join(format!("User1/logs/{i}"))).unwrap();
+        assert_eq!(on_node, format!("entry {i}\n"), "what fsync returned for is on the storage node");
+    }
+}

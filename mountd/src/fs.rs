@@ -35,7 +35,7 @@ use crate::file_bytes::FileBytes;
 use crate::inodes::{self, InodeTable};
 use crate::metacache::MetaCache;
 use crate::readahead::{FileRead, ReadCache};
-use crate::rpc::{RpcError, Transport};
+use crate::rpc::{PendingReply, RpcError, Transport};
 use crate::smallfiles::{SmallFiles, MAX_FILE_BYTES};
 
 /// Chunks of one inode in flight at once: 8 × 3.75 MiB = 30 MiB per file.
@@ -101,6 +101,14 @@ impl WriteBuffer {
     }
 }
 
+/// Whether a chunk is sent at once, or may wait a moment for the request
+/// that follows it (`Transport::submit_behind`).
+#[derive(Clone, Copy)]
+enum Travel {
+    Now,
+    Behind,
+}
+
 struct WriteStream {
     buffer: tokio::sync::Mutex<WriteBuffer>,
     in_flight: Arc<Semaphore>,
@@ -149,24 +157,28 @@ impl WriteStream {
         });
     }
 
-    /// Sends one chunk once an in-flight slot is free.
-    async fn send<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: Chunk) -> FsResult<()> {
-        let slot = self.in_flight.clone().acquire_owned().await.expect("semaphore never closed");
-        self.send_with(slot, transport, path, offset, data)
+    /// An in-flight slot, once one is free.
+    async fn slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.in_flight.clone().acquire_owned().await.expect("semaphore never closed")
     }
 
-    /// Sends one chunk holding `slot` until its reply. The request is
-    /// enqueued before this returns (while the caller holds the buffer
+    /// Sends one chunk holding `slot` until its reply; `Travel::Behind`
+    /// when a request the caller waits for follows it at once. The request
+    /// is enqueued before this returns (while the caller holds the buffer
     /// lock), so chunks reach the log in order.
-    fn send_with<T: Transport>(
+    fn send<T: Transport>(
         &self,
         slot: tokio::sync::OwnedSemaphorePermit,
         transport: &T,
         path: &str,
         offset: u64,
         data: Chunk,
+        travel: Travel,
     ) -> FsResult<()> {
-        let reply = transport.submit_write(path, offset, data)?;
+        let reply = match travel {
+            Travel::Now => transport.submit_write(path, offset, data)?,
+            Travel::Behind => transport.submit_write_behind(path, offset, data)?,
+        };
         let seq = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
         let (error, sent, last_attr) = (self.error.clone(), self.sent.clone(), self.last_attr.clone());
         tokio::spawn(async move {
@@ -230,7 +242,7 @@ impl WriteStream {
             (rest, full) = buffer.fill(rest);
             if let Some((chunk_offset, chunk)) = full {
                 let slot = slots.next().expect("a slot was taken for every chunk");
-                if let Err(e) = self.send_with(slot, transport, path, chunk_offset, chunk) {
+                if let Err(e) = self.send(slot, transport, path, chunk_offset, chunk, Travel::Now) {
                     return Some(Err(e));
                 }
             }
@@ -245,7 +257,7 @@ impl WriteStream {
         let contiguous = buffer.offset + buffer.data.len() as u64 == offset;
         if !buffer.data.is_empty() && !contiguous {
             let pending = std::mem::take(&mut buffer.data);
-            self.send(transport, path, buffer.offset, pending).await?;
+            self.send(self.slot().await, transport, path, buffer.offset, pending, Travel::Now)?;
         }
         if buffer.data.is_empty() {
             buffer.offset = offset;
@@ -255,24 +267,38 @@ impl WriteStream {
             let full;
             (rest, full) = buffer.fill(rest);
             if let Some((chunk_offset, chunk)) = full {
-                self.send(transport, path, chunk_offset, chunk).await?;
+                self.send(self.slot().await, transport, path, chunk_offset, chunk, Travel::Now)?;
             }
         }
         Ok(())
     }
 
-    /// Sends what is buffered and waits until every chunk is acknowledged.
-    /// Returns the file's attributes after the last write, when known.
-    async fn flush<T: Transport>(&self, transport: &T, path: &str) -> FsResult<Option<FileAttr>> {
+    /// Sends what is buffered, then `then` (queued right behind the last
+    /// chunk, so the node applies it after all of them, without waiting
+    /// for their answers first), and waits until every chunk is
+    /// acknowledged. Returns the file's attributes after the last write,
+    /// when known, and the reply to `then`.
+    async fn flush<T: Transport>(
+        &self,
+        transport: &T,
+        path: &str,
+        then: Option<Request>,
+    ) -> FsResult<(Option<FileAttr>, Option<PendingReply>)> {
         let mut buffer = self.buffer.lock().await;
         if !buffer.data.is_empty() {
             let pending = std::mem::take(&mut buffer.data);
-            self.send(transport, path, buffer.offset, pending).await?;
+            let travel = if then.is_some() { Travel::Behind } else { Travel::Now };
+            self.send(self.slot().await, transport, path, buffer.offset, pending, travel)?;
+        }
+        let then = then.map(|request| transport.submit(request)).transpose()?;
+        if self.in_flight.available_permits() < MAX_WRITES_IN_FLIGHT as usize {
+            // A create that went behind may still be held back for a batch.
+            transport.send_held();
         }
         let all = self.in_flight.acquire_many(MAX_WRITES_IN_FLIGHT).await.expect("semaphore never closed");
         drop(all);
         self.take_error()?;
-        Ok(self.last_attr.lock().unwrap().take())
+        Ok((self.last_attr.lock().unwrap().take(), then))
     }
 
     fn truncate_shadow(&self, size: u64) {
@@ -412,13 +438,25 @@ impl<T: Transport> DfosFs<T> {
             return Ok(());
         };
         let path = self.path_of(ino)?;
-        if let Some(attr) = stream.flush(&self.transport, &path).await? {
+        self.flush_stream(&stream, &path, None).await.map(drop)
+    }
+
+    /// Flushes `stream`, with `then` queued behind its last chunk (see
+    /// `WriteStream::flush`), and caches what the node reported.
+    async fn flush_stream(
+        &self,
+        stream: &WriteStream,
+        path: &str,
+        then: Option<Request>,
+    ) -> FsResult<Option<PendingReply>> {
+        let (attr, then) = stream.flush(&self.transport, path, then).await?;
+        if let Some(attr) = attr {
             if let Some(content) = stream.take_shadow() {
-                self.small.put(&path, &attr, content);
+                self.small.put(path, &attr, content);
             }
-            self.meta.lock().unwrap().put_attr(&path, attr);
+            self.meta.lock().unwrap().put_attr(path, attr);
         }
-        Ok(())
+        Ok(then)
     }
 
     /// Flushes the inode at `path`, if the kernel knows one.
@@ -785,10 +823,17 @@ impl<T: Transport> DfosFs<T> {
         self.meta.lock().unwrap().drop_attr(path);
     }
 
+    /// One round trip, not two: the fsync travels right behind the file's
+    /// last chunk, and the node applies it after them.
     pub async fn fsync(&self, ino: u64) -> FsResult<()> {
-        self.flush(ino).await?;
         let path = self.path_of(ino)?;
-        self.call(Request::Fsync { path }).await.map(drop)
+        let fsync = Request::Fsync { path: path.clone() };
+        let synced = match self.stream(ino) {
+            Some(stream) => self.flush_stream(&stream, &path, Some(fsync)).await?.expect("a reply to the fsync"),
+            None => self.transport.submit(fsync)?,
+        };
+        synced.await?;
+        Ok(())
     }
 
     pub async fn mkdir(&self, parent: u64, name: &std::ffi::OsStr, mode: u32) -> FsResult<Entry> {
@@ -954,6 +999,115 @@ mod tests {
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    type ReplySender = tokio::sync::oneshot::Sender<Result<Payload, RpcError>>;
+
+    /// Like `LocalTransport`, with a mount's batching: requests submitted
+    /// behind are held until `send_held` or the next `submit` carries them,
+    /// and no reply is delivered while the gate is closed. It records the
+    /// order in which requests reached the store.
+    struct GatedTransport {
+        store: storaged::store::Store,
+        held: Mutex<Vec<(Request, ReplySender)>>,
+        applied: Mutex<Vec<&'static str>>,
+        gate: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl GatedTransport {
+        fn apply(&self, request: &Request) -> Result<Payload, RpcError> {
+            self.applied.lock().unwrap().push(request.name());
+            self.store.apply("u", now(), request).map_err(|e| RpcError::Remote(e.code()))
+        }
+
+        fn gated(&self, reply: tokio::sync::oneshot::Receiver<Result<Payload, RpcError>>) -> PendingReply {
+            let mut gate = self.gate.subscribe();
+            Box::pin(async move {
+                let _ = gate.wait_for(|open| *open).await;
+                reply.await.unwrap_or(Err(RpcError::Timeout))
+            })
+        }
+
+        fn applied(&self) -> Vec<&'static str> {
+            self.applied.lock().unwrap().clone()
+        }
+    }
+
+    impl Transport for Arc<GatedTransport> {
+        fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
+            self.send_held();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(self.apply(&request));
+            Ok(self.gated(rx))
+        }
+
+        fn submit_behind(&self, request: Request) -> Result<PendingReply, RpcError> {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.held.lock().unwrap().push((request, tx));
+            Ok(self.gated(rx))
+        }
+
+        fn send_held(&self) {
+            for (request, tx) in std::mem::take(&mut *self.held.lock().unwrap()) {
+                let _ = tx.send(self.apply(&request));
+            }
+        }
+    }
+
+    fn gated_core(gate_open: bool) -> (tempfile::TempDir, DfosFs<Arc<GatedTransport>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = storaged::store::Store::new(dir.path()).unwrap();
+        let (gate, _) = tokio::sync::watch::channel(gate_open);
+        let transport = GatedTransport { store, held: Mutex::new(Vec::new()), applied: Mutex::new(Vec::new()), gate };
+        (dir, DfosFs::new(Arc::new(transport)))
+    }
+
+    /// Only a guard against a hang: the operations under test never wait
+    /// for a timer.
+    async fn within_a_minute<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(60), f).await.expect("hung")
+    }
+
+    #[test]
+    fn closing_a_file_created_behind_sends_the_held_create_at_once() {
+        rt().block_on(async {
+            let (dir, fs) = gated_core(true);
+            fs.mkdir(1, OsStr::new("d"), 0o755).await.unwrap();
+            let d = fs.lookup(1, OsStr::new("d")).await.unwrap();
+            let (f, _) = fs.create(d.ino, OsStr::new("empty"), 0o644, true).await.unwrap();
+            assert!(!fs.transport.applied().contains(&"create"), "the create went behind and is held");
+            within_a_minute(fs.flush(f.ino)).await.unwrap();
+            assert!(dir.path().join("u/d/empty").is_file());
+        });
+    }
+
+    #[test]
+    fn an_fsync_travels_right_behind_the_data_without_waiting_for_its_answer() {
+        rt().block_on(async {
+            let (dir, fs) = gated_core(false);
+            let fs = Arc::new(fs);
+            let (f, _) = {
+                fs.transport.gate.send_replace(true);
+                let created = fs.create(1, OsStr::new("f"), 0o644, false).await.unwrap();
+                fs.transport.gate.send_replace(false);
+                created
+            };
+            fs.write(f.ino, 0, b"data to keep").await.unwrap();
+            let syncing = tokio::spawn({
+                let fs = fs.clone();
+                async move { fs.fsync(f.ino).await }
+            });
+            // No answer has come yet, and both have reached the store, in order.
+            within_a_minute(async {
+                while !fs.transport.applied().ends_with(&["write", "fsync"]) {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+            fs.transport.gate.send_replace(true);
+            within_a_minute(syncing).await.unwrap().unwrap();
+            assert_eq!(std::fs::read(dir.path().join("u/f")).unwrap(), b"data to keep");
+        });
     }
 
     #[test]

@@ -87,6 +87,17 @@ pub trait Transport: Clone + Send + Sync + 'static {
         self.submit(Request::Write { path: path.to_owned(), offset, data: chunk.into_data() })
     }
 
+    /// Like `submit_write`, for a chunk that a request follows at once: it
+    /// may travel with that request, as `submit_behind` allows.
+    fn submit_write_behind(&self, path: &str, offset: u64, chunk: Chunk) -> Result<PendingReply, RpcError> {
+        self.submit_write(path, offset, chunk)
+    }
+
+    /// Sends at once whatever `submit_behind` still holds back: someone now
+    /// waits for one of those replies, and nothing else may follow to carry
+    /// it along.
+    fn send_held(&self) {}
+
     /// The bytes at `location` in the request log; when they cannot be
     /// fetched from there, the reply to `plain_read` (a read of the same
     /// bytes). Without a log reader, just that read.
@@ -346,14 +357,16 @@ impl Transport for Arc<KafkaRpc> {
         self.enqueue(request, false)
     }
 
-    /// A small write joins the batch; a large one is encoded around its
-    /// data, in place.
+    fn send_held(&self) {
+        self.send_batch(&mut self.batch.lock().unwrap());
+    }
+
     fn submit_write(&self, path: &str, offset: u64, chunk: Chunk) -> Result<PendingReply, RpcError> {
-        let path = path.to_owned();
-        match chunk.into_gathered() {
-            Gathered::Data(data) => self.enqueue(Request::Write { path, offset, data }, true),
-            Gathered::Framed(framed) => self.enqueue(Outgoing::Write { path, offset, framed }, true),
-        }
+        self.enqueue_write(path, offset, chunk, true)
+    }
+
+    fn submit_write_behind(&self, path: &str, offset: u64, chunk: Chunk) -> Result<PendingReply, RpcError> {
+        self.enqueue_write(path, offset, chunk, false)
     }
 
     /// The fetch, and the plain read after a failed one, share one deadline.
@@ -380,6 +393,22 @@ impl Transport for Arc<KafkaRpc> {
 }
 
 impl KafkaRpc {
+    /// A small write joins the batch (sent at once when `now`); a large
+    /// one is encoded around its data, in place, and always travels alone.
+    fn enqueue_write(
+        self: &Arc<Self>,
+        path: &str,
+        offset: u64,
+        chunk: Chunk,
+        now: bool,
+    ) -> Result<PendingReply, RpcError> {
+        let path = path.to_owned();
+        match chunk.into_gathered() {
+            Gathered::Data(data) => self.enqueue(Request::Write { path, offset, data }, now),
+            Gathered::Framed(framed) => self.enqueue(Outgoing::Write { path, offset, framed }, true),
+        }
+    }
+
     /// Enqueues `request`, alone or with the requests queued behind, and
     /// returns the future of its reply. `now`: the batch goes out at once
     /// (someone waits for this reply); otherwise within [`BATCH_DELAY`].
