@@ -151,6 +151,9 @@ wide_secs=$(printf '%s\n' "${wide_samples[@]}" | median)
 say "getattr round trip"
 read -r rtt_med rtt_p99 < <(target/release/dfos-bench --brokers "$DFOS_BROKERS" rpc-latency \
   --namespace "$ns" --user User1 --password 1234 --count 1000)
+# The floor under it: a message produced, echoed to a second topic by
+# another client and consumed back, with the same client settings.
+read -r ping_med ping_p99 < <(target/release/dfos-bench --brokers "$DFOS_BROKERS" kafka-ping --count 1000)
 
 say "memory while copying a ${big_mb} MiB file"
 peak_rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -167,7 +170,7 @@ Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 $(printf '%s\n' "${rows[@]}")
 | ls of a $wide-entry directory, caches dropped | $(printf '%.3f' "$wide_secs") s | — | — | < 1 s $( [ "$(calc "$wide_secs < 1")" = 1 ] && echo ok || echo MISSED) |
 | raw Kafka consume with the broker's page cache warm (for reference) | — | $(fmt "$kafka_hot") MB/s | — | report |
-| getattr round trip through Kafka | median $rtt_med µs, p99 $rtt_p99 µs | — | — | report |
+| getattr round trip through Kafka, vs raw Kafka produce-echo-consume | median $rtt_med µs, p99 $rtt_p99 µs | median $ping_med µs, p99 $ping_p99 µs | $(printf '%.2f' "$(calc "$rtt_med / $ping_med")")× (median) | report |
 | peak RSS copying ${big_mb} MiB | mountd $rss_mountd MiB, storaged $rss_storaged MiB | — | — | ≤ 256 MiB each $( [ "$rss_mountd" -le 256 ] && [ "$rss_storaged" -le 256 ] && echo ok || echo MISSED) |
 TABLE
 

@@ -2,6 +2,8 @@
 //! baseline (the same bytes, chunking and producer settings as mountd, with
 //! no filesystem in between) and the latency of one request round trip.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -11,7 +13,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use dfos_protocol::limits::{CHUNK_SIZE, KAFKA_MAX_MESSAGE_BYTES};
@@ -45,6 +47,15 @@ enum Command {
         user: String,
         #[arg(long)]
         password: String,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
+    /// Time COUNT sequential round trips through raw Kafka: produce to a
+    /// topic, an echo thread consumes it and produces it to a second topic,
+    /// and the sender consumes it there, with mountd's and storaged's
+    /// settings; prints "median_us p99_us". The floor under any request
+    /// a mount waits for.
+    KafkaPing {
         #[arg(long, default_value_t = 1000)]
         count: usize,
     },
@@ -153,6 +164,88 @@ fn drop_caches() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A producer with the settings mountd and storaged produce requests and
+/// replies with.
+fn request_producer(brokers: &str) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+    Ok(config(brokers)
+        .set("linger.ms", "0")
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "30000")
+        .create()?)
+}
+
+/// A consumer of partition 0 of a fresh `topic`, from its start, with the
+/// long poll of mountd's and storaged's consumers.
+fn long_poll_consumer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
+    let consumer: BaseConsumer = config(brokers)
+        .set("group.id", "dfos-bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+async fn kafka_ping(brokers: &str, count: usize) -> anyhow::Result<()> {
+    let tag = rand::random::<u32>();
+    let (ping, pong) = (format!("dfos-bench-ping-{tag:08x}"), format!("dfos-bench-pong-{tag:08x}"));
+    let admin: AdminClient<DefaultClientContext> = config(brokers).create()?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let topics =
+        [NewTopic::new(&ping, 1, TopicReplication::Fixed(1)), NewTopic::new(&pong, 1, TopicReplication::Fixed(1))];
+    admin.create_topics(&topics, &options).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let (brokers, ping, pong, stop) = (brokers.to_owned(), ping.clone(), pong.clone(), stop.clone());
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let (consumer, producer) = (long_poll_consumer(&brokers, &ping)?, request_producer(&brokers)?);
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                    let payload = message?.payload().unwrap_or_default().to_vec();
+                    producer.send(BaseRecord::<(), [u8]>::to(&pong).payload(&payload)).map_err(|(e, _)| e)?;
+                }
+            }
+            Ok(())
+        })
+    };
+    let (consumer, producer) = (long_poll_consumer(brokers, &pong)?, request_producer(brokers)?);
+    let round_trip = |seq: u64| -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        producer.send(BaseRecord::<(), [u8]>::to(&ping).payload(&seq.to_le_bytes())).map_err(|(e, _)| e)?;
+        loop {
+            match consumer.poll(Duration::from_secs(30)) {
+                Some(Ok(m)) if m.payload() == Some(&seq.to_le_bytes()[..]) => return Ok(start.elapsed()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("consume failed: {e}"),
+                None => bail!("no echo within 30 s"),
+            }
+        }
+    };
+    // Connections, metadata and producer ids are set up before the clock
+    // starts, as they are for a mount that is already up.
+    for seq in 0..50 {
+        round_trip(seq)?;
+    }
+    let mut samples = Vec::with_capacity(count);
+    for seq in 50..50 + count as u64 {
+        samples.push(round_trip(seq)?.as_micros() as u64);
+    }
+    stop.store(true, Ordering::Relaxed);
+    echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    let _ = admin.delete_topics(&[&ping, &pong], &options).await;
+    let (median, p99) = median_and_p99(&mut samples);
+    println!("{median} {p99}");
+    Ok(())
+}
+
+fn median_and_p99(samples: &mut [u64]) -> (u64, u64) {
+    samples.sort_unstable();
+    (samples[samples.len() / 2], samples[(samples.len() * 99 / 100).min(samples.len() - 1)])
+}
+
 async fn rpc_latency(brokers: &str, namespace: &str, user: &str, password: &str, count: usize) -> anyhow::Result<()> {
     let settings = KafkaSettings {
         brokers: brokers.to_owned(),
@@ -169,9 +262,7 @@ async fn rpc_latency(brokers: &str, namespace: &str, user: &str, password: &str,
         samples.push(start.elapsed().as_micros() as u64);
     }
     rpc.shutdown().await;
-    samples.sort_unstable();
-    let median = samples[samples.len() / 2];
-    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+    let (median, p99) = median_and_p99(&mut samples);
     println!("{median} {p99}");
     Ok(())
 }
@@ -189,6 +280,7 @@ fn main() -> anyhow::Result<()> {
                 admin.delete_topics(&[&topics.requests(), &topics.events()], &options).await?;
                 Ok(())
             }
+            Command::KafkaPing { count } => kafka_ping(&cli.brokers, count).await,
             Command::RpcLatency { namespace, user, password, count } => {
                 rpc_latency(&cli.brokers, &namespace, &user, &password, count).await
             }
