@@ -149,6 +149,25 @@ fn batched_creates_and_unlinks_take_fewer_messages_and_all_reach_another_mount()
 }
 
 #[test]
+fn a_missing_name_stays_known_missing_in_the_kernel_until_another_mount_creates_it() {
+    let d = Deployment::start("negative");
+    let a = d.mount(USER1);
+    let b = d.mount(USER1);
+    fs::create_dir(b.join("include")).unwrap();
+    soon("B's directory on A", || a.join("include").is_dir());
+    // A has not listed the directory: only a storage node knows what is in it.
+    let before = d.request_messages();
+    for _ in 0..30 {
+        assert!(!a.join("include/config.h").exists());
+    }
+    let messages = d.request_messages() - before;
+    assert!(messages < 10, "30 lookups of one missing name took {messages} messages");
+    fs::write(b.join("include/config.h"), b"#define DFOS 1\n").unwrap();
+    soon("B's new file on A", || a.join("include/config.h").exists());
+    assert_eq!(fs::read(a.join("include/config.h")).unwrap(), b"#define DFOS 1\n");
+}
+
+#[test]
 fn an_fsync_travels_with_the_write_it_makes_durable() {
     let d = Deployment::start("fsync-batch");
     let m = d.mount(USER1);

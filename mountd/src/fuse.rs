@@ -131,6 +131,20 @@ impl<T: Transport> FuseAdapter<T> {
         }
     }
 
+    /// Like `reply_entry`, but a name found missing is answered with node
+    /// id 0, which the kernel keeps as a negative entry for `TTL`, as it
+    /// keeps a found one: repeated lookups of a missing name (PATH and
+    /// include-path searches, imports, lock-file checks) stay in the
+    /// kernel, and another mount's create of it drops the entry at once
+    /// through `dfos.events`.
+    fn reply_lookup(&self, reply: ReplyEntry) -> impl FnOnce(Result<Entry, FsError>) + Send + 'static {
+        let answer = self.reply_entry(reply);
+        move |result| match result {
+            Err(FsError::Rpc(RpcError::Remote(ErrorCode::NotFound))) => answer(Ok(Entry { ino: 0, attr: missing() })),
+            other => answer(other),
+        }
+    }
+
     fn reply_attr(&self, ino: u64, reply: ReplyAttr) -> impl FnOnce(Result<FileAttr, FsError>) + Send + 'static {
         let attrs = self.attrs;
         move |result| match result {
@@ -169,6 +183,21 @@ impl KernelAttrs {
     }
 }
 
+/// The attributes sent with a negative entry; the kernel reads only its
+/// node id (0) and TTL.
+fn missing() -> FileAttr {
+    FileAttr {
+        kind: FileKind::File,
+        size: 0,
+        blocks: 0,
+        mode: 0,
+        nlink: 0,
+        atime: Timestamp { secs: 0, nanos: 0 },
+        mtime: Timestamp { secs: 0, nanos: 0 },
+        ctime: Timestamp { secs: 0, nanos: 0 },
+    }
+}
+
 fn empty(reply: ReplyEmpty) -> impl FnOnce(Result<(), FsError>) + Send + 'static {
     move |result| match result {
         Ok(()) => reply.ok(),
@@ -185,7 +214,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let answer = self.reply_entry(reply);
+        let answer = self.reply_lookup(reply);
         if let Some(done) = self.fs.lookup_now(parent.0, name) {
             return answer(done);
         }
