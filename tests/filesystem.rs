@@ -36,6 +36,35 @@ fn copy_in_and_out_of_a_64mib_a_one_byte_and_an_empty_file() {
 }
 
 #[test]
+fn tar_extracts_contents_modes_and_times_in_about_one_message_per_file() {
+    let d = Deployment::start("tar");
+    let m = d.mount(USER1);
+    let src = d.local_dir("src");
+    fs::create_dir(src.join("sub")).unwrap();
+    for i in 0..30 {
+        let path = src.join(if i % 5 == 0 { format!("sub/f{i}") } else { format!("f{i}") });
+        fs::write(&path, random_bytes(100 + i * 37, i as u64)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(if i % 2 == 0 { 0o640 } else { 0o755 })).unwrap();
+        ok(&format!("touch -d '2020-0{}-15 12:34:56' '{}'", i % 9 + 1, path.display()));
+    }
+    let archive = d.dir.path().join("src.tar");
+    ok(&format!("tar cf '{}' -C '{}' .", archive.display(), src.display()));
+    let local = d.local_dir("local");
+    ok(&format!("tar xf '{}' -C '{}'", archive.display(), local.display()));
+    fs::create_dir(m.join("x")).unwrap();
+    let before = d.request_messages();
+    ok(&format!("tar xf '{}' -C {}", archive.display(), m.p("x")));
+    let messages = d.request_messages() - before;
+    // A create with its data, the mtime, a chown and the mode: four per file, one by one.
+    assert!(messages < 45, "tar x of 30 files took {messages} messages");
+    let listing = |dir: &str| ok(&format!("cd {dir} && find . -type f | sort | xargs stat -c '%n %a %Y %s'"));
+    let expected = listing(&format!("'{}'", local.display()));
+    assert_eq!(listing(&m.p("x")), expected, "as the mount shows them");
+    assert_eq!(listing(&format!("'{}'", d.storage.join("User1/x").display())), expected, "on the storage node");
+    ok(&format!("diff -r '{}' {}", local.display(), m.p("x")));
+}
+
+#[test]
 fn random_offset_writes_then_truncate_match_a_local_file() {
     let d = Deployment::start("random-writes");
     let m = d.mount(USER1);

@@ -120,6 +120,34 @@ struct WriteStream {
     /// The whole file as written, while it is known: from a create or a
     /// truncate to zero, through writes within the first 64 KiB.
     shadow: Mutex<Option<Vec<u8>>>,
+    /// What the node will report of the file once everything sent through
+    /// this stream is applied, while this mount can tell: from the create
+    /// of an empty file to the close after it.
+    predicted: Mutex<Option<Predicted>>,
+}
+
+/// What a setattr asks to change; `None` leaves it as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttrChange {
+    pub size: Option<u64>,
+    pub mode: Option<u32>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+impl AttrChange {
+    /// Nothing dfos keeps (a chown, say).
+    fn is_empty(&self) -> bool {
+        *self == AttrChange::default()
+    }
+}
+
+/// A file's attributes as this mount foresees them.
+struct Predicted {
+    attr: FileAttr,
+    /// The mtime was set explicitly after the last write, so it is the one
+    /// the node will keep (a write takes the time of its batch's message).
+    mtime_exact: bool,
 }
 
 impl WriteStream {
@@ -131,6 +159,7 @@ impl WriteStream {
             sent: Arc::new(AtomicU64::new(0)),
             last_attr: Arc::new(Mutex::new(None)),
             shadow: Mutex::new(None),
+            predicted: Mutex::new(None),
         }
     }
 
@@ -200,6 +229,12 @@ impl WriteStream {
     }
 
     fn shadow_write(&self, offset: u64, data: &[u8]) {
+        if let Some(predicted) = self.predicted.lock().unwrap().as_mut() {
+            let attr = &mut predicted.attr;
+            attr.size = attr.size.max(offset + data.len() as u64);
+            attr.blocks = attr.size.div_ceil(4096) * 8;
+            predicted.mtime_exact = false;
+        }
         let mut shadow = self.shadow.lock().unwrap();
         let end = offset as usize + data.len();
         match shadow.as_mut() {
@@ -307,6 +342,47 @@ impl WriteStream {
             _ if size == 0 => *shadow = Some(Vec::new()),
             Some(content) if size as usize <= MAX_FILE_BYTES => content.resize(size as usize, 0),
             _ => *shadow = None,
+        }
+    }
+
+    /// Queues `request` behind this stream's buffered bytes, without
+    /// waiting, when the stream has something its next flush must wait for
+    /// (so that flush, at the latest the file's close, reports `request`'s
+    /// error). `None`: nothing pending, a busy buffer, or no free slot.
+    fn submit_behind_pending<T: Transport>(&self, transport: &T, path: &str, request: Request) -> Option<FsResult<()>> {
+        if self.is_quiet() {
+            return None;
+        }
+        let mut buffer = self.buffer.try_lock().ok()?;
+        let needed = 1 + usize::from(!buffer.data.is_empty());
+        let mut slots: Vec<_> = (0..needed).map_while(|_| self.try_slot()).collect();
+        if slots.len() < needed {
+            return None;
+        }
+        if let Err(e) = self.take_error() {
+            return Some(Err(e));
+        }
+        if !buffer.data.is_empty() {
+            let pending = std::mem::take(&mut buffer.data);
+            let slot = slots.pop().expect("a slot for the buffered bytes");
+            if let Err(e) = self.send(slot, transport, path, buffer.offset, pending, Travel::Behind) {
+                return Some(Err(e));
+            }
+        }
+        {
+            // `request`'s effect comes after every chunk's answer: none of
+            // those may stand for the file's attributes any more.
+            let mut last = self.last_attr.lock().unwrap();
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            *last = None;
+        }
+        self.take_shadow();
+        match transport.submit_behind(request) {
+            Ok(reply) => {
+                self.track(slots.pop().expect("a slot for the request"), reply);
+                Some(Ok(()))
+            }
+            Err(e) => Some(Err(e.into())),
         }
     }
 
@@ -450,6 +526,8 @@ impl<T: Transport> DfosFs<T> {
         then: Option<Request>,
     ) -> FsResult<Option<PendingReply>> {
         let (attr, then) = stream.flush(&self.transport, path, then).await?;
+        // The open-write-close cycle the prediction was for has ended.
+        stream.predicted.lock().unwrap().take();
         if let Some(attr) = attr {
             if let Some(content) = stream.take_shadow() {
                 self.small.put(path, &attr, content);
@@ -499,7 +577,14 @@ impl<T: Transport> DfosFs<T> {
     /// every close of a file only read, and the release after a close
     /// that flushed.
     pub fn flush_now(&self, ino: u64) -> Option<FsResult<()>> {
-        self.quiet(ino).then_some(Ok(()))
+        if !self.quiet(ino) {
+            return None;
+        }
+        if let Some(stream) = self.stream(ino) {
+            // As in `flush_stream`: the cycle a prediction was for ends here.
+            stream.predicted.lock().unwrap().take();
+        }
+        Some(Ok(()))
     }
 
     pub fn lookup_now(&self, parent: u64, name: &std::ffi::OsStr) -> Option<FsResult<Entry>> {
@@ -518,9 +603,14 @@ impl<T: Transport> DfosFs<T> {
         meta.known_absent(&path).then(|| Err(ErrorCode::NotFound.into()))
     }
 
+    /// From the cache, or, while writes are pending, from the prediction
+    /// when it is exact (after a `setattr_now`), as `tar` asks between
+    /// setting a file's times and its mode.
     pub fn getattr_now(&self, ino: u64) -> Option<FsResult<FileAttr>> {
         if !self.quiet(ino) {
-            return None;
+            let stream = self.stream(ino)?;
+            let predicted = stream.predicted.lock().unwrap();
+            return predicted.as_ref().filter(|p| p.mtime_exact).map(|p| Ok(p.attr.clone()));
         }
         match self.path_of(ino) {
             Ok(path) => self.meta.lock().unwrap().attr(&path).map(Ok),
@@ -618,19 +708,74 @@ impl<T: Transport> DfosFs<T> {
         Ok(attr)
     }
 
-    pub async fn setattr(
-        &self,
-        ino: u64,
-        size: Option<u64>,
-        mode: Option<u32>,
-        atime: Option<SetTime>,
-        mtime: Option<SetTime>,
-    ) -> FsResult<FileAttr> {
+    /// A chmod or a setting of explicit times on a file this mount is
+    /// writing, as `tar`, `cp -p` and `rsync` do before closing each file
+    /// they make, goes behind like an exclusive create: answered at once
+    /// with the attributes the node will set, queued after the file's
+    /// writes, its error reported by the file's flush, fsync or close.
+    /// Only while those attributes are foreseeable (a file this mount
+    /// created empty, until its close) and the mtime will be exact; a
+    /// truncate, or times set to "now" (`touch`), ask the node. The
+    /// ctime is this mount's clock until the node's is read. Needs a tokio
+    /// runtime context.
+    pub fn setattr_now(&self, ino: u64, change: AttrChange) -> Option<FsResult<FileAttr>> {
+        let AttrChange { size, mode, atime, mtime } = change;
+        if change.is_empty() {
+            return self.getattr_now(ino);
+        }
+        let is_now = |t: &Option<SetTime>| matches!(t, Some(SetTime::Now));
+        if size.is_some() || is_now(&atime) || is_now(&mtime) {
+            return None;
+        }
+        let stream = self.stream(ino)?;
+        // Held throughout, so a write on another thread lands before or after.
+        let mut guard = stream.predicted.lock().unwrap();
+        let predicted = guard.as_mut()?;
+        let explicit_mtime = match mtime {
+            Some(SetTime::At(t)) => Some(t),
+            _ => None,
+        };
+        if explicit_mtime.is_none() && !predicted.mtime_exact {
+            return None;
+        }
+        let path = self.path_of(ino).ok()?;
+        let request = Request::SetAttr { path: path.clone(), size, mode, atime, mtime };
+        if let Err(e) = stream.submit_behind_pending(&self.transport, &path, request)? {
+            return Some(Err(e));
+        }
+        let attr = &mut predicted.attr;
+        if let Some(mode) = mode {
+            attr.mode = mode & 0o7777;
+        }
+        if let Some(SetTime::At(t)) = atime {
+            attr.atime = t;
+        }
+        if let Some(t) = explicit_mtime {
+            attr.mtime = t;
+        }
+        attr.ctime = crate::rpc::now();
+        predicted.mtime_exact = true;
+        let attr = predicted.attr.clone();
+        drop(guard);
+        self.drop_cached_data(ino);
+        self.small.forget(&path);
+        self.meta.lock().unwrap().put_attr(&path, attr.clone());
+        Some(Ok(attr))
+    }
+
+    pub async fn setattr(&self, ino: u64, change: AttrChange) -> FsResult<FileAttr> {
+        let AttrChange { size, mode, atime, mtime } = change;
+        if change.is_empty() {
+            return self.getattr(ino).await;
+        }
         self.flush(ino).await?;
         self.drop_cached_data(ino);
         let path = self.path_of(ino)?;
         self.meta.lock().unwrap().drop_attr(&path);
         let attr = expect_attr(self.call(Request::SetAttr { path: path.clone(), size, mode, atime, mtime }).await?)?;
+        if let Some(stream) = self.stream(ino) {
+            stream.predicted.lock().unwrap().take();
+        }
         self.small.forget(&path);
         if let Some(size) = size {
             self.stream_or_new(ino).truncate_shadow(size);
@@ -759,7 +904,9 @@ impl<T: Transport> DfosFs<T> {
         self.drop_cached_data(entry.ino);
         self.small.forget(path);
         if entry.attr.size == 0 {
-            self.stream_or_new(entry.ino).truncate_shadow(0);
+            let stream = self.stream_or_new(entry.ino);
+            stream.truncate_shadow(0);
+            *stream.predicted.lock().unwrap() = Some(Predicted { attr: entry.attr.clone(), mtime_exact: false });
         }
         (entry, self.new_handle())
     }
@@ -927,6 +1074,9 @@ impl<T: Transport> DfosFs<T> {
             self.small.forget_tree(path);
             if let Some(ino) = inodes.ino_of(path) {
                 self.drop_cached_data(ino);
+                if let Some(stream) = self.stream(ino) {
+                    stream.predicted.lock().unwrap().take();
+                }
                 out.push(Invalidation::Inode(ino));
             }
         };
@@ -1047,6 +1197,10 @@ mod tests {
             Ok(self.gated(rx))
         }
 
+        fn submit_write_behind(&self, path: &str, offset: u64, chunk: Chunk) -> Result<PendingReply, RpcError> {
+            self.submit_behind(Request::Write { path: path.to_owned(), offset, data: chunk.into_data() })
+        }
+
         fn send_held(&self) {
             for (request, tx) in std::mem::take(&mut *self.held.lock().unwrap()) {
                 let _ = tx.send(self.apply(&request));
@@ -1062,6 +1216,15 @@ mod tests {
         (dir, DfosFs::new(Arc::new(transport)))
     }
 
+    /// An open gate, and a directory made through the mount, so creates in
+    /// it can go behind.
+    async fn gated_core_with_dir(name: &str) -> (tempfile::TempDir, DfosFs<Arc<GatedTransport>>, Entry) {
+        let (dir, fs) = gated_core(true);
+        fs.mkdir(1, OsStr::new(name), 0o755).await.unwrap();
+        let entry = fs.lookup(1, OsStr::new(name)).await.unwrap();
+        (dir, fs, entry)
+    }
+
     /// Only a guard against a hang: the operations under test never wait
     /// for a timer.
     async fn within_a_minute<F: std::future::Future>(f: F) -> F::Output {
@@ -1071,13 +1234,48 @@ mod tests {
     #[test]
     fn closing_a_file_created_behind_sends_the_held_create_at_once() {
         rt().block_on(async {
-            let (dir, fs) = gated_core(true);
-            fs.mkdir(1, OsStr::new("d"), 0o755).await.unwrap();
-            let d = fs.lookup(1, OsStr::new("d")).await.unwrap();
+            let (dir, fs, d) = gated_core_with_dir("d").await;
             let (f, _) = fs.create(d.ino, OsStr::new("empty"), 0o644, true).await.unwrap();
             assert!(!fs.transport.applied().contains(&"create"), "the create went behind and is held");
             within_a_minute(fs.flush(f.ino)).await.unwrap();
             assert!(dir.path().join("u/d/empty").is_file());
+        });
+    }
+
+    #[test]
+    fn times_and_mode_set_while_writing_go_behind_and_travel_with_the_close() {
+        rt().block_on(async {
+            let (dir, fs, x) = gated_core_with_dir("x").await;
+            let sent_before = fs.transport.applied().len();
+            // What tar does for each file it extracts.
+            let (f, _) = fs.create(x.ino, OsStr::new("f"), 0o600, true).await.unwrap();
+            fs.write(f.ino, 0, b"extracted").await.unwrap();
+            let mtime = Timestamp { secs: 1_500_000_000, nanos: 0 };
+            let attr = fs
+                .setattr_now(f.ino, AttrChange { mtime: Some(SetTime::At(mtime)), ..Default::default() })
+                .unwrap()
+                .unwrap();
+            assert_eq!((attr.size, attr.mtime), (9, mtime));
+            assert_eq!(fs.getattr_now(f.ino).unwrap().unwrap(), attr, "answered from the prediction");
+            assert!(fs.setattr_now(f.ino, AttrChange::default()).unwrap().is_ok(), "a chown changes nothing");
+            let attr = fs.setattr_now(f.ino, AttrChange { mode: Some(0o640), ..Default::default() }).unwrap().unwrap();
+            assert_eq!((attr.mode, attr.mtime), (0o640, mtime));
+            assert_eq!(fs.transport.applied().len(), sent_before, "all held so far");
+            within_a_minute(fs.flush(f.ino)).await.unwrap();
+            assert_eq!(&fs.transport.applied()[sent_before..], ["create", "write", "setattr", "setattr"]);
+            let on_disk = std::fs::metadata(dir.path().join("u/x/f")).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((on_disk.mode() & 0o7777, on_disk.mtime(), on_disk.len()), (0o640, 1_500_000_000, 9));
+            // After the close nothing is foreseen: a touch asks the node.
+            assert!(fs
+                .setattr_now(f.ino, AttrChange { mtime: Some(SetTime::At(mtime)), ..Default::default() })
+                .is_none());
+            // Times set to "now" are the node's to report.
+            let (g, _) = fs.create(x.ino, OsStr::new("g"), 0o600, true).await.unwrap();
+            fs.write(g.ino, 0, b"g").await.unwrap();
+            assert!(fs.setattr_now(g.ino, AttrChange { mtime: Some(SetTime::Now), ..Default::default() }).is_none());
+            // A chmod alone keeps the mtime of the write, which only the node knows.
+            assert!(fs.setattr_now(g.ino, AttrChange { mode: Some(0o644), ..Default::default() }).is_none());
         });
     }
 
@@ -1162,7 +1360,7 @@ mod tests {
             assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"Jello world");
             assert_eq!(reads(), 1);
             // Truncating to zero starts a new copy.
-            fs.setattr(f.ino, Some(0), None, None, None).await.unwrap();
+            fs.setattr(f.ino, AttrChange { size: Some(0), ..Default::default() }).await.unwrap();
             fs.write(f.ino, 0, b"new").await.unwrap();
             fs.flush(f.ino).await.unwrap();
             assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"new");
@@ -1233,7 +1431,7 @@ mod tests {
                 let mut model: Vec<u8> = Vec::new();
                 for (offset, len, byte, truncate) in ops {
                     if truncate {
-                        fs.setattr(entry.ino, Some(offset), None, None, None).await.unwrap();
+                        fs.setattr(entry.ino, AttrChange { size: Some(offset), ..Default::default() }).await.unwrap();
                         model.resize(offset as usize, 0);
                     } else {
                         let data = vec![byte; len];

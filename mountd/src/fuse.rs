@@ -19,7 +19,7 @@ use fuser::{
 use dfos_protocol::{ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
 
 use crate::file_bytes::FileBytes;
-use crate::fs::{DfosFs, Entry, FsError};
+use crate::fs::{AttrChange, DfosFs, Entry, FsError};
 use crate::rpc::{RpcError, Transport};
 
 /// Short, never zero: the kernel misbehaves with a TTL of 0.
@@ -254,7 +254,13 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     ) {
         let answer = self.reply_attr(ino.0, reply);
         let (atime, mtime) = (atime.map(set_time), mtime.map(set_time));
-        self.spawn(move |fs| async move { fs.setattr(ino.0, size, mode, atime, mtime).await }, answer);
+        // Submitting spawns tasks, which needs the runtime's context here.
+        let _runtime = self.runtime.enter();
+        let change = AttrChange { size, mode, atime, mtime };
+        if let Some(done) = self.fs.setattr_now(ino.0, change) {
+            return answer(done);
+        }
+        self.spawn(move |fs| async move { fs.setattr(ino.0, change).await }, answer);
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
