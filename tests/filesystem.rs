@@ -61,7 +61,10 @@ fn tar_extracts_contents_modes_and_times_in_about_one_message_per_file() {
     let expected = listing(&format!("'{}'", local.display()));
     assert_eq!(listing(&m.p("x")), expected, "as the mount shows them");
     assert_eq!(listing(&format!("'{}'", d.storage.join("User1/x").display())), expected, "on the storage node");
+    let before = d.request_messages();
     ok(&format!("diff -r '{}' {}", local.display(), m.p("x")));
+    let messages = d.request_messages() - before;
+    assert!(messages < 10, "reading back 30 files just extracted took {messages} messages");
 }
 
 #[test]

@@ -376,7 +376,6 @@ impl WriteStream {
             self.sent.fetch_add(1, Ordering::SeqCst);
             *last = None;
         }
-        self.take_shadow();
         match transport.submit_behind(request) {
             Ok(reply) => {
                 self.track(slots.pop().expect("a slot for the request"), reply);
@@ -526,10 +525,14 @@ impl<T: Transport> DfosFs<T> {
         then: Option<Request>,
     ) -> FsResult<Option<PendingReply>> {
         let (attr, then) = stream.flush(&self.transport, path, then).await?;
-        // The open-write-close cycle the prediction was for has ended.
-        stream.predicted.lock().unwrap().take();
+        // The open-write-close cycle the prediction and the shadow were for
+        // ends here. After setattrs that went behind, no chunk's answer
+        // speaks for the file, but an exact prediction does.
+        let predicted = stream.predicted.lock().unwrap().take();
+        let attr = attr.or_else(|| predicted.filter(|p| p.mtime_exact).map(|p| p.attr));
+        let content = stream.take_shadow();
         if let Some(attr) = attr {
-            if let Some(content) = stream.take_shadow() {
+            if let Some(content) = content {
                 self.small.put(path, &attr, content);
             }
             self.meta.lock().unwrap().put_attr(path, attr);
@@ -1266,6 +1269,10 @@ mod tests {
             let on_disk = std::fs::metadata(dir.path().join("u/x/f")).unwrap();
             use std::os::unix::fs::MetadataExt;
             assert_eq!((on_disk.mode() & 0o7777, on_disk.mtime(), on_disk.len()), (0o640, 1_500_000_000, 9));
+            // Its bytes are known here, for the size and mtime the node has.
+            fs.open(f.ino).unwrap();
+            assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"extracted");
+            assert!(!fs.transport.applied().contains(&"read"), "served from the small-file cache");
             // After the close nothing is foreseen: a touch asks the node.
             assert!(fs
                 .setattr_now(f.ino, AttrChange { mtime: Some(SetTime::At(mtime)), ..Default::default() })
