@@ -712,7 +712,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     /// A chmod or a setting of explicit times on a file this mount is
-    /// writing, as `tar`, `cp -p` and `rsync` do before closing each file
+    /// writing, as `tar` and `cp -a` do before closing each file
     /// they make, goes behind like an exclusive create: answered at once
     /// with the attributes the node will set, queued after the file's
     /// writes, its error reported by the file's flush, fsync or close.
