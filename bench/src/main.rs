@@ -83,14 +83,7 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
             &options,
         )
         .await?;
-    // The settings mountd's request producer uses.
-    let producer: FutureProducer = config(brokers)
-        .set("linger.ms", "0")
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "30000")
-        .set("message.max.bytes", KAFKA_MAX_MESSAGE_BYTES.to_string())
-        .create()?;
+    let producer: FutureProducer = mount_settings(brokers).request_producer_config().create()?;
     let chunk = vec![0x5a_u8; CHUNK_SIZE];
     let messages = bytes.div_ceil(CHUNK_SIZE as u64);
     // A warm-up message: connection, metadata and producer id are set up
@@ -131,12 +124,7 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
 /// The clock starts once the connection is up and before the first fetch,
 /// so nothing is prefetched outside the measured time.
 fn consume_all(brokers: &str, topic: &str, count: u64) -> anyhow::Result<f64> {
-    // mountd's reply-consumer settings.
-    let consumer: BaseConsumer = config(brokers)
-        .set("group.id", "dfos-bench")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100")
-        .create()?;
+    let consumer: BaseConsumer = mount_settings(brokers).consumer_config(&[]).create()?;
     consumer.fetch_watermarks(topic, 0, Duration::from_secs(30))?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
@@ -164,25 +152,25 @@ fn drop_caches() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A producer with the settings mountd and storaged produce requests and
-/// replies with.
+/// What a mount connects with, so the baselines use its very settings.
+fn mount_settings(brokers: &str) -> KafkaSettings {
+    KafkaSettings {
+        brokers: brokers.to_owned(),
+        namespace: String::new(),
+        deadline: Duration::from_secs(30),
+        options: Vec::new(),
+    }
+}
+
+/// A producer with the settings mountd produces requests with.
 fn request_producer(brokers: &str) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
-    Ok(config(brokers)
-        .set("linger.ms", "0")
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("message.timeout.ms", "30000")
-        .create()?)
+    Ok(mount_settings(brokers).request_producer_config().create()?)
 }
 
 /// A consumer of partition 0 of a fresh `topic`, from its start, with the
-/// long poll of mountd's and storaged's consumers.
+/// long poll of mountd's consumers.
 fn long_poll_consumer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
-    let consumer: BaseConsumer = config(brokers)
-        .set("group.id", "dfos-bench")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100")
-        .create()?;
+    let consumer: BaseConsumer = mount_settings(brokers).consumer_config(&[]).create()?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
     consumer.assign(&tpl)?;
@@ -247,12 +235,7 @@ fn median_and_p99(samples: &mut [u64]) -> (u64, u64) {
 }
 
 async fn rpc_latency(brokers: &str, namespace: &str, user: &str, password: &str, count: usize) -> anyhow::Result<()> {
-    let settings = KafkaSettings {
-        brokers: brokers.to_owned(),
-        namespace: namespace.to_owned(),
-        deadline: Duration::from_secs(30),
-        options: Vec::new(),
-    };
+    let settings = KafkaSettings { namespace: namespace.to_owned(), ..mount_settings(brokers) };
     let rpc = KafkaRpc::connect(settings, user).await.context("connect")?;
     rpc.login(password).await.context("login")?;
     let mut samples = Vec::with_capacity(count);

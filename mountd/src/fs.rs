@@ -167,10 +167,16 @@ impl WriteStream {
         self.error.lock().unwrap().take().map_or(Ok(()), Err)
     }
 
-    /// Makes the next flush wait for `reply` and report its error.
     /// One of the in-flight slots, if free now.
     fn try_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.in_flight.clone().try_acquire_owned().ok()
+    }
+
+    /// `count` in-flight slots, if that many are free now (none taken
+    /// otherwise).
+    fn try_slots(&self, count: usize) -> Option<Vec<tokio::sync::OwnedSemaphorePermit>> {
+        let slots: Vec<_> = (0..count).map_while(|_| self.try_slot()).collect();
+        (slots.len() == count).then_some(slots)
     }
 
     /// Makes the next flush wait for `reply` (holding `slot` until it
@@ -260,10 +266,7 @@ impl WriteStream {
             return None;
         }
         let chunks = (buffer.data.len() + data.len()) / CHUNK_SIZE;
-        let slots: Vec<_> = (0..chunks).map_while(|_| self.try_slot()).collect();
-        if slots.len() < chunks {
-            return None;
-        }
+        let slots = self.try_slots(chunks)?;
         if let Err(e) = self.take_error() {
             return Some(Err(e));
         }
@@ -355,10 +358,7 @@ impl WriteStream {
         }
         let mut buffer = self.buffer.try_lock().ok()?;
         let needed = 1 + usize::from(!buffer.data.is_empty());
-        let mut slots: Vec<_> = (0..needed).map_while(|_| self.try_slot()).collect();
-        if slots.len() < needed {
-            return None;
-        }
+        let mut slots = self.try_slots(needed)?;
         if let Err(e) = self.take_error() {
             return Some(Err(e));
         }

@@ -138,6 +138,37 @@ impl KafkaSettings {
     }
 }
 
+impl KafkaSettings {
+    /// How a mount produces its requests; the bench's raw-Kafka baseline
+    /// produces with exactly this.
+    pub fn request_producer_config(&self) -> ClientConfig {
+        self.client_config(&[
+            ("linger.ms", "0"),
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("message.timeout.ms", &self.deadline.as_millis().to_string()),
+            // A write carries a whole chunk, more than librdkafka's default.
+            ("message.max.bytes", &KAFKA_MAX_MESSAGE_BYTES.to_string()),
+        ])
+    }
+
+    /// How a mount's consumers (manually assigned) are tuned; `extra` adds
+    /// to it (the user's `-X` settings still come last). The bench's
+    /// baselines consume with this too.
+    pub fn consumer_config(&self, extra: &[(&str, &str)]) -> ClientConfig {
+        let mut tuning = vec![
+            ("group.id", "dfos-mountd-unused"),
+            ("enable.auto.commit", "false"),
+            // A long poll: the broker answers as soon as a message arrives, so this
+            // only bounds idle fetches. 1 ms cost the idle broker ~20% of a core.
+            ("fetch.wait.max.ms", "100"),
+            ("fetch.error.backoff.ms", "20"),
+        ];
+        tuning.extend_from_slice(extra);
+        self.client_config(&tuning)
+    }
+}
+
 type Waiter = oneshot::Sender<Result<Payload, RpcError>>;
 
 /// Replies are read once, within moments, so the reply topic keeps them
@@ -196,14 +227,7 @@ impl KafkaRpc {
         }
         let (waiting, held) = (Arc::new(Waiting::default()), Arc::new(Held::default()));
         let producer = settings
-            .client_config(&[
-                ("linger.ms", "0"),
-                ("acks", "all"),
-                ("enable.idempotence", "true"),
-                ("message.timeout.ms", &settings.deadline.as_millis().to_string()),
-                // A write carries a whole chunk, more than librdkafka's default.
-                ("message.max.bytes", &KAFKA_MAX_MESSAGE_BYTES.to_string()),
-            ])
+            .request_producer_config()
             .create_with_context(RequestDeliveries { waiting: waiting.clone(), held: held.clone() })
             .map_err(|e| RpcError::Kafka(e.to_string()))?;
         let log_reader = LogReader::start(
@@ -310,19 +334,9 @@ impl KafkaRpc {
     }
 }
 
-/// A consumer for manual assignment, tuned for one mount's reads; `extra`
-/// adds to the shared tuning (the user's `-X` settings still come last).
+/// A consumer for manual assignment, tuned for one mount's reads.
 fn manual_consumer(settings: &KafkaSettings, extra: &[(&str, &str)]) -> Result<BaseConsumer, RpcError> {
-    let mut tuning = vec![
-        ("group.id", "dfos-mountd-unused"),
-        ("enable.auto.commit", "false"),
-        // A long poll: the broker answers as soon as a message arrives, so this
-        // only bounds idle fetches. 1 ms cost the idle broker ~20% of a core.
-        ("fetch.wait.max.ms", "100"),
-        ("fetch.error.backoff.ms", "20"),
-    ];
-    tuning.extend_from_slice(extra);
-    settings.client_config(&tuning).create().map_err(|e| RpcError::Kafka(e.to_string()))
+    settings.consumer_config(extra).create().map_err(|e| RpcError::Kafka(e.to_string()))
 }
 
 fn listen(consumer: BaseConsumer, waiting: Arc<Waiting>, stop: Arc<AtomicBool>) {
