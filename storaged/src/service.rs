@@ -189,6 +189,12 @@ pub struct Handled {
 /// smallest indexed (64 KiB); past this many it reads plainly.
 const MAX_LOCATIONS: usize = 64;
 
+/// How long change events wait to travel together. Replies go at once
+/// (linger 0) because a caller waits for each; events only shorten other
+/// mounts' cache lifetimes, and one produce request per change cost the
+/// broker more CPU than the request itself (`cp -r`: ~0.2 ms per file).
+const EVENT_LINGER_MS: &str = "5";
+
 /// Requests older than this get no reply and read-only ones are not even
 /// executed: no mount waits that long (deadlines are seconds), and a
 /// replica catching up from the log would otherwise flood dead reply topics.
@@ -236,6 +242,21 @@ impl Service {
         .create()?)
     }
 
+    /// A producer with the settings that keep no acknowledged message from
+    /// being lost or duplicated; `linger_ms` is all that differs.
+    fn producer(&self, linger_ms: &str) -> Result<ThreadedProducer<DefaultProducerContext>, ServiceError> {
+        Ok(client_config(
+            &self.config,
+            &[
+                ("linger.ms", linger_ms),
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                ("message.timeout.ms", &(self.config.timeout_secs * 1000).to_string()),
+            ],
+        )
+        .create()?)
+    }
+
     /// Runs until `stop` is set: every partition from the checkpoint on.
     pub fn run(&mut self, stop: Arc<AtomicBool>) -> Result<(), ServiceError> {
         let consumer = self.consumer()?;
@@ -249,16 +270,8 @@ impl Service {
             assignment.add_partition_offset(&requests, partition, start)?;
         }
         consumer.assign(&assignment)?;
-        let producer: ThreadedProducer<DefaultProducerContext> = client_config(
-            &self.config,
-            &[
-                ("linger.ms", "0"),
-                ("acks", "all"),
-                ("enable.idempotence", "true"),
-                ("message.timeout.ms", &(self.config.timeout_secs * 1000).to_string()),
-            ],
-        )
-        .create()?;
+        let producer = self.producer("0")?;
+        let event_producer = self.producer(EVENT_LINGER_MS)?;
         log::info!(
             "op=start node={} topic={requests} partitions={} storage={} checkpoint={}",
             self.config.node_id,
@@ -283,11 +296,11 @@ impl Service {
             let (partition, offset) = (message.partition(), message.offset());
             if let Some(handled) = self.handle(message.payload().unwrap_or_default(), partition, offset) {
                 let request_id = handled.reply.request_id;
-                // The event goes first, so other mounts hear of a change no
-                // later than the mount that made it hears it is done.
+                // Events travel on their own producer, gathered for
+                // EVENT_LINGER_MS; only the reply is waited for.
                 for event in &handled.events {
                     let events = self.topics.events();
-                    self.send(&producer, &events, Some(&event.user), encode_event(event), request_id);
+                    self.send(&event_producer, &events, Some(&event.user), encode_event(event), request_id);
                 }
                 self.send(&producer, &handled.reply_topic, None, encode_reply(&handled.reply), request_id);
             }
@@ -297,6 +310,7 @@ impl Service {
             log::error!("op=stop node={} cannot write checkpoint: {e}", self.config.node_id);
         }
         let _ = producer.flush(Duration::from_secs(5));
+        let _ = event_producer.flush(Duration::from_secs(5));
         Ok(())
     }
 
