@@ -72,6 +72,7 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 calc() { awk "BEGIN { print $* }"; }
 timed() { local t0 t1; t0=$(date +%s.%N); bash -c "$1" >/dev/null; t1=$(date +%s.%N); calc "$t1 - $t0"; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+med() { printf '%s\n' "$@" | median; }
 rate() { calc "$1 / $2"; }
 fmt() { printf '%.1f' "$1"; }
 
@@ -82,40 +83,48 @@ row() { # workload dfos baseline unit target(ratio) [higher-is-better=1]
   rows+=("| $1 | $(fmt "$2") $4 | $(fmt "$3") $4 | $(printf '%.2f' "$ratio")× | ≥ $5× $verdict |")
 }
 
-# Runs "setup; timed command" $runs times on a directory; prints the median rate.
-bench_rate() { # dir amount setup command cleanup
-  local dir=$1 amount=$2 setup=$3 cmd=$4 clean=$5 samples=()
-  for _ in $(seq 1 $runs); do
-    (cd "$dir" && bash -c "$setup")
-    drop_caches
-    local secs; secs=$(cd "$dir" && timed "$cmd")
-    samples+=("$(rate "$amount" "$secs")")
-    (cd "$dir" && bash -c "$clean")
-  done
-  printf '%s\n' "${samples[@]}" | median
+# One sample of a workload on a directory: setup, caches dropped, the
+# timed command, cleanup; prints amount per second.
+sample_rate() { # dir amount setup command cleanup
+  local dir=$1 amount=$2 setup=$3 cmd=$4 clean=$5 secs
+  (cd "$dir" && bash -c "$setup")
+  drop_caches
+  secs=$(cd "$dir" && timed "$cmd")
+  (cd "$dir" && bash -c "$clean")
+  rate "$amount" "$secs"
 }
 
-say "sequential write ${seq_mb} MiB"
+# The workload $runs times on the mount and on the local directory,
+# alternating, so both meet the same state of this noisy machine (a VM
+# whose memory and disk speed drift within minutes); prints the two medians.
+bench_pair() { # amount setup command cleanup
+  local on_dfos=() on_local=()
+  for _ in $(seq 1 $runs); do
+    on_dfos+=("$(sample_rate "$mnt" "$@")")
+    on_local+=("$(sample_rate "$work/local" "$@")")
+  done
+  echo "$(med "${on_dfos[@]}") $(med "${on_local[@]}")"
+}
+
+say "sequential write and read of ${seq_mb} MiB, and the raw Kafka baseline"
 write_cmd="dd if=/dev/zero of=seq.bin bs=1M count=$seq_mb conv=fsync status=none"
-mb=$(calc "$seq_mb * 1.048576")
-dfos_w=$(bench_rate "$mnt" "$mb" "rm -f seq.bin" "$write_cmd" ":")
-local_w=$(bench_rate "$work/local" "$mb" "rm -f seq.bin" "$write_cmd" ":")
-row "sequential write ${seq_mb} MiB (dd bs=1M conv=fsync)" "$dfos_w" "$local_w" MB/s 0.4
-
-say "sequential read, caches dropped"
 read_cmd="dd if=seq.bin of=/dev/null bs=1M status=none"
-dfos_r=$(bench_rate "$mnt" "$mb" ":" "$read_cmd" ":")
-local_r=$(bench_rate "$work/local" "$mb" ":" "$read_cmd" ":")
-row "sequential read ${seq_mb} MiB, caches dropped" "$dfos_r" "$local_r" MB/s 0.4
-
-say "raw Kafka baseline"
-kw=(); kr=(); kh=()
+mb=$(calc "$seq_mb * 1.048576")
+# Each round writes and reads on both directories and then produces and
+# consumes the same bytes raw, so the three are measured side by side.
+dw=(); lw=(); dr=(); lr=(); kw=(); kr=(); kh=()
 for _ in $(seq 1 $runs); do
+  dw+=("$(sample_rate "$mnt" "$mb" "rm -f seq.bin" "$write_cmd" ":")")
+  lw+=("$(sample_rate "$work/local" "$mb" "rm -f seq.bin" "$write_cmd" ":")")
+  dr+=("$(sample_rate "$mnt" "$mb" ":" "$read_cmd" ":")")
+  lr+=("$(sample_rate "$work/local" "$mb" ":" "$read_cmd" ":")")
   read -r w r h < <(target/release/dfos-bench --brokers "$DFOS_BROKERS" kafka-baseline --bytes $((seq_mb << 20)))
   kw+=("$w"); kr+=("$r"); kh+=("$h")
 done
-kafka_w=$(printf '%s\n' "${kw[@]}" | median); kafka_r=$(printf '%s\n' "${kr[@]}" | median)
-kafka_hot=$(printf '%s\n' "${kh[@]}" | median)
+dfos_w=$(med "${dw[@]}"); local_w=$(med "${lw[@]}"); dfos_r=$(med "${dr[@]}"); local_r=$(med "${lr[@]}")
+kafka_w=$(med "${kw[@]}"); kafka_r=$(med "${kr[@]}"); kafka_hot=$(med "${kh[@]}")
+row "sequential write ${seq_mb} MiB (dd bs=1M conv=fsync)" "$dfos_w" "$local_w" MB/s 0.4
+row "sequential read ${seq_mb} MiB, caches dropped" "$dfos_r" "$local_r" MB/s 0.4
 row "write ${seq_mb} MiB vs raw Kafka produce" "$dfos_w" "$kafka_w" MB/s 0.6
 row "cold read ${seq_mb} MiB vs raw Kafka consume, caches dropped on both" "$dfos_r" "$kafka_r" MB/s 0.6
 rm -f "$mnt/seq.bin" "$work/local/seq.bin"
@@ -124,22 +133,18 @@ src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tokio-1.* 2>/dev/null |
 [ -n "$src" ] || die "no tokio source in the cargo registry to copy"
 files=$(find "$src" -type f | wc -l)
 say "cp -r + diff -r of $files files"
-dfos_cp=$(bench_rate "$mnt" "$files" "rm -rf tree" "cp -r '$src' tree && diff -r '$src' tree" ":")
-local_cp=$(bench_rate "$work/local" "$files" "rm -rf tree" "cp -r '$src' tree && diff -r '$src' tree" ":")
+read -r dfos_cp local_cp < <(bench_pair "$files" "rm -rf tree" "cp -r '$src' tree && diff -r '$src' tree" ":")
 row "cp -r + diff -r, $files-file source tree" "$dfos_cp" "$local_cp" files/s 0.1
 say "rm -r of the tree"
-dfos_rm=$(bench_rate "$mnt" "$files" "[ -d tree ] || cp -r '$src' tree" "rm -r tree" ":")
-local_rm=$(bench_rate "$work/local" "$files" "[ -d tree ] || cp -r '$src' tree" "rm -r tree" ":")
+read -r dfos_rm local_rm < <(bench_pair "$files" "[ -d tree ] || cp -r '$src' tree" "rm -r tree" ":")
 row "rm -r of the tree" "$dfos_rm" "$local_rm" files/s 0.25
 
 say "cat and ls -l of $tree_files files of 4 KiB"
 make_small="mkdir -p small && cd small && for i in \$(seq 1 $tree_files); do head -c 4096 /dev/urandom > f\$i; done"
 (cd "$mnt" && bash -c "$make_small"); (cd "$work/local" && bash -c "$make_small")
-dfos_cat=$(bench_rate "$mnt" "$tree_files" ":" "cat small/* > /dev/null" ":")
-local_cat=$(bench_rate "$work/local" "$tree_files" ":" "cat small/* > /dev/null" ":")
+read -r dfos_cat local_cat < <(bench_pair "$tree_files" ":" "cat small/* > /dev/null" ":")
 row "cat of $tree_files files of 4 KiB, caches dropped" "$dfos_cat" "$local_cat" files/s 0.2
-dfos_ls=$(bench_rate "$mnt" "$tree_files" ":" "ls -l small" ":")
-local_ls=$(bench_rate "$work/local" "$tree_files" ":" "ls -l small" ":")
+read -r dfos_ls local_ls < <(bench_pair "$tree_files" ":" "ls -l small" ":")
 row "ls -l of a $tree_files-entry directory, caches dropped" "$dfos_ls" "$local_ls" entries/s 0.6
 
 say "ls of a $wide-entry directory"
