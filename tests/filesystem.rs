@@ -128,6 +128,47 @@ fn rewriting_cached_bytes_in_whole_chunks_and_in_pieces_reads_back_new() {
     ok(&format!("cmp '{}' '{}'", local.display(), on_node.display()));
 }
 
+/// Write-only handles bypass the kernel's page cache; a reader holding the
+/// file open on the same mount, with its pages cached, must still see each
+/// write at once, and the size it grew to, before and after the writer
+/// closes, and so must a new open.
+#[test]
+fn a_reader_sees_every_write_of_a_write_only_handle_at_once() {
+    let d = Deployment::start("write-only");
+    let m = d.mount(USER1);
+    let path = m.join("f");
+    let writer = fs::OpenOptions::new().write(true).create_new(true).open(&path).unwrap();
+    writer.write_all_at(&[b'a'; 4096], 0).unwrap();
+    let reader = fs::File::open(&path).unwrap();
+    let mut page = [0u8; 4096];
+    assert_eq!(reader.read_at(&mut page, 0).unwrap(), 4096);
+    assert_eq!(page, [b'a'; 4096]);
+    writer.write_all_at(b"bb", 0).unwrap();
+    writer.write_all_at(b"tail", 8192).unwrap();
+    let mut seen = vec![0u8; 16384];
+    let expected = |seen: &[u8]| {
+        let mut want = vec![b'a'; 4096];
+        want[..2].copy_from_slice(b"bb");
+        want.resize(8192, 0);
+        want.extend_from_slice(b"tail");
+        assert_eq!(seen, &want[..]);
+    };
+    let n = reader.read_at(&mut seen, 0).unwrap();
+    expected(&seen[..n]);
+    assert_eq!(reader.metadata().unwrap().len(), 8196);
+    drop(writer);
+    let n = reader.read_at(&mut seen, 0).unwrap();
+    expected(&seen[..n]);
+    // A write-only open of a file whose pages a reader holds cached.
+    let rewriter = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    rewriter.write_all_at(b"cc", 4094).unwrap();
+    drop(rewriter);
+    let n = reader.read_at(&mut seen, 0).unwrap();
+    assert_eq!(&seen[4094..4096], b"cc");
+    assert_eq!(n, 8196);
+    assert_eq!(fs::read(&path).unwrap()[4090..4100], [b'a', b'a', b'a', b'a', b'c', b'c', 0, 0, 0, 0]);
+}
+
 #[test]
 fn ls_l_shows_sizes_and_modes() {
     let d = Deployment::start("ls-l");
