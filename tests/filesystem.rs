@@ -128,6 +128,38 @@ fn rewriting_cached_bytes_in_whole_chunks_and_in_pieces_reads_back_new() {
     ok(&format!("cmp '{}' '{}'", local.display(), on_node.display()));
 }
 
+/// Up to eight large chunks of a file are in flight at once: rewrites of
+/// the same range while earlier ones are still in flight must land in
+/// order, chunks written back to front must all land, and a small write
+/// straddling two chunks must follow them, on the mount and on the node.
+#[test]
+fn overlapping_and_disjoint_large_writes_in_flight_land_as_written() {
+    use dfos_protocol::limits::CHUNK_SIZE;
+    let d = Deployment::start("in-flight");
+    let m = d.mount(USER1);
+    let mut model = vec![0u8; 9 * CHUNK_SIZE];
+    let file = fs::OpenOptions::new().write(true).create_new(true).open(m.join("f")).unwrap();
+    let mut write = |data: &[u8], offset: usize| {
+        file.write_all_at(data, offset as u64).unwrap();
+        model[offset..offset + data.len()].copy_from_slice(data);
+    };
+    for round in 0..6 {
+        write(&random_bytes(3 * CHUNK_SIZE + 12345, round), 0);
+    }
+    for chunk in (3..9).rev() {
+        write(&random_bytes(CHUNK_SIZE, 100 + chunk as u64), chunk * CHUNK_SIZE);
+    }
+    write(b"straddles", CHUNK_SIZE - 4);
+    file.sync_all().unwrap();
+    drop(write);
+    drop(file);
+    let on_node = d.storage.join("User1/f");
+    assert!(fs::read(m.join("f")).unwrap() == model, "the mount reads other bytes than were written");
+    assert!(fs::read(&on_node).unwrap() == model, "the storage node holds other bytes than were written");
+    drop_caches();
+    assert!(fs::read(m.join("f")).unwrap() == model, "after dropping caches the mount reads other bytes");
+}
+
 /// Write-only handles bypass the kernel's page cache; a reader holding the
 /// file open on the same mount, with its pages cached, must still see each
 /// write at once, and the size it grew to, before and after the writer
