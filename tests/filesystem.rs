@@ -151,7 +151,6 @@ fn overlapping_and_disjoint_large_writes_in_flight_land_as_written() {
     }
     write(b"straddles", CHUNK_SIZE - 4);
     file.sync_all().unwrap();
-    drop(write);
     drop(file);
     let on_node = d.storage.join("User1/f");
     assert!(fs::read(m.join("f")).unwrap() == model, "the mount reads other bytes than were written");
