@@ -162,7 +162,7 @@ fn overlapping_and_disjoint_large_writes_in_flight_land_as_written() {
 /// Write-only handles bypass the kernel's page cache; a reader holding the
 /// file open on the same mount, with its pages cached, must still see each
 /// write at once, and the size it grew to, before and after the writer
-/// closes, and so must a new open.
+/// closes, and so must a new open and a shared mapping.
 #[test]
 fn a_reader_sees_every_write_of_a_write_only_handle_at_once() {
     let d = Deployment::start("write-only");
@@ -198,6 +198,38 @@ fn a_reader_sees_every_write_of_a_write_only_handle_at_once() {
     assert_eq!(&seen[4094..4096], b"cc");
     assert_eq!(n, 8196);
     assert_eq!(fs::read(&path).unwrap()[4090..4100], [b'a', b'a', b'a', b'a', b'c', b'c', 0, 0, 0, 0]);
+
+    // A shared mapping (through a read-write handle) sees a write-only
+    // handle's write, and what is stored through it reaches the node.
+    use std::os::fd::AsRawFd;
+    let mapped = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    // SAFETY: a fresh shared mapping of 8192 bytes of a file at least that
+    // long, read and written only within its bounds and unmapped below.
+    let mapping = unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            mapped.as_raw_fd(),
+            0,
+        );
+        assert_ne!(at, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        std::slice::from_raw_parts_mut(at as *mut u8, 8192)
+    };
+    assert_eq!(&mapping[..2], b"bb");
+    fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"dd", 0).unwrap();
+    assert_eq!(&mapping[..2], b"dd", "the mapping kept bytes a write-only handle replaced");
+    mapping[4096..4100].copy_from_slice(b"eeee");
+    // SAFETY: the mapping made above, whole.
+    unsafe {
+        assert_eq!(libc::msync(mapping.as_mut_ptr().cast(), 8192, libc::MS_SYNC), 0);
+        assert_eq!(libc::munmap(mapping.as_mut_ptr().cast(), 8192), 0);
+    }
+    drop(mapped);
+    assert_eq!(&fs::read(&path).unwrap()[..2], b"dd");
+    assert_eq!(&fs::read(&path).unwrap()[4096..4100], b"eeee");
+    assert_eq!(&fs::read(d.storage.join("User1/f")).unwrap()[4096..4100], b"eeee");
 }
 
 #[test]
