@@ -127,6 +127,9 @@ row "sequential write ${seq_mb} MiB (dd bs=1M conv=fsync)" "$dfos_w" "$local_w" 
 row "sequential read ${seq_mb} MiB, caches dropped" "$dfos_r" "$local_r" MB/s 0.4
 row "write ${seq_mb} MiB vs raw Kafka produce" "$dfos_w" "$kafka_w" MB/s 0.6
 row "cold read ${seq_mb} MiB vs raw Kafka consume, caches dropped on both" "$dfos_r" "$kafka_r" MB/s 0.6
+say "cp of that file within the directory"
+# On the mount, the storage node copies (copy_file_range); locally, ext4.
+read -r dfos_copy local_copy < <(bench_pair "$mb" "rm -f copy.bin" "cp seq.bin copy.bin" "rm -f copy.bin")
 rm -f "$mnt/seq.bin" "$work/local/seq.bin"
 
 src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tokio-1.* 2>/dev/null | head -1)
@@ -174,6 +177,7 @@ Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 |---|---|---|---|---|
 $(printf '%s\n' "${rows[@]}")
 | ls of a $wide-entry directory, caches dropped | $(printf '%.3f' "$wide_secs") s | — | — | < 1 s $( [ "$(calc "$wide_secs < 1")" = 1 ] && echo ok || echo MISSED) |
+| cp of the ${seq_mb} MiB file within the directory, caches dropped (no target) | $(fmt "$dfos_copy") MB/s | $(fmt "$local_copy") MB/s | $(printf '%.2f' "$(calc "$dfos_copy / $local_copy")")× | report |
 | raw Kafka consume with the broker's page cache warm (for reference) | — | $(fmt "$kafka_hot") MB/s | — | report |
 | getattr round trip through Kafka, vs raw Kafka produce-echo-consume | median $rtt_med µs, p99 $rtt_p99 µs | median $ping_med µs, p99 $ping_p99 µs | $(printf '%.2f' "$(calc "$rtt_med / $ping_med")")× (median) | report |
 | peak RSS copying ${big_mb} MiB | mountd $rss_mountd MiB, storaged $rss_storaged MiB | — | — | ≤ 256 MiB each $( [ "$rss_mountd" -le 256 ] && [ "$rss_storaged" -le 256 ] && echo ok || echo MISSED) |

@@ -184,3 +184,49 @@ fn an_fsync_travels_with_the_write_it_makes_durable() {
         assert_eq!(on_node, format!("entry {i}\n"), "what fsync returned for is on the storage node");
     }
 }
+
+/// `cp` within a mount copies on the storage node (`copy_file_range`): a
+/// file larger than one copy request arrives whole, in a few request
+/// messages instead of one per chunk. A copy into the middle of a file,
+/// from a file whose last writes the mount still buffers, carries those
+/// writes; and another mount that had the target cached sees the copy.
+#[test]
+fn copies_within_a_mount_happen_on_the_storage_node_and_reach_another_mount() {
+    use dfos_protocol::limits::{CHUNK_SIZE, MAX_COPY_BYTES};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let d = Deployment::start("copy-range");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let size = MAX_COPY_BYTES as usize + 3 * CHUNK_SIZE + 12345;
+    let source = d.dir.path().join("source.bin");
+    fs::write(&source, random_bytes(size, 21)).unwrap();
+    ok(&format!("cp '{}' {}", source.display(), a.p("big")));
+    let before = d.request_messages();
+    ok(&format!("cp {} {}", a.p("big"), a.p("big-copy")));
+    let messages = d.request_messages() - before;
+    let chunks = size.div_ceil(CHUNK_SIZE) as i64;
+    assert!(messages < chunks / 2, "{messages} request messages for a copy of {chunks} chunks");
+    ok(&format!("cmp '{}' {}", source.display(), a.p("big-copy")));
+    ok(&format!("cmp '{}' '{}'", source.display(), d.storage.join("User1/big-copy").display()));
+    ok(&format!("cmp '{}' {}", source.display(), b.p("big-copy")));
+
+    let mut model = random_bytes(100_000, 22);
+    fs::write(a.join("target"), &model).unwrap();
+    assert!(fs::read(b.join("target")).unwrap() == model, "B caches the target");
+    let buffered = fs::OpenOptions::new().read(true).write(true).create_new(true).open(a.join("s")).unwrap();
+    let written = random_bytes(50_000, 23);
+    buffered.write_all_at(&written, 0).unwrap();
+    let target = fs::OpenOptions::new().write(true).open(a.join("target")).unwrap();
+    let (mut from, mut to) = (1000i64, 99_000i64);
+    // SAFETY: two open descriptors and two offsets the call may advance.
+    let copied =
+        unsafe { libc::copy_file_range(buffered.as_raw_fd(), &mut from, target.as_raw_fd(), &mut to, 40_000, 0) };
+    assert_eq!(copied, 40_000, "{}", std::io::Error::last_os_error());
+    drop((buffered, target));
+    model.resize(139_000, 0);
+    model[99_000..].copy_from_slice(&written[1000..41_000]);
+    assert!(fs::read(a.join("target")).unwrap() == model, "the copy on A differs from the model");
+    assert!(fs::read(d.storage.join("User1/target")).unwrap() == model, "the node's target differs");
+    soon("a copy into a cached file", || fs::read(b.join("target")).unwrap() == model);
+}

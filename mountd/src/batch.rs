@@ -5,7 +5,7 @@
 //! [`BATCH_DELAY`] in the mount and leaves with the next request, in order
 //! (the transport in `rpc` does the sending). Guarantees: a batch holds at
 //! most `MAX_BATCH_REQUESTS` requests and about `MAX_BATCH_BYTES` of paths
-//! and data, never a login, a batch, a rename or a write larger than
+//! and data, never a login, a batch, a rename, a copy or a write larger than
 //! `MAX_BATCHED_DATA_BYTES`, so it stays a small message whose replay after
 //! a storage node's crash gives what its first application gave.
 
@@ -58,7 +58,7 @@ impl Batch {
 /// out of a replay as it went in.)
 pub fn batchable(request: &Request) -> bool {
     match request {
-        Request::Login { .. } | Request::Batch { .. } | Request::Rename { .. } => false,
+        Request::Login { .. } | Request::Batch { .. } | Request::Rename { .. } | Request::CopyRange { .. } => false,
         Request::Write { data, .. } => data.len() <= MAX_BATCHED_DATA_BYTES,
         _ => true,
     }
@@ -86,6 +86,8 @@ mod tests {
         assert!(!batchable(&write(MAX_BATCHED_DATA_BYTES + 1)));
         assert!(!batchable(&Request::Rename { from: "a".into(), to: "x".into(), mode: RenameMode::Replace }));
         assert!(!batchable(&Request::Login { password: "p".into() }));
+        let copy = Request::CopyRange { from: "a".into(), from_offset: 0, to: "b".into(), to_offset: 0, len: 1 };
+        assert!(!batchable(&copy));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dfos_protocol::limits::CHUNK_SIZE;
+use dfos_protocol::limits::{CHUNK_SIZE, MAX_COPY_BYTES};
 use dfos_protocol::{Change, DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime, Timestamp};
 use tokio::sync::Semaphore;
 
@@ -971,6 +971,38 @@ impl<T: Transport> DfosFs<T> {
         self.drop_cached_data(ino);
         self.small.forget(path);
         self.meta.lock().unwrap().drop_attr(path);
+    }
+
+    /// Copies up to `len` bytes of `ino_in` from `offset_in` into `ino_out`
+    /// at `offset_out` on the storage node (`copy_file_range`), so the bytes
+    /// cross the broker neither way; what both files had buffered goes
+    /// first. Returns how many bytes were copied: fewer than asked at the
+    /// end of the source or past `MAX_COPY_BYTES` (the kernel asks again).
+    pub async fn copy_range(
+        &self,
+        ino_in: u64,
+        offset_in: u64,
+        ino_out: u64,
+        offset_out: u64,
+        len: u64,
+    ) -> FsResult<u32> {
+        self.flush(ino_in).await?;
+        self.flush(ino_out).await?;
+        let (from, to) = (self.path_of(ino_in)?, self.path_of(ino_out)?);
+        self.before_write(ino_out, &to);
+        if let Some(stream) = self.stream(ino_out) {
+            // Bytes arrive that the stream did not write.
+            stream.predicted.lock().unwrap().take();
+            stream.take_shadow();
+        }
+        let len = len.min(MAX_COPY_BYTES);
+        let request = Request::CopyRange { from, from_offset: offset_in, to: to.clone(), to_offset: offset_out, len };
+        let Payload::Copied { len, attr } = self.call(request).await? else {
+            return Err(FsError::UnexpectedReply);
+        };
+        self.meta.lock().unwrap().put_attr(&to, attr);
+        // At most MAX_COPY_BYTES, asked for above.
+        Ok(len as u32)
     }
 
     /// One round trip, not two: the fsync travels right behind the file's

@@ -215,6 +215,29 @@ mod tests {
         assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 9, 2, 0, 6, 1, 0]);
     }
 
+    /// Appended after the batch pair: request variant 17, payload variant 10.
+    #[test]
+    fn golden_bytes_of_a_copy_range_and_its_answer() {
+        let mut envelope = sample_envelope();
+        envelope.request =
+            Request::CopyRange { from: "a".into(), from_offset: 1, to: "b".into(), to_offset: 2, len: 3 };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(bytes[bytes.len() - 8..], [17, 1, b'a', 1, 1, b'b', 2, 3]);
+        let attr = FileAttr {
+            kind: FileKind::File,
+            size: 4,
+            mode: 5,
+            nlink: 1,
+            atime: Timestamp { secs: 6, nanos: 0 },
+            mtime: Timestamp { secs: 7, nanos: 0 },
+            ctime: Timestamp { secs: 8, nanos: 0 },
+            blocks: 9,
+        };
+        let reply = Reply { request_id: 1, node: "n".into(), result: Ok(Payload::Copied { len: 3, attr }) };
+        // Timestamps' seconds are zigzag varints.
+        assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 10, 3, 0, 4, 5, 1, 12, 0, 14, 0, 16, 0, 9]);
+    }
+
     #[test]
     fn hostile_length_prefix_is_refused_without_allocating() {
         // A string length claiming ~2^60 bytes.

@@ -37,3 +37,8 @@ pub const MAX_BATCH_REQUESTS: usize = 256;
 pub const MAX_BATCHED_DATA_BYTES: usize = 32 * 1024;
 /// Budget of one batch's file data and paths together.
 pub const MAX_BATCH_BYTES: usize = 512 * 1024;
+/// Most bytes one `Request::CopyRange` copies: a storage node copies
+/// them locally while that user's later requests wait, so a copy of a
+/// large file is many requests of a few tens of milliseconds each (the
+/// kernel asks again for the rest, as `copy_file_range(2)` allows).
+pub const MAX_COPY_BYTES: u64 = 64 << 20;

@@ -134,6 +134,22 @@ pub enum Request {
     Batch {
         requests: Vec<Batched>,
     },
+    /// Copies up to `len` bytes (at most [`MAX_COPY_BYTES`]) of the file
+    /// `from`, from `from_offset` on, into the file `to` at `to_offset`, on
+    /// the storage node itself (`copy_file_range`): the bytes never cross
+    /// the broker. Answered with [`Payload::Copied`]; fewer bytes than asked
+    /// at the end of `from`. Never in a batch: its result depends on
+    /// another file, so a batch replayed after a crash could copy bytes
+    /// that a later request of the same batch had already changed.
+    ///
+    /// [`MAX_COPY_BYTES`]: crate::limits::MAX_COPY_BYTES
+    CopyRange {
+        from: String,
+        from_offset: u64,
+        to: String,
+        to_offset: u64,
+        len: u64,
+    },
 }
 
 /// One request of a [`Request::Batch`].
@@ -164,6 +180,7 @@ impl Request {
             Request::ReadFromLog { .. } => "read-from-log",
             Request::LocateInLog { .. } => "locate-in-log",
             Request::Batch { .. } => "batch",
+            Request::CopyRange { .. } => "copy-range",
         }
     }
 
@@ -182,6 +199,7 @@ impl Request {
                 | Request::Rename { .. }
                 | Request::Write { .. }
                 | Request::SetAttr { .. }
+                | Request::CopyRange { .. }
         ) || matches!(self, Request::Batch { requests } if requests.iter().any(|b| b.request.mutates()))
     }
 
@@ -203,6 +221,7 @@ impl Request {
             | Request::SetAttr { path, .. }
             | Request::Fsync { path } => path,
             Request::Rename { from, .. } => from,
+            Request::CopyRange { to, .. } => to,
         }
     }
 }
@@ -275,6 +294,12 @@ pub enum Payload {
     },
     /// The answer to [`Request::Batch`]: one result per request, in order.
     Batch(Vec<Result<Payload, ErrorCode>>),
+    /// The answer to [`Request::CopyRange`]: how many bytes were copied,
+    /// and the destination file after the copy.
+    Copied {
+        len: u64,
+        attr: FileAttr,
+    },
 }
 
 /// Where file bytes already are in the request log: the data of the
@@ -342,6 +367,7 @@ impl Request {
             Request::Create { path, .. } | Request::Mkdir { path, .. } => Some(Change::Created { path: path.clone() }),
             Request::Unlink { path } | Request::Rmdir { path } => Some(Change::Removed { path: path.clone() }),
             Request::Rename { from, to, .. } => Some(Change::Renamed { from: from.clone(), to: to.clone() }),
+            Request::CopyRange { to, .. } => Some(Change::Modified { path: to.clone() }),
             Request::Login { .. }
             | Request::Lookup { .. }
             | Request::GetAttr { .. }
@@ -381,6 +407,7 @@ mod tests {
             Request::Fsync { path: p() },
             Request::ReadFromLog { path: p(), offset: 0, len: 1 },
             Request::LocateInLog { path: p(), offset: 0, len: 1 },
+            Request::CopyRange { from: p(), from_offset: 0, to: p(), to_offset: 0, len: 1 },
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

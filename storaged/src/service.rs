@@ -450,8 +450,11 @@ impl Service {
         in_doubt: bool,
         at: (i32, i64),
     ) -> Result<Payload, ErrorCode> {
-        let nested_or_login = |b: &Batched| matches!(b.request, Request::Batch { .. } | Request::Login { .. });
-        if requests.len() > MAX_BATCH_REQUESTS || requests.iter().any(nested_or_login) {
+        // A copy's result depends on another file: see Request::CopyRange.
+        let refused_in_batch = |b: &Batched| {
+            matches!(b.request, Request::Batch { .. } | Request::Login { .. } | Request::CopyRange { .. })
+        };
+        if requests.len() > MAX_BATCH_REQUESTS || requests.iter().any(refused_in_batch) {
             log_applied(envelope, &Err(ErrorCode::Invalid), at, false);
             return Err(ErrorCode::Invalid);
         }
@@ -589,6 +592,8 @@ impl Service {
                 let after = self.store.stamp(user, path);
                 index.record_setattr(user, path, before, after, *size);
             }
+            // The copied bytes are in no logged write of the target.
+            (Request::CopyRange { to, .. }, _) => index.forget_tree(user, to),
             // Namespace changes: whatever is at those names now is not
             // what was indexed there.
             (request, _) => match request.change() {
@@ -801,15 +806,18 @@ mod tests {
     }
 
     #[test]
-    fn nested_batches_and_logins_in_a_batch_are_refused_whole() {
+    fn nested_batches_logins_and_copies_in_a_batch_are_refused_whole() {
         let mut h = Harness::new();
         let token = h.login("alice", "pw");
         let batched = |request| Batched { request_id: 5, request };
         let mkdir = batched(Request::Mkdir { path: "d".into(), mode: 0o755 });
         let nested = Request::Batch { requests: vec![mkdir.clone(), batched(Request::Batch { requests: vec![] })] };
         assert_eq!(h.call("alice", &token, nested), Err(ErrorCode::Invalid));
-        let login = Request::Batch { requests: vec![mkdir, batched(Request::Login { password: "pw".into() })] };
+        let login = Request::Batch { requests: vec![mkdir.clone(), batched(Request::Login { password: "pw".into() })] };
         assert_eq!(h.call("alice", &token, login), Err(ErrorCode::Invalid));
+        let copy = Request::CopyRange { from: "a".into(), from_offset: 0, to: "b".into(), to_offset: 0, len: 1 };
+        let with_copy = Request::Batch { requests: vec![mkdir, batched(copy)] };
+        assert_eq!(h.call("alice", &token, with_copy), Err(ErrorCode::Invalid));
         assert!(!h.user_file("d").exists(), "nothing of a refused batch is applied");
     }
 

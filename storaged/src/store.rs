@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dfos_protocol::limits::{CHUNK_SIZE, MAX_NAME_BYTES, READDIR_PAGE_BYTES, READ_BLOCK_SIZE};
+use dfos_protocol::limits::{CHUNK_SIZE, MAX_COPY_BYTES, MAX_NAME_BYTES, READDIR_PAGE_BYTES, READ_BLOCK_SIZE};
 use dfos_protocol::{
     DirEntry, ErrorCode, FileAttr, FileKind, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
 };
@@ -122,6 +122,35 @@ fn open_error(e: io::Error) -> StoreError {
     } else {
         StoreError::Io(e)
     }
+}
+
+/// Copies up to `len` bytes of `source` from `from` into `target` at `to`
+/// within the kernel (`copy_file_range(2)`: no copy through this process,
+/// and a shared extent where the filesystem can). Stops early only at the
+/// end of `source`; returns how many bytes it copied.
+fn copy_range(source: &File, from: u64, target: &File, to: u64, len: u64) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let offset = |at: u64| i64::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
+    let (mut from, mut to) = (offset(from)?, offset(to)?);
+    let mut copied = 0;
+    while copied < len {
+        let want = usize::try_from(len - copied).unwrap_or(usize::MAX);
+        // SAFETY: both descriptors are open for the call's duration, and the
+        // offsets are valid i64s the kernel advances by what it copied.
+        let done =
+            unsafe { libc::copy_file_range(source.as_raw_fd(), &mut from, target.as_raw_fd(), &mut to, want, 0) };
+        match done {
+            0 => break,
+            n if n > 0 => copied += n as u64,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(copied)
 }
 
 /// Reads up to `len` bytes at `offset`, stopping early only at end of file.
@@ -248,6 +277,13 @@ impl Store {
                 }
                 file.set_times(times)?;
                 Ok(Payload::Attr(attr_of(&file.metadata()?)))
+            }
+            Request::CopyRange { from, from_offset, to, to_offset, len } => {
+                let source = open_nofollow(&at(from)?, false)?;
+                let target = open_nofollow(&at(to)?, true)?;
+                let len = copy_range(&source, *from_offset, &target, *to_offset, (*len).min(MAX_COPY_BYTES))?;
+                target.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
+                Ok(Payload::Copied { len, attr: attr_of(&target.metadata()?) })
             }
             Request::StatFs => statfs(&root),
             Request::Fsync { path } => {
@@ -390,6 +426,52 @@ mod tests {
         };
         assert_eq!((a.size, a.mode, a.mtime), (2, 0o600, T));
         assert_eq!(fs::read(dir.path().join("u/f")).unwrap(), b"\0\0");
+    }
+
+    #[test]
+    fn a_copy_range_copies_on_the_node_up_to_the_limit_and_stops_at_the_end_of_the_source() {
+        let (dir, s) = store();
+        let source: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        s.user_root("u").unwrap();
+        fs::write(dir.path().join("u/a"), &source).unwrap();
+        fs::write(dir.path().join("u/b"), b"0123456789").unwrap();
+        let copy = |from_offset, to_offset, len| Request::CopyRange {
+            from: "a".into(),
+            from_offset,
+            to: "b".into(),
+            to_offset,
+            len,
+        };
+        let Payload::Copied { len, attr } = s.apply("u", T, &copy(7, 4, 100_000)).unwrap() else { panic!() };
+        assert_eq!((len, attr.size, attr.mtime), (100_000, 100_004, T));
+        let mut model = b"0123".to_vec();
+        model.extend_from_slice(&source[7..100_007]);
+        assert!(fs::read(dir.path().join("u/b")).unwrap() == model);
+        // Past the end of the source: what there is, then nothing.
+        let Payload::Copied { len, .. } = s.apply("u", T, &copy(299_990, 0, u64::MAX)).unwrap() else { panic!() };
+        assert_eq!(len, 10);
+        let Payload::Copied { len, .. } = s.apply("u", T, &copy(400_000, 0, 5)).unwrap() else { panic!() };
+        assert_eq!(len, 0);
+        // A missing source, a directory, and a path out of the user's root.
+        let missing = Request::CopyRange { from: "nope".into(), from_offset: 0, to: "b".into(), to_offset: 0, len: 1 };
+        assert_eq!(code(s.apply("u", T, &missing)), ErrorCode::NotFound);
+        s.apply("u", T, &Request::Mkdir { path: "d".into(), mode: 0o755 }).unwrap();
+        let into_dir = Request::CopyRange { from: "a".into(), from_offset: 0, to: "d".into(), to_offset: 0, len: 1 };
+        assert_eq!(code(s.apply("u", T, &into_dir)), ErrorCode::IsDir);
+        let escape = Request::CopyRange { from: "../x".into(), from_offset: 0, to: "b".into(), to_offset: 0, len: 1 };
+        assert!(s.apply("u", T, &escape).is_err());
+    }
+
+    #[test]
+    fn a_copy_range_copies_at_most_max_copy_bytes() {
+        let (dir, s) = store();
+        s.user_root("u").unwrap();
+        let big = fs::File::create(dir.path().join("u/a")).unwrap();
+        big.set_len(MAX_COPY_BYTES + 4096).unwrap();
+        fs::write(dir.path().join("u/b"), b"").unwrap();
+        let copy = Request::CopyRange { from: "a".into(), from_offset: 0, to: "b".into(), to_offset: 0, len: u64::MAX };
+        let Payload::Copied { len, attr } = s.apply("u", T, &copy).unwrap() else { panic!() };
+        assert_eq!((len, attr.size), (MAX_COPY_BYTES, MAX_COPY_BYTES));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! model) side by side, and a digest of a directory tree to compare them.
 //!
 //! Each step performs one operation on both sides and checks that both give
-//! the same outcome: the same data, or the same errno.
+//! the same outcome: the same data (or bytes copied), or the same errno.
 
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -103,6 +103,24 @@ impl Workload {
                 let rmdir = |p: &Path| fs::remove_dir(p).map(|_| Vec::new());
                 (format!("rmdir {path}"), outcome(rmdir(&m)), outcome(rmdir(&l)))
             }
+            93..=95 => {
+                let to = self.path();
+                let from_offset = self.rng.gen_range(0..MAX_OFFSET);
+                let to_offset = self.rng.gen_range(0..MAX_OFFSET);
+                let len = self.rng.gen_range(1..MAX_WRITE);
+                let copy = |from: &Path, to: &Path| -> io::Result<Vec<u8>> {
+                    let source = fs::File::open(from)?;
+                    let target = OpenOptions::new().create(true).truncate(false).write(true).open(to)?;
+                    let copied = copy_file_range(&source, from_offset, &target, to_offset, len)?;
+                    target.sync_all()?;
+                    Ok(copied.to_string().into_bytes())
+                };
+                (
+                    format!("copy {path} @{from_offset} +{len} to {to} @{to_offset}"),
+                    outcome(copy(&m, &mount.join(&to))),
+                    outcome(copy(&l, &model.join(&to))),
+                )
+            }
             _ => {
                 let stat = |p: &Path| -> io::Result<Vec<u8>> {
                     let meta = fs::metadata(p)?;
@@ -121,6 +139,15 @@ impl Workload {
         );
         what
     }
+}
+
+/// One `copy_file_range(2)` call; returns how many bytes it copied.
+fn copy_file_range(source: &fs::File, from: u64, target: &fs::File, to: u64, len: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let (mut from, mut to) = (from as i64, to as i64);
+    // SAFETY: two open descriptors and two offsets the call may advance.
+    let copied = unsafe { libc::copy_file_range(source.as_raw_fd(), &mut from, target.as_raw_fd(), &mut to, len, 0) };
+    usize::try_from(copied).map_err(|_| io::Error::last_os_error())
 }
 
 /// Names, kinds, modes and sizes below `root`, without reading contents:
