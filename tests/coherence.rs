@@ -230,3 +230,32 @@ fn copies_within_a_mount_happen_on_the_storage_node_and_reach_another_mount() {
     assert!(fs::read(d.storage.join("User1/target")).unwrap() == model, "the node's target differs");
     soon("a copy into a cached file", || fs::read(b.join("target")).unwrap() == model);
 }
+
+/// A mount reading through a directory of small files another mount wrote
+/// (`diff -r`, `grep -r` on a fresh mount) gets them a directory at a time,
+/// not one round trip each; what it got that way still gives way to a
+/// change made through the other mount.
+#[test]
+fn small_files_another_mount_wrote_are_fetched_a_directory_at_a_time() {
+    let d = Deployment::start("prefetch");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let local = d.dir.path().join("model");
+    let files = 200;
+    for sub in ["", "/sub"] {
+        fs::create_dir_all(format!("{}{sub}", local.display())).unwrap();
+        for i in 0..files / 2 {
+            let len = 100 + (i * 37) % 3000;
+            fs::write(format!("{}{sub}/f{i:03}", local.display()), random_bytes(len, i as u64)).unwrap();
+        }
+    }
+    ok(&format!("cp -r '{}' {}", local.display(), a.p("tree")));
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let before = d.request_messages();
+    ok(&format!("diff -r '{}' {}", local.display(), b.p("tree")));
+    let messages = d.request_messages() - before;
+    assert!(messages < 40, "{messages} request messages for a diff -r of {files} files on a fresh mount");
+    fs::write(a.join("tree/sub/f007"), "changed through A").unwrap();
+    soon("a change to a prefetched file", || fs::read(b.join("tree/sub/f007")).unwrap() == b"changed through A");
+    ok(&format!("cp {} '{}/sub/f007'", a.p("tree/sub/f007"), local.display()));
+    ok(&format!("diff -r '{}' {}", local.display(), b.p("tree")));
+}

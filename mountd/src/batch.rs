@@ -58,7 +58,11 @@ impl Batch {
 /// out of a replay as it went in.)
 pub fn batchable(request: &Request) -> bool {
     match request {
-        Request::Login { .. } | Request::Batch { .. } | Request::Rename { .. } | Request::CopyRange { .. } => false,
+        Request::Login { .. }
+        | Request::Batch { .. }
+        | Request::Rename { .. }
+        | Request::CopyRange { .. }
+        | Request::ReadFiles { .. } => false,
         Request::Write { data, .. } => data.len() <= MAX_BATCHED_DATA_BYTES,
         _ => true,
     }

@@ -27,13 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dfos_protocol::limits::{CHUNK_SIZE, MAX_COPY_BYTES};
-use dfos_protocol::{Change, DirEntry, ErrorCode, FileAttr, FsStats, Payload, RenameMode, Request, SetTime, Timestamp};
+use dfos_protocol::{
+    Change, DirEntry, ErrorCode, FileAttr, FileContent, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
+};
 use tokio::sync::Semaphore;
 
 use crate::chunk::Chunk;
 use crate::file_bytes::FileBytes;
 use crate::inodes::{self, InodeTable};
 use crate::metacache::MetaCache;
+use crate::prefetch::{self, Prefetcher};
 use crate::readahead::{FileRead, ReadCache};
 use crate::rpc::{PendingReply, RpcError, Transport};
 use crate::smallfiles::{SmallFiles, MAX_FILE_BYTES};
@@ -406,7 +409,8 @@ pub struct DfosFs<T: Transport> {
     inodes: Mutex<InodeTable>,
     writes: Mutex<HashMap<u64, Arc<WriteStream>>>,
     reads: ReadCache,
-    small: SmallFiles,
+    small: Arc<SmallFiles>,
+    prefetch: Arc<Prefetcher>,
     meta: Arc<Mutex<MetaCache>>,
     /// Snapshot of a directory per open directory handle.
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
@@ -466,7 +470,8 @@ impl<T: Transport> DfosFs<T> {
             inodes: Mutex::default(),
             writes: Mutex::default(),
             reads: ReadCache::default(),
-            small: SmallFiles::default(),
+            small: Arc::default(),
+            prefetch: Arc::default(),
             dir_handles: Mutex::default(),
             next_handle: AtomicU64::new(1),
             opened_versions: Mutex::default(),
@@ -942,7 +947,43 @@ impl<T: Transport> DfosFs<T> {
             return done;
         }
         let path = self.path_of(ino)?;
+        if offset == 0 {
+            self.prefetch_siblings(&path);
+        }
         self.reads.read(&self.transport, FileRead { ino, path: &path, offset, size }).await
+    }
+
+    /// A cold read of the file at `path` begins: if it is small, the next
+    /// small files of its directory may be fetched with one request, into
+    /// the small-file cache (`prefetch.rs`).
+    fn prefetch_siblings(&self, path: &str) {
+        let (listing, small_file) = {
+            let meta = self.meta.lock().unwrap();
+            let dir = path.rsplit_once('/').map_or("", |(dir, _)| dir);
+            (meta.listing(dir), meta.attr(path).is_some_and(|attr| prefetch::is_small_file(&attr)))
+        };
+        let Some(listing) = listing.filter(|_| small_file) else {
+            return;
+        };
+        let paths = self.prefetch.after_cold_read(path, &listing, |path, attr| self.small.get(path, attr).is_some());
+        if paths.is_empty() {
+            return;
+        }
+        let (small, meta, prefetch) = (self.small.clone(), self.meta.clone(), self.prefetch.clone());
+        let reply = self.transport.submit(Request::ReadFiles { paths: paths.clone() });
+        tokio::spawn(async move {
+            if let Ok(Payload::Files(files)) = async { reply?.await }.await {
+                for (path, file) in paths.iter().zip(files) {
+                    let Ok(FileContent { attr, data }) = file else { continue };
+                    // As the mount knows the file now, or not at all.
+                    let current = meta.lock().unwrap().attr(path);
+                    if current.is_some_and(|current| current.size == attr.size && current.mtime == attr.mtime) {
+                        small.put(path, &attr, data);
+                    }
+                }
+            }
+            prefetch.answered(&paths);
+        });
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -1168,7 +1209,7 @@ mod tests {
 
     impl Transport for Arc<LocalTransport> {
         fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
-            if matches!(request, Request::Read { .. } | Request::LocateInLog { .. }) {
+            if matches!(request, Request::Read { .. } | Request::LocateInLog { .. } | Request::ReadFiles { .. }) {
                 self.reads.fetch_add(1, Ordering::SeqCst);
             }
             let result = self.store.apply("u", now(), &request).map_err(|e| RpcError::Remote(e.code()));
@@ -1404,6 +1445,42 @@ mod tests {
             fs.flush(f.ino).await.unwrap();
             assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"new");
             assert_eq!(reads(), 1);
+        });
+    }
+
+    #[test]
+    fn small_files_of_a_listed_directory_come_in_one_request_and_drop_when_changed() {
+        rt().block_on(async {
+            let (dir, fs) = core();
+            let reads = || fs.transport.reads.load(Ordering::SeqCst);
+            // Written by another machine: this mount knows nothing of them.
+            let on_disk = dir.path().join("u/d");
+            std::fs::create_dir_all(&on_disk).unwrap();
+            for i in 0..20 {
+                std::fs::write(on_disk.join(format!("f{i:02}")), format!("file {i}")).unwrap();
+            }
+            std::fs::write(on_disk.join("big"), vec![7; MAX_FILE_BYTES + 1]).unwrap();
+            let d = fs.lookup(1, OsStr::new("d")).await.unwrap();
+            fs.releasedir(fs.opendir(d.ino).await.unwrap());
+            let mut inos = Vec::new();
+            for i in 0..20 {
+                inos.push(fs.lookup(d.ino, OsStr::new(&format!("f{i:02}"))).await.unwrap().ino);
+            }
+            fs.open(inos[5]).unwrap();
+            assert_eq!(fs.read(inos[5], 0, 4096).await.unwrap(), b"file 5");
+            assert_eq!(reads(), 2, "the read itself and one ReadFiles, which leaves out the large file");
+            tokio::task::yield_now().await;
+            for (i, &ino) in inos.iter().enumerate().filter(|(i, _)| *i != 5) {
+                fs.open(ino).unwrap();
+                assert_eq!(fs.read(ino, 0, 4096).await.unwrap(), format!("file {i}").as_bytes());
+            }
+            assert_eq!(reads(), 2, "all nineteen came with the ReadFiles");
+            // Another machine changes one: its event drops the copy.
+            std::fs::write(on_disk.join("f07"), "changed elsewhere").unwrap();
+            fs.remote_change(&Change::Modified { path: "d/f07".into() });
+            fs.getattr(inos[7]).await.unwrap();
+            fs.open(inos[7]).unwrap();
+            assert_eq!(fs.read(inos[7], 0, 4096).await.unwrap(), b"changed elsewhere");
         });
     }
 

@@ -24,6 +24,7 @@ pub mod fuse;
 pub mod inodes;
 pub mod logread;
 pub mod metacache;
+pub mod prefetch;
 pub mod readahead;
 pub mod rpc;
 pub mod smallfiles;

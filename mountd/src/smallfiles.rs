@@ -1,6 +1,7 @@
-//! Whole contents of small files this mount wrote, by path,, kept after close so that
-//! reading them back (`diff` after `cp`, `cat` after an editor saved) costs
-//! no round trip.
+//! Whole contents of small files this mount wrote, by path, kept after
+//! close so that reading them back (`diff` after `cp`, `cat` after an
+//! editor saved) costs no round trip; and of small files fetched ahead of
+//! a read through their directory (`prefetch.rs`).
 //!
 //! Each entry is stamped with the file's attributes (size and mtime) as the
 //! storage node reported them after the last write. A read uses the entry
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use dfos_protocol::{FileAttr, Timestamp};
 
-pub const MAX_FILE_BYTES: usize = 64 * 1024;
+pub const MAX_FILE_BYTES: usize = dfos_protocol::limits::MAX_SMALL_FILE_BYTES;
 pub const MAX_TOTAL_BYTES: usize = 64 * 1024 * 1024;
 
 struct Cached {

@@ -238,6 +238,24 @@ mod tests {
         assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 10, 3, 0, 4, 5, 1, 12, 0, 14, 0, 16, 0, 9]);
     }
 
+    /// Appended after the copy pair: request variant 18, payload variant 11.
+    #[test]
+    fn golden_bytes_of_a_read_files_and_its_answer() {
+        let mut envelope = sample_envelope();
+        envelope.request = Request::ReadFiles { paths: vec!["a".into(), "b".into()] };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(bytes[bytes.len() - 6..], [18, 2, 1, b'a', 1, b'b']);
+        let t = Timestamp { secs: 1, nanos: 0 };
+        let attr =
+            FileAttr { kind: FileKind::File, size: 2, mode: 3, nlink: 1, atime: t, mtime: t, ctime: t, blocks: 4 };
+        let files = Payload::Files(vec![Ok(FileContent { attr, data: b"hi".to_vec() }), Err(ErrorCode::TooLarge)]);
+        let reply = Reply { request_id: 1, node: "n".into(), result: Ok(files) };
+        assert_eq!(
+            encode_reply(&reply).unwrap(),
+            vec![1, 1, b'n', 0, 11, 2, 0, 0, 2, 3, 1, 2, 0, 2, 0, 2, 0, 4, 2, b'h', b'i', 1, 13]
+        );
+    }
+
     #[test]
     fn hostile_length_prefix_is_refused_without_allocating() {
         // A string length claiming ~2^60 bytes.

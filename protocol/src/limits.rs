@@ -42,3 +42,11 @@ pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// large file is many requests of a few tens of milliseconds each (the
 /// kernel asks again for the rest, as `copy_file_range(2)` allows).
 pub const MAX_COPY_BYTES: u64 = 64 << 20;
+/// Largest file a mount keeps whole in memory and a `Request::ReadFiles`
+/// answers with.
+pub const MAX_SMALL_FILE_BYTES: usize = 64 * 1024;
+/// Most paths one `Request::ReadFiles` asks for.
+pub const MAX_READ_FILES: usize = 128;
+/// Most file data one answer to `Request::ReadFiles` carries, so it stays
+/// under Kafka's default message limit with its attributes and framing.
+pub const MAX_READ_FILES_BYTES: usize = 768 * 1024;

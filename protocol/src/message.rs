@@ -150,6 +150,19 @@ pub enum Request {
         to_offset: u64,
         len: u64,
     },
+    /// The whole contents of several small files in one round trip, at most
+    /// [`MAX_READ_FILES`] of them: answered with [`Payload::Files`], one
+    /// result per path in order, until the answer holds
+    /// [`MAX_READ_FILES_BYTES`] of data (later paths are left out). A file
+    /// over [`MAX_SMALL_FILE_BYTES`] is answered `TooLarge`. A mount asks
+    /// for the next small files of a directory it is reading through.
+    ///
+    /// [`MAX_READ_FILES`]: crate::limits::MAX_READ_FILES
+    /// [`MAX_READ_FILES_BYTES`]: crate::limits::MAX_READ_FILES_BYTES
+    /// [`MAX_SMALL_FILE_BYTES`]: crate::limits::MAX_SMALL_FILE_BYTES
+    ReadFiles {
+        paths: Vec<String>,
+    },
 }
 
 /// One request of a [`Request::Batch`].
@@ -181,6 +194,7 @@ impl Request {
             Request::LocateInLog { .. } => "locate-in-log",
             Request::Batch { .. } => "batch",
             Request::CopyRange { .. } => "copy-range",
+            Request::ReadFiles { .. } => "read-files",
         }
     }
 
@@ -222,6 +236,7 @@ impl Request {
             | Request::Fsync { path } => path,
             Request::Rename { from, .. } => from,
             Request::CopyRange { to, .. } => to,
+            Request::ReadFiles { paths } => paths.first().map_or("", String::as_str),
         }
     }
 }
@@ -300,6 +315,16 @@ pub enum Payload {
         len: u64,
         attr: FileAttr,
     },
+    /// The answer to [`Request::ReadFiles`].
+    Files(Vec<Result<FileContent, ErrorCode>>),
+}
+
+/// A small file, whole, with its attributes as of reading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileContent {
+    pub attr: FileAttr,
+    #[serde(with = "crate::file_data")]
+    pub data: Vec<u8>,
 }
 
 /// Where file bytes already are in the request log: the data of the
@@ -376,7 +401,8 @@ impl Request {
             | Request::ReadFromLog { .. }
             | Request::LocateInLog { .. }
             | Request::StatFs
-            | Request::Fsync { .. } => None,
+            | Request::Fsync { .. }
+            | Request::ReadFiles { .. } => None,
             // Each request of a batch makes its own change.
             Request::Batch { .. } => None,
         }
@@ -408,6 +434,7 @@ mod tests {
             Request::ReadFromLog { path: p(), offset: 0, len: 1 },
             Request::LocateInLog { path: p(), offset: 0, len: 1 },
             Request::CopyRange { from: p(), from_offset: 0, to: p(), to_offset: 0, len: 1 },
+            Request::ReadFiles { paths: vec![p()] },
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

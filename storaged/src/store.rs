@@ -13,9 +13,12 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dfos_protocol::limits::{CHUNK_SIZE, MAX_COPY_BYTES, MAX_NAME_BYTES, READDIR_PAGE_BYTES, READ_BLOCK_SIZE};
+use dfos_protocol::limits::{
+    CHUNK_SIZE, MAX_COPY_BYTES, MAX_NAME_BYTES, MAX_READ_FILES, MAX_READ_FILES_BYTES, MAX_SMALL_FILE_BYTES,
+    READDIR_PAGE_BYTES, READ_BLOCK_SIZE,
+};
 use dfos_protocol::{
-    DirEntry, ErrorCode, FileAttr, FileKind, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
+    DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
 };
 
 use crate::direct;
@@ -153,6 +156,20 @@ fn copy_range(source: &File, from: u64, target: &File, to: u64, len: u64) -> io:
     Ok(copied)
 }
 
+/// A regular file of at most `MAX_SMALL_FILE_BYTES`, whole.
+fn read_small_file(path: &Path) -> StoreResult<FileContent> {
+    let file = open_nofollow(path, false)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EISDIR)));
+    }
+    if meta.len() > MAX_SMALL_FILE_BYTES as u64 {
+        return Err(StoreError::TooLarge);
+    }
+    let data = read_at_most(&file, 0, meta.len() as usize)?;
+    Ok(FileContent { attr: attr_of(&meta), data })
+}
+
 /// Reads up to `len` bytes at `offset`, stopping early only at end of file.
 /// The buffer is not zeroed first: the kernel's copy is the only one.
 fn read_at_most(mut file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
@@ -284,6 +301,22 @@ impl Store {
                 let len = copy_range(&source, *from_offset, &target, *to_offset, (*len).min(MAX_COPY_BYTES))?;
                 target.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
                 Ok(Payload::Copied { len, attr: attr_of(&target.metadata()?) })
+            }
+            Request::ReadFiles { paths } => {
+                if paths.len() > MAX_READ_FILES {
+                    return Err(StoreError::TooLarge);
+                }
+                let mut budget = MAX_READ_FILES_BYTES;
+                let mut files = Vec::with_capacity(paths.len());
+                for path in paths {
+                    let file = at(path).map_err(StoreError::from).and_then(|path| read_small_file(&path));
+                    if let Ok(content) = &file {
+                        let Some(left) = budget.checked_sub(content.data.len()) else { break };
+                        budget = left;
+                    }
+                    files.push(file.map_err(|e| e.code()));
+                }
+                Ok(Payload::Files(files))
             }
             Request::StatFs => statfs(&root),
             Request::Fsync { path } => {
@@ -460,6 +493,35 @@ mod tests {
         assert_eq!(code(s.apply("u", T, &into_dir)), ErrorCode::IsDir);
         let escape = Request::CopyRange { from: "../x".into(), from_offset: 0, to: "b".into(), to_offset: 0, len: 1 };
         assert!(s.apply("u", T, &escape).is_err());
+    }
+
+    #[test]
+    fn read_files_answers_small_files_whole_in_order_within_a_budget() {
+        let (dir, s) = store();
+        s.user_root("u").unwrap();
+        fs::write(dir.path().join("u/a"), b"alpha").unwrap();
+        fs::write(dir.path().join("u/big"), vec![1; MAX_SMALL_FILE_BYTES + 1]).unwrap();
+        s.apply("u", T, &Request::Mkdir { path: "d".into(), mode: 0o755 }).unwrap();
+        let paths = ["a", "nope", "big", "d", "../x"].map(String::from).to_vec();
+        let Payload::Files(files) = s.apply("u", T, &Request::ReadFiles { paths }).unwrap() else { panic!() };
+        let codes: Vec<_> = files.iter().map(|f| f.as_ref().err().copied()).collect();
+        assert_eq!(
+            codes[1..],
+            [Some(ErrorCode::NotFound), Some(ErrorCode::TooLarge), Some(ErrorCode::IsDir), Some(ErrorCode::Invalid)]
+        );
+        let alpha = files[0].as_ref().unwrap();
+        assert_eq!((alpha.data.as_slice(), alpha.attr.size), (&b"alpha"[..], 5));
+        // The budget: a later file that would pass it, and all after, are left out.
+        let full = MAX_SMALL_FILE_BYTES;
+        let count = MAX_READ_FILES_BYTES / full + 2;
+        for i in 0..count {
+            fs::write(dir.path().join(format!("u/f{i}")), vec![2; full]).unwrap();
+        }
+        let paths: Vec<String> = (0..count).map(|i| format!("f{i}")).collect();
+        let Payload::Files(files) = s.apply("u", T, &Request::ReadFiles { paths }).unwrap() else { panic!() };
+        assert_eq!(files.len(), MAX_READ_FILES_BYTES / full);
+        let too_many = vec!["a".to_string(); MAX_READ_FILES + 1];
+        assert_eq!(code(s.apply("u", T, &Request::ReadFiles { paths: too_many })), ErrorCode::TooLarge);
     }
 
     #[test]

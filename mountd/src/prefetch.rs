@@ -1,0 +1,123 @@
+//! Small files of a directory fetched together. A mount reading through a
+//! directory of small files it did not write itself (`grep -r`, `tar c`,
+//! `diff -r`, `cat *`, on a fresh mount or after another machine wrote
+//! them) would otherwise wait one round trip per file.
+//!
+//! On a cold read of a small file in a directory whose whole listing the
+//! metadata cache holds (it was listed: the tool is walking it), its other
+//! small files (neither cached nor already asked for) are asked for in one
+//! `Request::ReadFiles`, within its bounds. The filesystem core puts each
+//! answer into the small-file cache only while the metadata cache holds
+//! exactly the attributes it came with, so it is served under the same
+//! rules as a file this mount wrote (`smallfiles.rs`): a change through
+//! this mount or another drops it.
+//!
+//! Bounded: at most `MAX_READ_FILES` files and `MAX_READ_FILES_BYTES` per
+//! request; a path is asked for once until its answer arrives.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use dfos_protocol::limits::{MAX_READ_FILES, MAX_READ_FILES_BYTES, MAX_SMALL_FILE_BYTES};
+use dfos_protocol::{FileAttr, FileKind};
+
+use crate::inodes;
+
+#[derive(Default)]
+pub struct Prefetcher {
+    /// Paths asked for whose answer has not arrived.
+    asked: Mutex<HashSet<String>>,
+}
+
+/// Whether a file of these attributes is one `ReadFiles` answers whole.
+pub fn is_small_file(attr: &FileAttr) -> bool {
+    attr.kind == FileKind::File && attr.size <= MAX_SMALL_FILE_BYTES as u64
+}
+
+impl Prefetcher {
+    /// A cold read of the small file at `path` begins; `listing` is its
+    /// directory's listing (name order), and `cached` tells whether a file
+    /// is in the small-file cache. Returns the paths to ask for now,
+    /// counted as asked (possibly none): the small siblings after `path`
+    /// in name order, then those before it, since tools walk a directory
+    /// in the order it was listed, not always by name.
+    pub fn after_cold_read(
+        &self,
+        path: &str,
+        listing: &[(String, FileAttr)],
+        cached: impl Fn(&str, &FileAttr) -> bool,
+    ) -> Vec<String> {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let split = listing.partition_point(|(sibling, _)| sibling.as_str() <= name);
+        let (before, after) = listing.split_at(split);
+        let mut asked = self.asked.lock().unwrap();
+        let (mut paths, mut bytes) = (Vec::new(), 0);
+        for (sibling, attr) in after.iter().chain(before).filter(|(sibling, _)| sibling != name) {
+            if paths.len() == MAX_READ_FILES || bytes + attr.size as usize > MAX_READ_FILES_BYTES {
+                break;
+            }
+            let sibling_path = inodes::join(dir, sibling);
+            if is_small_file(attr) && !asked.contains(&sibling_path) && !cached(&sibling_path, attr) {
+                bytes += attr.size as usize;
+                asked.insert(sibling_path.clone());
+                paths.push(sibling_path);
+            }
+        }
+        paths
+    }
+
+    /// The answer for `paths` arrived, or never will.
+    pub fn answered(&self, paths: &[String]) {
+        let mut asked = self.asked.lock().unwrap();
+        for path in paths {
+            asked.remove(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dfos_protocol::Timestamp;
+
+    fn file(size: u64) -> FileAttr {
+        let t = Timestamp::default();
+        FileAttr { kind: FileKind::File, size, mode: 0o644, nlink: 1, atime: t, mtime: t, ctime: t, blocks: 0 }
+    }
+
+    fn listing(names: &[(&str, FileAttr)]) -> Vec<(String, FileAttr)> {
+        names.iter().map(|(name, attr)| (name.to_string(), attr.clone())).collect()
+    }
+
+    #[test]
+    fn a_cold_read_asks_for_the_other_small_files_after_it_then_before_it() {
+        let p = Prefetcher::default();
+        let dir = FileAttr { kind: FileKind::Directory, ..file(4096) };
+        let names = listing(&[
+            ("a", file(1)),
+            ("b", file(2)),
+            ("c", file(MAX_SMALL_FILE_BYTES as u64 + 1)),
+            ("d", file(4)),
+            ("e", dir),
+        ]);
+        let none = |_: &str, _: &FileAttr| false;
+        assert_eq!(p.after_cold_read("x/b", &names, none), ["x/d", "x/a"], "large files and directories are left");
+        assert_eq!(p.after_cold_read("x/d", &names, none), ["x/b"], "a and d are asked for already");
+        p.answered(&["x/d".to_string(), "x/a".to_string(), "x/b".to_string()]);
+        let cached = |path: &str, _: &FileAttr| path == "x/d";
+        assert_eq!(p.after_cold_read("x/b", &names, cached), ["x/a"], "d is cached");
+    }
+
+    #[test]
+    fn one_request_stays_within_its_bounds() {
+        let p = Prefetcher::default();
+        let many: Vec<(String, FileAttr)> = (0..MAX_READ_FILES * 2).map(|i| (format!("f{i:04}"), file(10))).collect();
+        let asked = p.after_cold_read("f0000", &many, |_, _| false);
+        assert_eq!(asked.len(), MAX_READ_FILES);
+        assert_eq!(asked[0], "f0001");
+        let full = file(MAX_SMALL_FILE_BYTES as u64);
+        let big: Vec<(String, FileAttr)> = (0..40).map(|i| (format!("g{i:02}"), full.clone())).collect();
+        let asked = p.after_cold_read("g00", &big, |_, _| false);
+        assert_eq!(asked.len(), MAX_READ_FILES_BYTES / MAX_SMALL_FILE_BYTES);
+    }
+}
