@@ -953,16 +953,19 @@ impl<T: Transport> DfosFs<T> {
         self.reads.read(&self.transport, FileRead { ino, path: &path, offset, size }).await
     }
 
-    /// A cold read of the file at `path` begins: if it is small, the next
+    /// A cold read of the file at `path` begins: if it is small, the other
     /// small files of its directory may be fetched with one request, into
     /// the small-file cache (`prefetch.rs`).
     fn prefetch_siblings(&self, path: &str) {
-        let (listing, small_file) = {
+        let listing = {
             let meta = self.meta.lock().unwrap();
-            let dir = path.rsplit_once('/').map_or("", |(dir, _)| dir);
-            (meta.listing(dir), meta.attr(path).is_some_and(|attr| prefetch::is_small_file(&attr)))
+            // A large file's read skips building the directory's listing.
+            if !meta.attr(path).is_some_and(|attr| prefetch::is_small_file(&attr)) {
+                return;
+            }
+            meta.listing(inodes::parent_of(path))
         };
-        let Some(listing) = listing.filter(|_| small_file) else {
+        let Some(listing) = listing else {
             return;
         };
         let paths = self.prefetch.after_cold_read(path, &listing, |path, attr| self.small.get(path, attr).is_some());
