@@ -978,11 +978,8 @@ impl<T: Transport> DfosFs<T> {
             if let Ok(Payload::Files(files)) = async { reply?.await }.await {
                 for (path, file) in paths.iter().zip(files) {
                     let Ok(FileContent { attr, data }) = file else { continue };
-                    // As the mount knows the file now, or not at all.
                     let current = meta.lock().unwrap().attr(path);
-                    if current.is_some_and(|current| current.size == attr.size && current.mtime == attr.mtime) {
-                        small.put(path, &attr, data);
-                    }
+                    small.put_if_current(path, &attr, data, current);
                 }
             }
             prefetch.answered(&paths);

@@ -27,6 +27,12 @@ struct Cached {
     data: Arc<Vec<u8>>,
 }
 
+/// Whether content stamped with `size` and `mtime` is the file's content
+/// as `current` describes it.
+fn same_version(size: u64, mtime: Timestamp, current: &FileAttr) -> bool {
+    size == current.size && mtime == current.mtime
+}
+
 #[derive(Default)]
 struct Inner {
     files: HashMap<String, Cached>,
@@ -62,11 +68,20 @@ impl SmallFiles {
         }
     }
 
+    /// Keeps `data`, read with attributes `attr`, only if the mount knows
+    /// the file by those same attributes now (`current`), as `get` will
+    /// demand; a file fetched ahead of a read (`prefetch.rs`).
+    pub fn put_if_current(&self, path: &str, attr: &FileAttr, data: Vec<u8>, current: Option<FileAttr>) {
+        if current.is_some_and(|current| same_version(attr.size, attr.mtime, &current)) {
+            self.put(path, attr, data);
+        }
+    }
+
     /// The content at `path`, if cached for exactly the attributes `current`.
     pub fn get(&self, path: &str, current: &FileAttr) -> Option<Arc<Vec<u8>>> {
         let inner = self.inner.lock().unwrap();
         let cached = inner.files.get(path)?;
-        (cached.size == current.size && cached.mtime == current.mtime).then(|| cached.data.clone())
+        same_version(cached.size, cached.mtime, current).then(|| cached.data.clone())
     }
 
     pub fn forget(&self, path: &str) {
@@ -113,6 +128,17 @@ mod tests {
         assert!(c.get("b", &attr(5, 1)).is_none(), "content and size disagree");
         c.forget_tree("a");
         assert!(c.get("a", &attr(3, 100)).is_none());
+    }
+
+    #[test]
+    fn a_fetched_file_is_kept_only_if_the_mount_knows_it_by_the_same_attributes() {
+        let c = SmallFiles::default();
+        c.put_if_current("unknown", &attr(3, 100), b"abc".to_vec(), None);
+        c.put_if_current("older", &attr(3, 100), b"abc".to_vec(), Some(attr(3, 101)));
+        c.put_if_current("same", &attr(3, 100), b"abc".to_vec(), Some(attr(3, 100)));
+        assert!(c.get("unknown", &attr(3, 100)).is_none());
+        assert!(c.get("older", &attr(3, 100)).is_none());
+        assert_eq!(c.get("same", &attr(3, 100)).unwrap().as_slice(), b"abc");
     }
 
     #[test]
