@@ -114,7 +114,9 @@ pub fn attr_of(meta: &fs::Metadata) -> FileAttr {
 
 fn open_nofollow(path: &Path, write: bool) -> StoreResult<File> {
     let mut options = OpenOptions::new();
-    options.read(!write).write(write).custom_flags(libc::O_NOFOLLOW);
+    // O_NONBLOCK: a FIFO someone made in the data root must not stall the
+    // node in open() waiting for its other end; regular files ignore it.
+    options.read(!write).write(write).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
     options.open(path).map_err(open_error)
 }
 
@@ -329,7 +331,7 @@ impl Store {
 
 fn create(path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResult<Payload> {
     let mut options = OpenOptions::new();
-    options.write(true).custom_flags(libc::O_NOFOLLOW).mode(mode & 0o7777);
+    options.write(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).mode(mode & 0o7777);
     let file = match options.clone().create_new(true).open(path) {
         Ok(file) => {
             // The daemon's umask must not change the mode the client asked for.
@@ -493,6 +495,22 @@ mod tests {
         assert_eq!(code(s.apply("u", T, &into_dir)), ErrorCode::IsDir);
         let escape = Request::CopyRange { from: "../x".into(), from_offset: 0, to: "b".into(), to_offset: 0, len: 1 };
         assert!(s.apply("u", T, &escape).is_err());
+    }
+
+    #[test]
+    fn a_fifo_in_the_data_root_does_not_stall_reads() {
+        let (dir, s) = store();
+        s.user_root("u").unwrap();
+        let fifo = std::ffi::CString::new(dir.path().join("u/fifo").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let (done, answered) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let read = Request::Read { path: "fifo".into(), offset: 0, len: 10 };
+            let files = Request::ReadFiles { paths: vec!["fifo".into()] };
+            done.send((s.apply("u", T, &read).is_ok(), s.apply("u", T, &files).is_ok())).unwrap();
+        });
+        answered.recv_timeout(Duration::from_secs(10)).expect("a read of a FIFO is answered");
     }
 
     #[test]
