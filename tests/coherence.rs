@@ -259,3 +259,37 @@ fn small_files_another_mount_wrote_are_fetched_a_directory_at_a_time() {
     ok(&format!("cp {} '{}/sub/f007'", a.p("tree/sub/f007"), local.display()));
     ok(&format!("diff -r '{}' {}", local.display(), b.p("tree")));
 }
+
+#[test]
+fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_listings() {
+    let d = Deployment::start("tree-walk");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let local = d.dir.path().join("model");
+    let mut dirs = 0;
+    for top in 0..4 {
+        for mid in 0..4 {
+            for leaf in 0..2 {
+                let dir = local.join(format!("t{top}/m{mid}/l{leaf}"));
+                fs::create_dir_all(&dir).unwrap();
+                fs::write(dir.join("f"), format!("{top}{mid}{leaf}")).unwrap();
+                dirs += 1;
+            }
+        }
+    }
+    ok(&format!("cp -r '{}' {}", local.display(), a.p("tree")));
+    let listing = |root: &str| ok(&format!("cd {root} && find . -printf '%y %s %p\\n' | sort"));
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let before = d.request_messages();
+    let walked = listing(&b.p("tree"));
+    let messages = d.request_messages() - before;
+    assert_eq!(walked, listing(&local.display().to_string()));
+    assert!(messages < 8, "{messages} request messages for a find of {dirs} leaf directories on a fresh mount");
+    // Listings that came ahead still follow the other mount's changes.
+    fs::create_dir(a.join("tree/t3/m3/l1/new")).unwrap();
+    fs::remove_file(a.join("tree/t2/m0/l0/f")).unwrap();
+    fs::create_dir(local.join("t3/m3/l1/new")).unwrap();
+    fs::remove_file(local.join("t2/m0/l0/f")).unwrap();
+    soon("a directory made in a prefetched listing", || b.join("tree/t3/m3/l1/new").is_dir());
+    soon("a file removed from a prefetched listing", || !b.join("tree/t2/m0/l0/f").exists());
+    assert_eq!(listing(&b.p("tree")), listing(&local.display().to_string()));
+}

@@ -794,25 +794,44 @@ impl<T: Transport> DfosFs<T> {
 
     /// Reads the whole listing of a directory into a handle, so the kernel's
     /// paged readdir calls see one consistent snapshot.
+    ///
+    /// A directory opened inside one this mount holds the listing of is
+    /// most likely a tool walking a tree (`find`, `du`, `cp -r`, `diff -r`),
+    /// so it is asked for with the directories the walk goes on to (below
+    /// it, then its later siblings), in one `Request::ReadTree`: they are
+    /// then listed without a round trip each.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let path = self.path_of(ino)?;
-        let known = self.meta.lock().unwrap().listing(&path);
+        let (known, generation, descending) = {
+            let meta = self.meta.lock().unwrap();
+            let descending = !path.is_empty() && meta.listed(inodes::parent_of(&path));
+            (meta.listing(&path), meta.generation(), descending)
+        };
         if let Some(known) = known {
             return Ok(self.dir_handle(known.into_iter().map(|(name, attr)| DirEntry { name, attr }).collect()));
         }
-        let generation = self.meta.lock().unwrap().generation();
-        let mut entries = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self.call(Request::ReadDir { path: path.clone(), after: after.take() }).await?;
-            let Payload::Entries { entries: page, more } = page else {
+        let (mut entries, mut more) = (Vec::new(), true);
+        if descending {
+            let Payload::Tree(listings) = self.call(Request::ReadTree { path: path.clone() }).await? else {
                 return Err(FsError::UnexpectedReply);
             };
-            after = page.last().map(|e| e.name.clone());
-            entries.extend(page);
-            if !more || after.is_none() {
-                break;
+            let mut listings = listings.into_iter();
+            let first = listings.next().filter(|first| first.path == path).ok_or(FsError::UnexpectedReply)?;
+            (entries, more) = (first.entries, first.more);
+            let mut meta = self.meta.lock().unwrap();
+            for below in listings {
+                let named = below.entries.into_iter().map(|e| (e.name, e.attr));
+                meta.put_listing_if_unchanged(generation, &below.path, named);
             }
+        }
+        while more {
+            let after = entries.last().map(|e: &DirEntry| e.name.clone());
+            let page = self.call(Request::ReadDir { path: path.clone(), after: after.clone() }).await?;
+            let Payload::Entries { entries: page, more: page_more } = page else {
+                return Err(FsError::UnexpectedReply);
+            };
+            more = page_more && !page.is_empty();
+            entries.extend(page);
         }
         let named = entries.iter().map(|e| (e.name.clone(), e.attr.clone()));
         self.meta.lock().unwrap().put_listing_if_unchanged(generation, &path, named);
@@ -1205,12 +1224,16 @@ mod tests {
     struct LocalTransport {
         store: storaged::store::Store,
         reads: std::sync::atomic::AtomicUsize,
+        listings: std::sync::atomic::AtomicUsize,
     }
 
     impl Transport for Arc<LocalTransport> {
         fn submit(&self, request: Request) -> Result<PendingReply, RpcError> {
             if matches!(request, Request::Read { .. } | Request::LocateInLog { .. } | Request::ReadFiles { .. }) {
                 self.reads.fetch_add(1, Ordering::SeqCst);
+            }
+            if matches!(request, Request::ReadDir { .. } | Request::ReadTree { .. }) {
+                self.listings.fetch_add(1, Ordering::SeqCst);
             }
             let result = self.store.apply("u", now(), &request).map_err(|e| RpcError::Remote(e.code()));
             Ok(Box::pin(async move { result }))
@@ -1220,7 +1243,7 @@ mod tests {
     fn core() -> (tempfile::TempDir, DfosFs<Arc<LocalTransport>>) {
         let dir = tempfile::tempdir().unwrap();
         let store = storaged::store::Store::new(dir.path()).unwrap();
-        (dir, DfosFs::new(Arc::new(LocalTransport { store, reads: Default::default() })))
+        (dir, DfosFs::new(Arc::new(LocalTransport { store, reads: Default::default(), listings: Default::default() })))
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -1481,6 +1504,48 @@ mod tests {
             fs.getattr(inos[7]).await.unwrap();
             fs.open(inos[7]).unwrap();
             assert_eq!(fs.read(inos[7], 0, 4096).await.unwrap(), b"changed elsewhere");
+        });
+    }
+
+    #[test]
+    fn a_walk_into_a_listed_directory_lists_the_tree_below_in_one_request() {
+        rt().block_on(async {
+            let (dir, fs) = core();
+            let listings = || fs.transport.listings.load(Ordering::SeqCst);
+            // Written by another machine: this mount knows nothing of them.
+            for sub in ["t/a/x", "t/a/y", "t/b"] {
+                std::fs::create_dir_all(dir.path().join("u").join(sub)).unwrap();
+                std::fs::write(dir.path().join("u").join(sub).join("f"), sub).unwrap();
+            }
+            let names = |handle: u64| -> Vec<String> {
+                let names = fs.listing(handle).unwrap().iter().map(|e| e.name.clone()).collect();
+                fs.releasedir(handle);
+                names
+            };
+            let open = |parent: u64, name: &'static str| {
+                let fs = &fs;
+                async move {
+                    let ino = fs.lookup(parent, OsStr::new(name)).await.unwrap().ino;
+                    (ino, fs.opendir(ino).await.unwrap())
+                }
+            };
+            let t = fs.lookup(1, OsStr::new("t")).await.unwrap().ino;
+            assert_eq!(names(fs.opendir(t).await.unwrap()), ["a", "b"]);
+            assert_eq!(listings(), 1, "a directory opened on its own is listed alone");
+            let (a, handle) = open(t, "a").await;
+            assert_eq!(names(handle), ["x", "y"]);
+            assert_eq!(listings(), 2, "a walk into t/a asks for the tree below it");
+            let (x, handle) = open(a, "x").await;
+            assert_eq!(names(handle), ["f"]);
+            assert_eq!(names(open(a, "y").await.1), ["f"]);
+            assert_eq!(listings(), 2, "t/a/x and t/a/y came with t/a");
+            assert_eq!(names(open(t, "b").await.1), ["f"]);
+            assert_eq!(listings(), 2, "t/b, a later sibling of t/a, came with it too");
+            // Another machine adds a file: its event drops the listing.
+            std::fs::write(dir.path().join("u/t/a/x/g"), "new").unwrap();
+            fs.remote_change(&Change::Created { path: "t/a/x/g".into() });
+            assert_eq!(names(fs.opendir(x).await.unwrap()), ["f", "g"]);
+            assert_eq!(listings(), 3);
         });
     }
 

@@ -93,6 +93,11 @@ impl MetaCache {
         self.fresh(self.listings.get(parent)).is_some_and(|names| !names.contains(name))
     }
 
+    /// Whether this mount holds `dir`'s whole listing (its names) now.
+    pub fn listed(&self, dir: &str) -> bool {
+        self.fresh(self.listings.get(dir)).is_some()
+    }
+
     /// A directory's whole listing with attributes, in name order, when
     /// every part of it is fresh.
     pub fn listing(&self, dir: &str) -> Option<Vec<(String, FileAttr)>> {

@@ -256,6 +256,24 @@ mod tests {
         );
     }
 
+    /// Appended after the read-files pair: request variant 19, payload variant 12.
+    #[test]
+    fn golden_bytes_of_a_read_tree_and_its_answer() {
+        let mut envelope = sample_envelope();
+        envelope.request = Request::ReadTree { path: "d".into() };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(bytes[bytes.len() - 3..], [19, 1, b'd']);
+        let t = Timestamp { secs: 1, nanos: 0 };
+        let attr =
+            FileAttr { kind: FileKind::File, size: 2, mode: 3, nlink: 1, atime: t, mtime: t, ctime: t, blocks: 4 };
+        let listing = Listing { path: "d".into(), entries: vec![DirEntry { name: "f".into(), attr }], more: false };
+        let reply = Reply { request_id: 1, node: "n".into(), result: Ok(Payload::Tree(vec![listing])) };
+        assert_eq!(
+            encode_reply(&reply).unwrap(),
+            vec![1, 1, b'n', 0, 12, 1, 1, b'd', 1, 1, b'f', 0, 2, 3, 1, 2, 0, 2, 0, 2, 0, 4, 0]
+        );
+    }
+
     #[test]
     fn hostile_length_prefix_is_refused_without_allocating() {
         // A string length claiming ~2^60 bytes.

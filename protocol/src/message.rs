@@ -163,6 +163,18 @@ pub enum Request {
     ReadFiles {
         paths: Vec<String>,
     },
+    /// The listing of the directory `path`, of the directories below it, and
+    /// of its later siblings and theirs: depth first in name order, as
+    /// `find` and `cp -r` go on from `path`. Each listing is whole, until
+    /// the next one would pass [`READDIR_PAGE_BYTES`]: answered with
+    /// [`Payload::Tree`]. When `path` alone passes it, its first page is
+    /// the answer, as for [`Request::ReadDir`]. A mount asks for this when
+    /// a tool descends from a directory it listed into one it has not.
+    ///
+    /// [`READDIR_PAGE_BYTES`]: crate::limits::READDIR_PAGE_BYTES
+    ReadTree {
+        path: String,
+    },
 }
 
 /// One request of a [`Request::Batch`].
@@ -195,6 +207,7 @@ impl Request {
             Request::Batch { .. } => "batch",
             Request::CopyRange { .. } => "copy-range",
             Request::ReadFiles { .. } => "read-files",
+            Request::ReadTree { .. } => "read-tree",
         }
     }
 
@@ -224,6 +237,7 @@ impl Request {
             Request::Lookup { path }
             | Request::GetAttr { path }
             | Request::ReadDir { path, .. }
+            | Request::ReadTree { path }
             | Request::Create { path, .. }
             | Request::Mkdir { path, .. }
             | Request::Unlink { path }
@@ -317,6 +331,18 @@ pub enum Payload {
     },
     /// The answer to [`Request::ReadFiles`].
     Files(Vec<Result<FileContent, ErrorCode>>),
+    /// The answer to [`Request::ReadTree`]: whole listings, the asked
+    /// directory's first. Only that one can be partial (`more`), and then
+    /// it is the only one.
+    Tree(Vec<Listing>),
+}
+
+/// One directory of a [`Payload::Tree`], `path` relative to the user's root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub path: String,
+    pub entries: Vec<DirEntry>,
+    pub more: bool,
 }
 
 /// A small file, whole, with its attributes as of reading it.
@@ -402,7 +428,8 @@ impl Request {
             | Request::LocateInLog { .. }
             | Request::StatFs
             | Request::Fsync { .. }
-            | Request::ReadFiles { .. } => None,
+            | Request::ReadFiles { .. }
+            | Request::ReadTree { .. } => None,
             // Each request of a batch makes its own change.
             Request::Batch { .. } => None,
         }
@@ -435,6 +462,7 @@ mod tests {
             Request::LocateInLog { path: p(), offset: 0, len: 1 },
             Request::CopyRange { from: p(), from_offset: 0, to: p(), to_offset: 0, len: 1 },
             Request::ReadFiles { paths: vec![p()] },
+            Request::ReadTree { path: p() },
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dfos_protocol::limits::{
-    CHUNK_SIZE, MAX_COPY_BYTES, MAX_NAME_BYTES, MAX_READ_FILES, MAX_READ_FILES_BYTES, MAX_SMALL_FILE_BYTES,
-    READDIR_PAGE_BYTES, READ_BLOCK_SIZE,
+    CHUNK_SIZE, MAX_COPY_BYTES, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_READ_FILES, MAX_READ_FILES_BYTES,
+    MAX_SMALL_FILE_BYTES, READDIR_PAGE_BYTES, READ_BLOCK_SIZE,
 };
 use dfos_protocol::{
-    DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
+    DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode, Request, SetTime,
+    Timestamp,
 };
 
 use crate::direct;
@@ -220,6 +221,7 @@ impl Store {
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(at(path)?)?)))
             }
             Request::ReadDir { path, after } => read_dir(&at(path)?, after.as_deref()),
+            Request::ReadTree { path } => read_tree(&root, path),
             Request::Create { path, mode, exclusive } => create(&at(path)?, *mode, *exclusive, now),
             Request::Mkdir { path, mode } => {
                 let dir = at(path)?;
@@ -370,6 +372,19 @@ fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
 /// Kafka round trip, and makes the cookie a name that stays valid when
 /// entries are added or removed between pages.
 fn read_dir(dir: &Path, after: Option<&str>) -> StoreResult<Payload> {
+    let (entries, more) = list_dir(dir, after, &mut { READDIR_PAGE_BYTES })?;
+    Ok(Payload::Entries { entries, more })
+}
+
+/// What one entry costs of a listing's budget: its name and about what its
+/// encoded attributes take.
+fn entry_cost(name: &str) -> usize {
+    name.len() + 96
+}
+
+/// The entries of `dir` after `after`, in name order, while they fit in
+/// `budget` (which they use up); `more` when some were left out.
+fn list_dir(dir: &Path, after: Option<&str>, budget: &mut usize) -> StoreResult<(Vec<DirEntry>, bool)> {
     let meta = fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
         return Err(io::Error::from_raw_os_error(libc::ENOTDIR).into());
@@ -385,21 +400,88 @@ fn read_dir(dir: &Path, after: Option<&str>) -> StoreResult<Payload> {
     }
     names.sort_unstable();
     let mut entries = Vec::new();
-    let mut budget = READDIR_PAGE_BYTES;
     let mut more = false;
     for name in names {
-        let cost = name.len() + 96;
-        if cost > budget {
+        let cost = entry_cost(&name);
+        if cost > *budget {
             more = true;
             break;
         }
         // An entry removed since read_dir is simply left out.
         if let Ok(meta) = fs::symlink_metadata(dir.join(&name)) {
-            budget -= cost;
+            *budget -= cost;
             entries.push(DirEntry { name, attr: attr_of(&meta) });
         }
     }
-    Ok(Payload::Entries { entries, more })
+    Ok((entries, more))
+}
+
+/// `rel`'s listing, then those of the directories below it, then those of
+/// its later sibling directories and theirs: depth first in name order, as
+/// a walk that came into `rel` goes on. Each listing is whole; the answer
+/// ends before the first that would pass one readdir page's budget.
+/// Symlinks are listed, never followed.
+fn read_tree(root: &Path, rel: &str) -> StoreResult<Payload> {
+    let mut budget = READDIR_PAGE_BYTES;
+    let (entries, more) = list_dir(&paths::resolve(root, rel)?, None, &mut budget)?;
+    let first = Listing { path: rel.to_owned(), entries, more };
+    if more {
+        return Ok(Payload::Tree(vec![first]));
+    }
+    let mut below = later_siblings_last_first(root, rel);
+    below.extend(subdirectories_last_first(&first));
+    let mut listings = vec![first];
+    while let Some(dir) = below.pop() {
+        let mut left = budget.saturating_sub(entry_cost(&dir));
+        match list_dir(&root.join(&dir), None, &mut left) {
+            Ok((_, true)) => break,
+            Ok((entries, false)) => {
+                budget = left;
+                let listing = Listing { path: dir, entries, more: false };
+                below.extend(subdirectories_last_first(&listing));
+                listings.push(listing);
+            }
+            // Unreadable here (a mode an admin set): the mount lists it itself.
+            Err(_) => continue,
+        }
+    }
+    Ok(Payload::Tree(listings))
+}
+
+/// The paths of a listing's directories (not symlinks to one), last name
+/// first, so that popping them walks in name order.
+fn subdirectories_last_first(listing: &Listing) -> Vec<String> {
+    let dirs = listing.entries.iter().rev().filter(|entry| entry.attr.kind == FileKind::Directory);
+    let names = dirs.map(|entry| entry.name.as_str());
+    names.map(|name| join(&listing.path, name)).filter(|path| path.len() <= MAX_PATH_BYTES).collect()
+}
+
+/// The directories (not symlinks to one) next to `rel` whose names sort
+/// after its own, last name first. None for the root, or when its parent
+/// cannot be read.
+fn later_siblings_last_first(root: &Path, rel: &str) -> Vec<String> {
+    let Some((parent, name)) = rel.rsplit_once('/').or((!rel.is_empty()).then_some(("", rel))) else {
+        return Vec::new();
+    };
+    let Ok(entries) = fs::read_dir(root.join(parent)) else { return Vec::new() };
+    let mut later: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|sibling| sibling.as_str() > name)
+        .map(|sibling| join(parent, &sibling))
+        .filter(|path| path.len() <= MAX_PATH_BYTES)
+        .collect();
+    later.sort_unstable_by(|a, b| b.cmp(a));
+    later
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir}/{name}")
+    }
 }
 
 fn statfs(root: &Path) -> StoreResult<Payload> {
@@ -587,6 +669,60 @@ mod tests {
         let write = Request::Write { path: "file".into(), offset: 0, data: b"x".to_vec() };
         assert_eq!(code(s.apply("u", T, &write)), ErrorCode::AccessDenied);
         assert_eq!(fs::read(dir.path().join("other/secret")).unwrap(), b"s");
+    }
+
+    #[test]
+    fn a_tree_lists_directories_depth_first_within_one_page_and_never_follows_symlinks() {
+        let (dir, s) = store();
+        for d in ["t/b", "t/a/y", "t/a/x", "t/b/z"] {
+            fs::create_dir_all(dir.path().join("u").join(d)).unwrap();
+        }
+        fs::write(dir.path().join("u/t/a/x/f"), b"f").unwrap();
+        std::os::unix::fs::symlink("a", dir.path().join("u/t/c")).unwrap();
+        let tree = |path: &str| {
+            let Payload::Tree(listings) = s.apply("u", T, &Request::ReadTree { path: path.into() }).unwrap() else {
+                panic!()
+            };
+            listings
+        };
+        let listings = tree("t");
+        let paths: Vec<&str> = listings.iter().map(|l| l.path.as_str()).collect();
+        assert_eq!(paths, ["t", "t/a", "t/a/x", "t/a/y", "t/b", "t/b/z"], "c is a symlink, listed but not followed");
+        let paths_from_a: Vec<String> = tree("t/a").into_iter().map(|l| l.path).collect();
+        assert_eq!(paths_from_a, ["t/a", "t/a/x", "t/a/y", "t/b", "t/b/z"], "the walk goes on to a's later siblings");
+        let paths_from_b: Vec<String> = tree("t/b").into_iter().map(|l| l.path).collect();
+        assert_eq!(paths_from_b, ["t/b", "t/b/z"], "a's tree comes before b's");
+        let names = |l: &Listing| l.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&listings[0]), ["a", "b", "c"]);
+        assert_eq!(names(&listings[2]), ["f"]);
+        assert!(listings.iter().all(|l| !l.more));
+        assert_eq!(code(s.apply("u", T, &Request::ReadTree { path: "t/c".into() })), ErrorCode::NotDir);
+
+        // Within one page: a directory that would pass it ends the answer.
+        let per_dir = READDIR_PAGE_BYTES / entry_cost("file-0000") / 3;
+        for d in ["big/1", "big/2", "big/3", "big/4"] {
+            fs::create_dir_all(dir.path().join("u").join(d)).unwrap();
+            for i in 0..per_dir {
+                fs::write(dir.path().join("u").join(d).join(format!("file-{i:04}")), b"").unwrap();
+            }
+        }
+        let listings = tree("big");
+        let paths: Vec<&str> = listings.iter().map(|l| l.path.as_str()).collect();
+        assert_eq!(paths, ["big", "big/1", "big/2"]);
+        assert!(listings[1..].iter().all(|l| l.entries.len() == per_dir));
+        // A directory larger than a page alone: its first page, as ReadDir gives it.
+        for i in 0..READDIR_PAGE_BYTES / entry_cost("file-0000") {
+            fs::write(dir.path().join("u/big/4").join(format!("more-{i:04}")), b"").unwrap();
+        }
+        let listings = tree("big/4");
+        assert_eq!(listings.len(), 1);
+        assert!(listings[0].more);
+        let Payload::Entries { entries, more } =
+            s.apply("u", T, &Request::ReadDir { path: "big/4".into(), after: None }).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((entries, more), (listings[0].entries.clone(), true));
     }
 
     #[test]
