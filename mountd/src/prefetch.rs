@@ -4,9 +4,10 @@
 //! them) would otherwise wait one round trip per file.
 //!
 //! On a cold read of a small file in a directory whose whole listing the
-//! metadata cache holds (it was listed: the tool is walking it), its other
-//! small files (neither cached nor already asked for) are asked for in one
-//! `Request::ReadFiles`, within its bounds. The filesystem core puts each
+//! metadata cache holds (it was listed: the tool is walking it), the file
+//! and its other small files (neither cached nor already asked for) are
+//! asked for in one `Request::ReadFiles`, within its bounds, and the read
+//! is answered from it. The filesystem core puts each
 //! answer into the small-file cache only while the metadata cache holds
 //! exactly the attributes it came with, so it is served under the same
 //! rules as a file this mount wrote (`smallfiles.rs`): a change through
@@ -37,10 +38,12 @@ pub fn is_small_file(attr: &FileAttr) -> bool {
 impl Prefetcher {
     /// A cold read of the small file at `path` begins; `listing` is its
     /// directory's listing (name order), and `cached` tells whether a file
-    /// is in the small-file cache. Returns the paths to ask for now,
-    /// counted as asked (possibly none): the small siblings after `path`
-    /// in name order, then those before it, since tools walk a directory
-    /// in the order it was listed, not always by name.
+    /// is in the small-file cache. Returns the paths to ask for in one
+    /// request, counted as asked: `path` itself, then its small siblings
+    /// after it in name order, then those before it, since tools walk a
+    /// directory in the order it was listed, not always by name. None when
+    /// no sibling is left to ask for, or `path` is asked for already: then
+    /// the read goes alone.
     pub fn after_cold_read(
         &self,
         path: &str,
@@ -50,8 +53,14 @@ impl Prefetcher {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
         let split = listing.partition_point(|(sibling, _)| sibling.as_str() <= name);
         let (before, after) = listing.split_at(split);
+        let Some((_, own)) = before.last().filter(|(sibling, _)| sibling == name) else {
+            return Vec::new();
+        };
         let mut asked = self.asked.lock().unwrap();
-        let (mut paths, mut bytes) = (Vec::new(), 0);
+        if asked.contains(path) {
+            return Vec::new();
+        }
+        let (mut paths, mut bytes) = (vec![path.to_owned()], own.size as usize);
         for (sibling, attr) in after.iter().chain(before).filter(|(sibling, _)| sibling != name) {
             if paths.len() == MAX_READ_FILES || bytes + attr.size as usize > MAX_READ_FILES_BYTES {
                 break;
@@ -59,10 +68,13 @@ impl Prefetcher {
             let sibling_path = inodes::join(dir, sibling);
             if is_small_file(attr) && !asked.contains(&sibling_path) && !cached(&sibling_path, attr) {
                 bytes += attr.size as usize;
-                asked.insert(sibling_path.clone());
                 paths.push(sibling_path);
             }
         }
+        if paths.len() == 1 {
+            return Vec::new();
+        }
+        asked.extend(paths.iter().cloned());
         paths
     }
 
@@ -72,6 +84,19 @@ impl Prefetcher {
         for path in paths {
             asked.remove(path);
         }
+    }
+}
+
+/// Marks `paths` answered when dropped: when their answer was handled, or
+/// the read waiting for it was given up.
+pub struct Answered<'a> {
+    pub prefetch: &'a Prefetcher,
+    pub paths: &'a [String],
+}
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        self.prefetch.answered(self.paths);
     }
 }
 
@@ -101,11 +126,18 @@ mod tests {
             ("e", dir),
         ]);
         let none = |_: &str, _: &FileAttr| false;
-        assert_eq!(p.after_cold_read("x/b", &names, none), ["x/d", "x/a"], "large files and directories are left");
-        assert_eq!(p.after_cold_read("x/d", &names, none), ["x/b"], "a and d are asked for already");
+        assert_eq!(
+            p.after_cold_read("x/b", &names, none),
+            ["x/b", "x/d", "x/a"],
+            "the file itself, then the others; large files and directories are left"
+        );
+        assert!(p.after_cold_read("x/d", &names, none).is_empty(), "d is asked for already: its read waits for that");
         p.answered(&["x/d".to_string(), "x/a".to_string(), "x/b".to_string()]);
         let cached = |path: &str, _: &FileAttr| path == "x/d";
-        assert_eq!(p.after_cold_read("x/b", &names, cached), ["x/a"], "d is cached");
+        assert_eq!(p.after_cold_read("x/b", &names, cached), ["x/b", "x/a"], "d is cached");
+        let all_but_b = |path: &str, _: &FileAttr| path != "x/b";
+        assert!(p.after_cold_read("x/b", &names, all_but_b).is_empty(), "no sibling left: the read goes alone");
+        assert!(p.after_cold_read("x/gone", &names, none).is_empty(), "not in the listing");
     }
 
     #[test]
@@ -114,7 +146,7 @@ mod tests {
         let many: Vec<(String, FileAttr)> = (0..MAX_READ_FILES * 2).map(|i| (format!("f{i:04}"), file(10))).collect();
         let asked = p.after_cold_read("f0000", &many, |_, _| false);
         assert_eq!(asked.len(), MAX_READ_FILES);
-        assert_eq!(asked[0], "f0001");
+        assert_eq!(asked[..2], ["f0000", "f0001"]);
         let full = file(MAX_SMALL_FILE_BYTES as u64);
         let big: Vec<(String, FileAttr)> = (0..40).map(|i| (format!("g{i:02}"), full.clone())).collect();
         let asked = p.after_cold_read("g00", &big, |_, _| false);
