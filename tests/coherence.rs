@@ -236,7 +236,7 @@ fn copies_within_a_mount_happen_on_the_storage_node_and_reach_another_mount() {
 /// not one round trip each; what it got that way still gives way to a
 /// change made through the other mount.
 #[test]
-fn small_files_another_mount_wrote_are_fetched_a_directory_at_a_time() {
+fn small_files_another_mount_wrote_are_fetched_many_at_a_time() {
     let d = Deployment::start("prefetch");
     let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
     let local = d.dir.path().join("model");
@@ -261,7 +261,7 @@ fn small_files_another_mount_wrote_are_fetched_a_directory_at_a_time() {
 }
 
 #[test]
-fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_listings() {
+fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_requests() {
     let d = Deployment::start("tree-walk");
     let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
     let local = d.dir.path().join("model");
@@ -284,6 +284,11 @@ fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_listings() {
     let messages = d.request_messages() - before;
     assert_eq!(walked, listing(&local.display().to_string()));
     assert!(messages < 8, "{messages} request messages for a find of {dirs} leaf directories on a fresh mount");
+    // Reading every file goes on from one directory's small files to the next ones'.
+    let before = d.request_messages();
+    ok(&format!("diff -r '{}' {}", local.display(), b.p("tree")));
+    let messages = d.request_messages() - before;
+    assert!(messages < 8, "{messages} request messages to read the {dirs} files of as many directories");
     // Listings that came ahead still follow the other mount's changes.
     fs::create_dir(a.join("tree/t3/m3/l1/new")).unwrap();
     fs::remove_file(a.join("tree/t2/m0/l0/f")).unwrap();

@@ -975,22 +975,25 @@ impl<T: Transport> DfosFs<T> {
     }
 
     /// A cold read of the file at `path` begins: if it is small, it and the
-    /// other small files of its directory may be fetched with one request,
+    /// other small files of its directory, and of those a walk goes on to,
+    /// may be fetched with one request,
     /// into the small-file cache (`prefetch.rs`). Whether that was tried;
     /// the read is then answered from the cache if its copy is current.
     async fn fetch_with_siblings(&self, path: &str) -> bool {
-        let listing = {
+        let (listing, further) = {
             let meta = self.meta.lock().unwrap();
             // A large file's read skips building the directory's listing.
             if !meta.attr(path).is_some_and(|attr| prefetch::is_small_file(&attr)) {
                 return false;
             }
-            meta.listing(inodes::parent_of(path))
+            let dir = inodes::parent_of(path);
+            let Some(listing) = meta.listing(dir) else {
+                return false;
+            };
+            (listing, meta.listings_after(dir, prefetch::WALK_AHEAD_ENTRIES))
         };
-        let Some(listing) = listing else {
-            return false;
-        };
-        let paths = self.prefetch.after_cold_read(path, &listing, |path, attr| self.small.get(path, attr).is_some());
+        let cached = |path: &str, attr: &FileAttr| self.small.get(path, attr).is_some();
+        let paths = self.prefetch.after_cold_read(path, &listing, &further, cached);
         if paths.is_empty() {
             return false;
         }

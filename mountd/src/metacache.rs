@@ -110,6 +110,44 @@ impl MetaCache {
         Some(entries)
     }
 
+    /// The listings a depth-first walk in name order visits after `dir`'s
+    /// own entries, as far as this cache holds them whole: the directories
+    /// below `dir`, then those after it in its parent, then after its
+    /// parent in theirs, and so on up to the root. A directory whose
+    /// listing is not held is passed over with everything below it. Stops
+    /// once the listings returned hold `max_entries` entries.
+    pub fn listings_after(&self, dir: &str, max_entries: usize) -> Vec<(String, Vec<(String, FileAttr)>)> {
+        fn push_subdirectories(pending: &mut Vec<String>, dir: &str, listing: &[(String, FileAttr)], after: &str) {
+            let later = listing.iter().rev().take_while(|(name, _)| name.as_str() > after);
+            let subdirectories = later.filter(|(_, attr)| attr.kind == dfos_protocol::FileKind::Directory);
+            pending.extend(subdirectories.map(|(name, _)| inodes::join(dir, name)));
+        }
+        let (mut walked, mut entries, mut pending) = (Vec::new(), 0, Vec::new());
+        if let Some(listing) = self.listing(dir) {
+            push_subdirectories(&mut pending, dir, &listing, "");
+        }
+        let mut level = dir;
+        loop {
+            while let Some(next) = pending.pop() {
+                if entries >= max_entries {
+                    return walked;
+                }
+                if let Some(listing) = self.listing(&next) {
+                    push_subdirectories(&mut pending, &next, &listing, "");
+                    entries += listing.len();
+                    walked.push((next, listing));
+                }
+            }
+            if level.is_empty() {
+                return walked;
+            }
+            let (parent, name) = split(level);
+            let Some(listing) = self.listing(parent) else { return walked };
+            push_subdirectories(&mut pending, parent, &listing, name);
+            level = parent;
+        }
+    }
+
     pub fn put_attr(&mut self, path: &str, attr: FileAttr) {
         self.attrs.insert(path.to_owned(), Stamped { value: attr, at: Instant::now() });
     }
@@ -253,6 +291,32 @@ mod tests {
         c.drop_attr("d/a");
         assert!(c.listing("d").is_none());
         assert!(c.listing("elsewhere").is_none());
+    }
+
+    #[test]
+    fn a_walk_goes_on_below_then_after_each_ancestor_and_passes_over_unknown_directories() {
+        let mut c = MetaCache::new(Duration::from_secs(10));
+        let dir = || attr(FileKind::Directory);
+        let file = || attr(FileKind::File);
+        let listing =
+            |names: &[(&str, FileAttr)]| names.iter().map(|(n, a)| (n.to_string(), a.clone())).collect::<Vec<_>>();
+        c.put_listing("", listing(&[("a", dir()), ("b", dir()), ("c", dir()), ("z", file())]));
+        c.put_listing("a", listing(&[("x", dir()), ("y", dir()), ("f", file())]));
+        c.put_listing("a/x", listing(&[("g", file())]));
+        c.put_listing("a/x/deep", listing(&[]));
+        c.put_listing("a/y", listing(&[("in-y", dir())]));
+        c.put_listing("a/y/in-y", listing(&[("h", file())]));
+        c.put_listing("c", listing(&[("i", file())]));
+        let walked = |c: &MetaCache, dir: &str, max| {
+            c.listings_after(dir, max).into_iter().map(|(path, _)| path).collect::<Vec<_>>()
+        };
+        assert_eq!(walked(&c, "a/x", 100), ["a/y", "a/y/in-y", "c"], "b's listing is not held; x has no subdirectory");
+        assert_eq!(walked(&c, "a", 100), ["a/x", "a/y", "a/y/in-y", "c"]);
+        assert_eq!(walked(&c, "", 100), ["a", "a/x", "a/y", "a/y/in-y", "c"]);
+        assert_eq!(walked(&c, "c", 100), Vec::<String>::new());
+        assert_eq!(walked(&c, "a", 2), ["a/x", "a/y"], "stops once the entries reach the bound");
+        c.invalidate("a/q");
+        assert_eq!(walked(&c, "a/x", 100), Vec::<String>::new(), "a's listing is gone: the walk cannot go on from x");
     }
 
     #[test]

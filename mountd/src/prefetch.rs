@@ -7,7 +7,11 @@
 //! metadata cache holds (it was listed: the tool is walking it), the file
 //! and its other small files (neither cached nor already asked for) are
 //! asked for in one `Request::ReadFiles`, within its bounds, and the read
-//! is answered from it. The filesystem core puts each
+//! is answered from it. Room left in the request goes to the small files of
+//! the directories a depth-first walk visits next, as far as the metadata
+//! cache holds their listings (`MetaCache::listings_after`), so a walk of a
+//! tree of small files costs about one round trip per request's worth of
+//! files rather than one per directory. The filesystem core puts each
 //! answer into the small-file cache only while the metadata cache holds
 //! exactly the attributes it came with, so it is served under the same
 //! rules as a file this mount wrote (`smallfiles.rs`): a change through
@@ -23,6 +27,11 @@ use dfos_protocol::limits::{MAX_READ_FILES, MAX_READ_FILES_BYTES, MAX_SMALL_FILE
 use dfos_protocol::{FileAttr, FileKind};
 
 use crate::inodes;
+
+/// How many entries of the directories a walk goes on to are looked
+/// through for small files, at most, on a cold read: enough to fill a
+/// request in a tree of small files, few enough to stay cheap.
+pub const WALK_AHEAD_ENTRIES: usize = 16 * MAX_READ_FILES;
 
 #[derive(Default)]
 pub struct Prefetcher {
@@ -41,13 +50,16 @@ impl Prefetcher {
     /// is in the small-file cache. Returns the paths to ask for in one
     /// request, counted as asked: `path` itself, then its small siblings
     /// after it in name order, then those before it, since tools walk a
-    /// directory in the order it was listed, not always by name. None when
+    /// directory in the order it was listed, not always by name; then, with
+    /// what the request has room for, the small files of the directories
+    /// a walk goes on to (`further`, in walk order). None when
     /// no sibling is left to ask for, or `path` is asked for already: then
     /// the read goes alone.
     pub fn after_cold_read(
         &self,
         path: &str,
         listing: &[(String, FileAttr)],
+        further: &[(String, Vec<(String, FileAttr)>)],
         cached: impl Fn(&str, &FileAttr) -> bool,
     ) -> Vec<String> {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
@@ -61,14 +73,16 @@ impl Prefetcher {
             return Vec::new();
         }
         let (mut paths, mut bytes) = (vec![path.to_owned()], own.size as usize);
-        for (sibling, attr) in after.iter().chain(before).filter(|(sibling, _)| sibling != name) {
+        let siblings = after.iter().chain(before).filter(|(sibling, _)| sibling != name).map(|entry| (dir, entry));
+        let walk_on = further.iter().flat_map(|(dir, listing)| listing.iter().map(move |entry| (dir.as_str(), entry)));
+        for (dir, (name, attr)) in siblings.chain(walk_on) {
             if paths.len() == MAX_READ_FILES || bytes + attr.size as usize > MAX_READ_FILES_BYTES {
                 break;
             }
-            let sibling_path = inodes::join(dir, sibling);
-            if is_small_file(attr) && !asked.contains(&sibling_path) && !cached(&sibling_path, attr) {
+            let path = inodes::join(dir, name);
+            if is_small_file(attr) && !asked.contains(&path) && !cached(&path, attr) {
                 bytes += attr.size as usize;
-                paths.push(sibling_path);
+                paths.push(path);
             }
         }
         if paths.len() == 1 {
@@ -127,29 +141,48 @@ mod tests {
         ]);
         let none = |_: &str, _: &FileAttr| false;
         assert_eq!(
-            p.after_cold_read("x/b", &names, none),
+            p.after_cold_read("x/b", &names, &[], none),
             ["x/b", "x/d", "x/a"],
             "the file itself, then the others; large files and directories are left"
         );
-        assert!(p.after_cold_read("x/d", &names, none).is_empty(), "d is asked for already: its read waits for that");
+        assert!(
+            p.after_cold_read("x/d", &names, &[], none).is_empty(),
+            "d is asked for already: its read waits for that"
+        );
         p.answered(&["x/d".to_string(), "x/a".to_string(), "x/b".to_string()]);
         let cached = |path: &str, _: &FileAttr| path == "x/d";
-        assert_eq!(p.after_cold_read("x/b", &names, cached), ["x/b", "x/a"], "d is cached");
+        assert_eq!(p.after_cold_read("x/b", &names, &[], cached), ["x/b", "x/a"], "d is cached");
         let all_but_b = |path: &str, _: &FileAttr| path != "x/b";
-        assert!(p.after_cold_read("x/b", &names, all_but_b).is_empty(), "no sibling left: the read goes alone");
-        assert!(p.after_cold_read("x/gone", &names, none).is_empty(), "not in the listing");
+        assert!(p.after_cold_read("x/b", &names, &[], all_but_b).is_empty(), "no sibling left: the read goes alone");
+        assert!(p.after_cold_read("x/gone", &names, &[], none).is_empty(), "not in the listing");
+    }
+
+    #[test]
+    fn room_left_goes_to_the_directories_the_walk_goes_on_to() {
+        let p = Prefetcher::default();
+        let here = listing(&[("a", file(1)), ("b", file(2))]);
+        let further = vec![
+            ("x/sub".to_string(), listing(&[("c", file(3)), ("large", file(MAX_SMALL_FILE_BYTES as u64 + 1))])),
+            ("y".to_string(), listing(&[("d", file(4))])),
+        ];
+        let none = |_: &str, _: &FileAttr| false;
+        assert_eq!(p.after_cold_read("x/a", &here, &further, none), ["x/a", "x/b", "x/sub/c", "y/d"]);
+        p.answered(&["x/a".into(), "x/b".into(), "x/sub/c".into(), "y/d".into()]);
+        let full: Vec<(String, FileAttr)> = (0..MAX_READ_FILES).map(|i| (format!("f{i:03}"), file(1))).collect();
+        let asked = p.after_cold_read("f000", &full, &further, none);
+        assert!(asked.len() == MAX_READ_FILES && asked.iter().all(|path| path.starts_with('f')), "the directory first");
     }
 
     #[test]
     fn one_request_stays_within_its_bounds() {
         let p = Prefetcher::default();
         let many: Vec<(String, FileAttr)> = (0..MAX_READ_FILES * 2).map(|i| (format!("f{i:04}"), file(10))).collect();
-        let asked = p.after_cold_read("f0000", &many, |_, _| false);
+        let asked = p.after_cold_read("f0000", &many, &[], |_, _| false);
         assert_eq!(asked.len(), MAX_READ_FILES);
         assert_eq!(asked[..2], ["f0000", "f0001"]);
         let full = file(MAX_SMALL_FILE_BYTES as u64);
         let big: Vec<(String, FileAttr)> = (0..40).map(|i| (format!("g{i:02}"), full.clone())).collect();
-        let asked = p.after_cold_read("g00", &big, |_, _| false);
+        let asked = p.after_cold_read("g00", &big, &[], |_, _| false);
         assert_eq!(asked.len(), MAX_READ_FILES_BYTES / MAX_SMALL_FILE_BYTES);
     }
 }
