@@ -22,10 +22,13 @@ started_kafka=0
 work=$repo/.cache/bench
 ns=bench-$$-$RANDOM
 mnt=$work/mnt
-storaged_pid=""; mountd_pid=""
+fresh=$work/fresh
+storaged_pid=""; mountd_pid=""; fresh_pid=""
 cleanup() {
   [ -n "$mountd_pid" ] && kill "$mountd_pid" 2>/dev/null && wait "$mountd_pid" 2>/dev/null || true
+  [ -n "$fresh_pid" ] && kill "$fresh_pid" 2>/dev/null && wait "$fresh_pid" 2>/dev/null || true
   grep -q " $mnt " /proc/mounts && umount -l "$mnt" || true
+  grep -q " $fresh " /proc/mounts && umount -l "$fresh" || true
   [ -n "$storaged_pid" ] && kill "$storaged_pid" 2>/dev/null && wait "$storaged_pid" 2>/dev/null || true
   target/release/dfos-bench delete-namespace --namespace "$ns" >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -35,7 +38,7 @@ trap cleanup EXIT
 
 if ! scripts/kafka.sh ready; then scripts/kafka.sh start; started_kafka=1; fi
 build
-rm -rf "$work"; mkdir -p "$work/local" "$work/storage" "$mnt"
+rm -rf "$work"; mkdir -p "$work/local" "$work/storage" "$mnt" "$fresh"
 
 target/release/storaged --brokers "$DFOS_BROKERS" --namespace "$ns" --storage "$work/storage" \
   --credentials id_passwd.txt >"$work/storaged.log" 2>&1 &
@@ -150,6 +153,33 @@ row "cat of $tree_files files of 4 KiB, caches dropped" "$dfos_cat" "$local_cat"
 read -r dfos_ls local_ls < <(bench_pair "$tree_files" ":" "ls -l small" ":")
 row "ls -l of a $tree_files-entry directory, caches dropped" "$dfos_ls" "$local_ls" entries/s 0.6
 
+# Files another machine wrote: a second mount of the same user, started
+# afresh for each sample, knows nothing of them (no listings, no copies).
+say "reads on a fresh mount of what the first one wrote"
+start_fresh() {
+  DFOS_PASSWORD=1234 target/release/mountd --brokers "$DFOS_BROKERS" --namespace "$ns" --user User1 "$fresh" \
+    >"$work/fresh.log" 2>&1 &
+  fresh_pid=$!
+  for _ in $(seq 1 600); do grep -q " $fresh " /proc/mounts && return; sleep 0.05; done
+  cat "$work/fresh.log"; die "the fresh mount did not appear"
+}
+stop_fresh() { kill "$fresh_pid"; wait "$fresh_pid" 2>/dev/null || true; fresh_pid=""; }
+fresh_pair() { # amount command (run in the fresh mount, then in the local directory)
+  local on_dfos=() on_local=() secs
+  for _ in $(seq 1 $runs); do
+    start_fresh; drop_caches
+    secs=$(cd "$fresh" && timed "$2"); on_dfos+=("$(rate "$1" "$secs")")
+    stop_fresh
+    drop_caches
+    secs=$(cd "$work/local" && timed "$2"); on_local+=("$(rate "$1" "$secs")")
+  done
+  echo "$(med "${on_dfos[@]}") $(med "${on_local[@]}")"
+}
+cp -r "$src" "$mnt/walk"; cp -r "$src" "$work/local/walk"
+read -r dfos_walk local_walk < <(fresh_pair "$files" "find walk -type f -exec md5sum {} +")
+read -r dfos_fresh_cat local_fresh_cat < <(fresh_pair "$tree_files" "cat small/* > /dev/null")
+rm -rf "$mnt/walk" "$work/local/walk"
+
 say "ls of a $wide-entry directory"
 (cd "$mnt" && mkdir wide && cd wide && seq -f 'entry-%06g' 1 "$wide" | xargs touch)
 wide_samples=()
@@ -176,6 +206,8 @@ Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 | workload | dfos | baseline | ratio | target |
 |---|---|---|---|---|
 $(printf '%s\n' "${rows[@]}")
+| fresh mount: find -exec md5sum of the $files-file tree the first mount wrote (no target) | $(fmt "$dfos_walk") files/s | $(fmt "$local_walk") files/s | $(printf '%.2f' "$(calc "$dfos_walk / $local_walk")")× | report |
+| fresh mount: cat of the $tree_files files of 4 KiB the first mount wrote (no target; the row above it reads through the mount that wrote them) | $(fmt "$dfos_fresh_cat") files/s | $(fmt "$local_fresh_cat") files/s | $(printf '%.2f' "$(calc "$dfos_fresh_cat / $local_fresh_cat")")× | report |
 | ls of a $wide-entry directory, caches dropped | $(printf '%.3f' "$wide_secs") s | — | — | < 1 s $( [ "$(calc "$wide_secs < 1")" = 1 ] && echo ok || echo MISSED) |
 | cp of the ${seq_mb} MiB file within the directory, caches dropped (no target) | $(fmt "$dfos_copy") MB/s | $(fmt "$local_copy") MB/s | $(printf '%.2f' "$(calc "$dfos_copy / $local_copy")")× | report |
 | raw Kafka consume with the broker's page cache warm (for reference) | — | $(fmt "$kafka_hot") MB/s | — | report |
