@@ -826,7 +826,7 @@ impl<T: Transport> DfosFs<T> {
         }
         while more {
             let after = entries.last().map(|e: &DirEntry| e.name.clone());
-            let page = self.call(Request::ReadDir { path: path.clone(), after: after.clone() }).await?;
+            let page = self.call(Request::ReadDir { path: path.clone(), after }).await?;
             let Payload::Entries { entries: page, more: page_more } = page else {
                 return Err(FsError::UnexpectedReply);
             };
@@ -980,20 +980,22 @@ impl<T: Transport> DfosFs<T> {
     /// into the small-file cache (`prefetch.rs`). Whether that was tried;
     /// the read is then answered from the cache if its copy is current.
     async fn fetch_with_siblings(&self, path: &str) -> bool {
-        let (listing, further) = {
+        let dir = inodes::parent_of(path);
+        let listing = {
             let meta = self.meta.lock().unwrap();
             // A large file's read skips building the directory's listing.
             if !meta.attr(path).is_some_and(|attr| prefetch::is_small_file(&attr)) {
                 return false;
             }
-            let dir = inodes::parent_of(path);
-            let Some(listing) = meta.listing(dir) else {
-                return false;
-            };
-            (listing, meta.listings_after(dir, prefetch::WALK_AHEAD_ENTRIES))
+            meta.listing(dir)
         };
+        let Some(listing) = listing else {
+            return false;
+        };
+        // Looked through only when the directory leaves the request room.
+        let further = || self.meta.lock().unwrap().listings_after(dir, prefetch::WALK_AHEAD_ENTRIES);
         let cached = |path: &str, attr: &FileAttr| self.small.get(path, attr).is_some();
-        let paths = self.prefetch.after_cold_read(path, &listing, &further, cached);
+        let paths = self.prefetch.after_cold_read(path, &listing, further, cached);
         if paths.is_empty() {
             return false;
         }

@@ -59,7 +59,7 @@ impl Prefetcher {
         &self,
         path: &str,
         listing: &[(String, FileAttr)],
-        further: &[(String, Vec<(String, FileAttr)>)],
+        further: impl FnOnce() -> Vec<(String, Vec<(String, FileAttr)>)>,
         cached: impl Fn(&str, &FileAttr) -> bool,
     ) -> Vec<String> {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
@@ -73,17 +73,24 @@ impl Prefetcher {
             return Vec::new();
         }
         let (mut paths, mut bytes) = (vec![path.to_owned()], own.size as usize);
-        let siblings = after.iter().chain(before).filter(|(sibling, _)| sibling != name).map(|entry| (dir, entry));
-        let walk_on = further.iter().flat_map(|(dir, listing)| listing.iter().map(move |entry| (dir.as_str(), entry)));
-        for (dir, (name, attr)) in siblings.chain(walk_on) {
-            if paths.len() == MAX_READ_FILES || bytes + attr.size as usize > MAX_READ_FILES_BYTES {
-                break;
-            }
+        // Takes in one entry; false once the request is full.
+        let mut room = |dir: &str, (name, attr): &(String, FileAttr)| {
             let path = inodes::join(dir, name);
-            if is_small_file(attr) && !asked.contains(&path) && !cached(&path, attr) {
-                bytes += attr.size as usize;
-                paths.push(path);
+            if !is_small_file(attr) || asked.contains(&path) || cached(&path, attr) {
+                return true;
             }
+            if bytes + attr.size as usize > MAX_READ_FILES_BYTES {
+                return false;
+            }
+            bytes += attr.size as usize;
+            paths.push(path);
+            paths.len() < MAX_READ_FILES
+        };
+        let siblings = after.iter().chain(before).filter(|(sibling, _)| sibling != name);
+        if siblings.into_iter().all(|entry| room(dir, entry)) {
+            let further = further();
+            let walk_on = further.iter().flat_map(|(dir, listing)| listing.iter().map(move |entry| (dir, entry)));
+            walk_on.take_while(|(dir, entry)| room(dir, entry)).for_each(drop);
         }
         if paths.len() == 1 {
             return Vec::new();
@@ -141,20 +148,23 @@ mod tests {
         ]);
         let none = |_: &str, _: &FileAttr| false;
         assert_eq!(
-            p.after_cold_read("x/b", &names, &[], none),
+            p.after_cold_read("x/b", &names, Vec::new, none),
             ["x/b", "x/d", "x/a"],
             "the file itself, then the others; large files and directories are left"
         );
         assert!(
-            p.after_cold_read("x/d", &names, &[], none).is_empty(),
+            p.after_cold_read("x/d", &names, Vec::new, none).is_empty(),
             "d is asked for already: its read waits for that"
         );
         p.answered(&["x/d".to_string(), "x/a".to_string(), "x/b".to_string()]);
         let cached = |path: &str, _: &FileAttr| path == "x/d";
-        assert_eq!(p.after_cold_read("x/b", &names, &[], cached), ["x/b", "x/a"], "d is cached");
+        assert_eq!(p.after_cold_read("x/b", &names, Vec::new, cached), ["x/b", "x/a"], "d is cached");
         let all_but_b = |path: &str, _: &FileAttr| path != "x/b";
-        assert!(p.after_cold_read("x/b", &names, &[], all_but_b).is_empty(), "no sibling left: the read goes alone");
-        assert!(p.after_cold_read("x/gone", &names, &[], none).is_empty(), "not in the listing");
+        assert!(
+            p.after_cold_read("x/b", &names, Vec::new, all_but_b).is_empty(),
+            "no sibling left: the read goes alone"
+        );
+        assert!(p.after_cold_read("x/gone", &names, Vec::new, none).is_empty(), "not in the listing");
     }
 
     #[test]
@@ -162,14 +172,18 @@ mod tests {
         let p = Prefetcher::default();
         let here = listing(&[("a", file(1)), ("b", file(2))]);
         let further = vec![
-            ("x/sub".to_string(), listing(&[("c", file(3)), ("large", file(MAX_SMALL_FILE_BYTES as u64 + 1))])),
+            ("x/sub".to_string(), listing(&[("c", file(3)), ("large", file(MAX_READ_FILES_BYTES as u64 * 2))])),
             ("y".to_string(), listing(&[("d", file(4))])),
         ];
         let none = |_: &str, _: &FileAttr| false;
-        assert_eq!(p.after_cold_read("x/a", &here, &further, none), ["x/a", "x/b", "x/sub/c", "y/d"]);
+        assert_eq!(
+            p.after_cold_read("x/a", &here, || further.clone(), none),
+            ["x/a", "x/b", "x/sub/c", "y/d"],
+            "a file too large to fetch does not end the request"
+        );
         p.answered(&["x/a".into(), "x/b".into(), "x/sub/c".into(), "y/d".into()]);
         let full: Vec<(String, FileAttr)> = (0..MAX_READ_FILES).map(|i| (format!("f{i:03}"), file(1))).collect();
-        let asked = p.after_cold_read("f000", &full, &further, none);
+        let asked = p.after_cold_read("f000", &full, || panic!("the directory fills the request"), none);
         assert!(asked.len() == MAX_READ_FILES && asked.iter().all(|path| path.starts_with('f')), "the directory first");
     }
 
@@ -177,12 +191,12 @@ mod tests {
     fn one_request_stays_within_its_bounds() {
         let p = Prefetcher::default();
         let many: Vec<(String, FileAttr)> = (0..MAX_READ_FILES * 2).map(|i| (format!("f{i:04}"), file(10))).collect();
-        let asked = p.after_cold_read("f0000", &many, &[], |_, _| false);
+        let asked = p.after_cold_read("f0000", &many, Vec::new, |_, _| false);
         assert_eq!(asked.len(), MAX_READ_FILES);
         assert_eq!(asked[..2], ["f0000", "f0001"]);
         let full = file(MAX_SMALL_FILE_BYTES as u64);
         let big: Vec<(String, FileAttr)> = (0..40).map(|i| (format!("g{i:02}"), full.clone())).collect();
-        let asked = p.after_cold_read("g00", &big, &[], |_, _| false);
+        let asked = p.after_cold_read("g00", &big, Vec::new, |_, _| false);
         assert_eq!(asked.len(), MAX_READ_FILES_BYTES / MAX_SMALL_FILE_BYTES);
     }
 }
