@@ -1168,7 +1168,7 @@ impl<T: Transport> DfosFs<T> {
         let inodes = self.inodes.lock().unwrap();
         let mut out = Vec::new();
         let entry = |path: &str, out: &mut Vec<Invalidation>| {
-            let name = path.rsplit_once('/').map_or(path, |(_, name)| name);
+            let name = dfos_protocol::path::split(path).1;
             if let Some(parent) = inodes.ino_of(inodes::parent_of(path)) {
                 out.push(Invalidation::Entry { parent, name: name.to_owned() });
             }

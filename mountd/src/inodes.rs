@@ -33,18 +33,11 @@ impl Default for InodeTable {
     }
 }
 
-/// `parent/name`, where the root's path is "".
-pub fn join(parent: &str, name: &str) -> String {
-    if parent.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{parent}/{name}")
-    }
-}
+pub use dfos_protocol::path::join;
 
 /// The parent path of a non-root path.
 pub fn parent_of(path: &str) -> &str {
-    path.rsplit_once('/').map_or("", |(parent, _)| parent)
+    dfos_protocol::path::split(path).0
 }
 
 impl InodeTable {

@@ -17,6 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use dfos_protocol::path::split;
 use dfos_protocol::FileAttr;
 
 use crate::inodes;
@@ -33,13 +34,6 @@ pub struct MetaCache {
     generation: u64,
     attrs: HashMap<String, Stamped<FileAttr>>,
     listings: HashMap<String, Stamped<HashSet<String>>>,
-}
-
-fn split(path: &str) -> (&str, &str) {
-    match path.rsplit_once('/') {
-        Some((parent, name)) => (parent, name),
-        None => ("", path),
-    }
 }
 
 fn inside(path: &str, root: &str) -> bool {

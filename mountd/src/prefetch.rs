@@ -62,7 +62,7 @@ impl Prefetcher {
         further: impl FnOnce() -> Vec<(String, Vec<(String, FileAttr)>)>,
         cached: impl Fn(&str, &FileAttr) -> bool,
     ) -> Vec<String> {
-        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let (dir, name) = dfos_protocol::path::split(path);
         let split = listing.partition_point(|(sibling, _)| sibling.as_str() <= name);
         let (before, after) = listing.split_at(split);
         let Some((_, own)) = before.last().filter(|(sibling, _)| sibling == name) else {

@@ -10,6 +10,7 @@ pub mod error;
 mod file_data;
 pub mod limits;
 pub mod message;
+pub mod path;
 pub mod topics;
 mod write_view;
 

@@ -17,6 +17,7 @@ use dfos_protocol::limits::{
     CHUNK_SIZE, MAX_COPY_BYTES, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_READ_FILES, MAX_READ_FILES_BYTES,
     MAX_SMALL_FILE_BYTES, READDIR_PAGE_BYTES, READ_BLOCK_SIZE,
 };
+use dfos_protocol::path::{join, split};
 use dfos_protocol::{
     DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode, Request, SetTime,
     Timestamp,
@@ -460,9 +461,10 @@ fn subdirectories_last_first(listing: &Listing) -> Vec<String> {
 /// after its own, last name first. None for the root, or when its parent
 /// cannot be read.
 fn later_siblings_last_first(root: &Path, rel: &str) -> Vec<String> {
-    let Some((parent, name)) = rel.rsplit_once('/').or((!rel.is_empty()).then_some(("", rel))) else {
+    if rel.is_empty() {
         return Vec::new();
-    };
+    }
+    let (parent, name) = split(rel);
     let Ok(entries) = fs::read_dir(root.join(parent)) else { return Vec::new() };
     let mut later: Vec<String> = entries
         .filter_map(Result::ok)
@@ -474,14 +476,6 @@ fn later_siblings_last_first(root: &Path, rel: &str) -> Vec<String> {
         .collect();
     later.sort_unstable_by(|a, b| b.cmp(a));
     later
-}
-
-fn join(dir: &str, name: &str) -> String {
-    if dir.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{dir}/{name}")
-    }
 }
 
 fn statfs(root: &Path) -> StoreResult<Payload> {
