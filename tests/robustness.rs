@@ -95,6 +95,24 @@ fn a_restarted_storage_daemon_serves_an_idle_mount_without_remount() {
 }
 
 #[test]
+fn a_second_storage_daemon_on_the_same_directory_refuses_to_start_and_the_first_serves_on() {
+    let d = Deployment::start("second-daemon");
+    let m = d.mount(USER1);
+    ok(&format!("echo before > {}", m.p("a")));
+    let (status, printed) = d.second_daemon_of(0, Duration::from_secs(60));
+    assert!(!status.success(), "{printed}");
+    assert!(
+        printed.contains("is in use by another storaged") && printed.contains(&format!("pid {}", d.node_pid(0))),
+        "{printed}"
+    );
+    // Had it run, both would apply each request: this exclusive create
+    // would fail on one of them.
+    ok(&format!("cp {} {}", m.p("a"), m.p("b")));
+    assert_eq!(ok(&format!("cat {}", m.p("b"))), "before\n");
+    assert_eq!(fs::read_to_string(d.storage.join("User1/b")).unwrap(), "before\n");
+}
+
+#[test]
 fn a_dead_storage_daemon_gives_eio_after_the_deadline_then_recovers() {
     let mut d = Deployment::start("deadline");
     let m = d.mount_with_timeout(USER1, 3);

@@ -8,6 +8,7 @@
 //!   [`direct`] writing whole chunks past the page cache;
 //! - [`credentials`] and [`session`]: passwords and session tokens;
 //! - [`checkpoint`]: the applied offset per partition, kept with the data;
+//! - [`lock`]: one daemon per storage directory;
 //! - [`log_index`]: which file bytes are still exactly a logged write, so
 //!   reads can point at the log instead of carrying them;
 //! - [`service`]: the Kafka loop around them, one full replica per node.
@@ -15,6 +16,7 @@
 pub mod checkpoint;
 pub mod credentials;
 pub mod direct;
+pub mod lock;
 pub mod log_index;
 pub mod paths;
 pub mod service;
@@ -66,6 +68,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     use anyhow::Context;
     let store = store::Store::new(&config.storage)
         .with_context(|| format!("cannot use storage directory {}", config.storage.display()))?;
+    let _lock = lock::StorageLock::acquire(&config.storage)?;
     let credentials = credentials::Credentials::open(&config.credentials)?;
     let topics = dfos_protocol::Topics::new(&config.namespace);
     log::info!("op=init node={} brokers={} preparing topics", config.node_id, config.brokers);

@@ -255,6 +255,32 @@ impl Deployment {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Starts one more daemon with exactly node `node`'s flags (its storage
+    /// directory too) and returns how it ended and what it printed; killed,
+    /// and a panic, if it is still running after `limit`.
+    pub fn second_daemon_of(&self, node: usize, limit: Duration) -> (std::process::ExitStatus, String) {
+        let log = self.log_path(&format!("storaged-{node}-second"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(bin("storaged"))
+            .args(self.storaged_args(node))
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > limit {
+                stop_child(&mut child, Duration::from_secs(5));
+                panic!("a second storaged on node {node}'s storage kept running");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
     /// Waits until `node` has applied everything in the request log.
     pub fn wait_caught_up(&self, node: usize, limit: Duration) {
         let start = Instant::now();
