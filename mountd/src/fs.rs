@@ -342,30 +342,6 @@ impl WriteStream {
         Ok((self.last_attr.lock().unwrap().take(), then))
     }
 
-    /// Sends what is buffered, and any create held back for a batch,
-    /// when that needs no waiting (the buffer is free and so is a slot), so
-    /// the storage node starts on them before a tokio worker picks up the
-    /// flush. The flush that follows finds the buffer empty and only waits;
-    /// a failed send is left for it to report.
-    fn send_buffered_now<T: Transport>(&self, transport: &T, path: &str) {
-        let Ok(mut buffer) = self.buffer.try_lock() else {
-            return;
-        };
-        if !buffer.data.is_empty() {
-            let Some(slot) = self.try_slot() else {
-                return;
-            };
-            let pending = std::mem::take(&mut buffer.data);
-            if let Err(e) = self.send(slot, transport, path, buffer.offset, pending, Travel::Now) {
-                *self.error.lock().unwrap() = Some(e);
-                return;
-            }
-        }
-        if self.in_flight.available_permits() < MAX_WRITES_IN_FLIGHT as usize {
-            transport.send_held();
-        }
-    }
-
     fn truncate_shadow(&self, size: u64) {
         let mut shadow = self.shadow.lock().unwrap();
         match shadow.as_mut() {
@@ -543,18 +519,6 @@ impl<T: Transport> DfosFs<T> {
         };
         let path = self.path_of(ino)?;
         self.flush_stream(&stream, &path, None).await.map(drop)
-    }
-
-    /// Starts a flush on the caller's thread: what `ino` has buffered
-    /// leaves now, without waiting (see `WriteStream::send_buffered_now`).
-    /// Needs a tokio runtime context.
-    pub fn start_flush(&self, ino: u64) {
-        let Some(stream) = self.stream(ino) else {
-            return;
-        };
-        if let Ok(path) = self.path_of(ino) {
-            stream.send_buffered_now(&self.transport, &path);
-        }
     }
 
     /// Flushes `stream`, with `then` queued behind its last chunk (see
@@ -1380,19 +1344,6 @@ mod tests {
             assert!(!fs.transport.applied().contains(&"create"), "the create went behind and is held");
             within_a_minute(fs.flush(f.ino)).await.unwrap();
             assert!(dir.path().join("u/d/empty").is_file());
-        });
-    }
-
-    #[test]
-    fn a_close_sends_the_buffered_bytes_and_the_held_create_before_it_waits() {
-        rt().block_on(async {
-            let (dir, fs, d) = gated_core_with_dir("d").await;
-            let (f, _) = fs.create(d.ino, OsStr::new("f"), 0o644, true).await.unwrap();
-            fs.write(f.ino, 0, b"bytes").await.unwrap();
-            assert!(!dir.path().join("u/d/f").exists(), "the create is held, the bytes buffered");
-            fs.start_flush(f.ino);
-            assert_eq!(std::fs::read(dir.path().join("u/d/f")).unwrap(), b"bytes", "both left without waiting");
-            within_a_minute(fs.flush(f.ino)).await.unwrap();
         });
     }
 

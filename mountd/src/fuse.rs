@@ -120,11 +120,7 @@ impl<T: Transport> FuseAdapter<T> {
     fn flush_inode(&self, ino: INodeNo, reply: ReplyEmpty) {
         match self.fs.flush_now(ino.0) {
             Some(done) => empty(reply)(done),
-            None => {
-                let _runtime = self.runtime.enter();
-                self.fs.start_flush(ino.0);
-                self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply));
-            }
+            None => self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply)),
         }
     }
 
