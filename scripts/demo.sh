@@ -39,6 +39,14 @@ if [ "${1:-}" = stop ]; then
   exit 0
 fi
 
+# A second demo would share this one's pid files, and stopping it would
+# stop the first.
+for daemon in mountd storaged; do
+  if [ -f "$run/$daemon.pid" ] && kill -0 "$(cat "$run/$daemon.pid")" 2>/dev/null; then
+    die "a demo is already running ($daemon pid $(cat "$run/$daemon.pid")); use it, or scripts/demo.sh stop first"
+  fi
+done
+
 ensure_toolchain
 ensure_fuse
 build
@@ -49,9 +57,18 @@ fi
 trap stop_all EXIT
 trap 'exit 0' INT TERM
 
-target/release/storaged --brokers "$DFOS_BROKERS" --storage storage --credentials id_passwd.txt \
+RUST_LOG="${RUST_LOG:-info},storaged::service=info" target/release/storaged --brokers "$DFOS_BROKERS" --storage storage --credentials id_passwd.txt \
   >"$run/storaged.log" 2>&1 &
-echo $! >"$run/storaged.pid"
+storaged_pid=$!
+echo $storaged_pid >"$run/storaged.pid"
+# A storaged that cannot start (another one holds storage/, a broker it
+# cannot use) says why in its log; show that rather than a mount that waits.
+for _ in $(seq 1 1200); do
+  grep -q "op=start" "$run/storaged.log" && break
+  kill -0 "$storaged_pid" 2>/dev/null || { cat "$run/storaged.log" >&2; die "storaged exited"; }
+  sleep 0.1
+done
+grep -q "op=start" "$run/storaged.log" || die "storaged did not start (see $run/storaged.log)"
 
 mkdir -p "$mnt"
 DFOS_PASSWORD=${DFOS_PASSWORD:-1234} target/release/mountd --brokers "$DFOS_BROKERS" --user User1 "$mnt" \
