@@ -26,6 +26,18 @@ stop_pid() {
   rm -f "$file"
 }
 
+# Waits up to 120 s until `ready` (a shell test) holds for daemon `name`;
+# if the daemon exits first, prints its log and fails.
+await_ready() {
+  local name=$1 pid=$2 ready=$3
+  for _ in $(seq 1 1200); do
+    bash -c "$ready" && return 0
+    kill -0 "$pid" 2>/dev/null || { cat "$run/$name.log" >&2; die "$name exited"; }
+    sleep 0.1
+  done
+  die "$name was not ready within 120 s (see $run/$name.log)"
+}
+
 stop_all() {
   stop_pid "$run/mountd.pid"
   if grep -q " $mnt " /proc/mounts; then umount -l "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" || true; fi
@@ -63,12 +75,7 @@ storaged_pid=$!
 echo $storaged_pid >"$run/storaged.pid"
 # A storaged that cannot start (another one holds storage/, a broker it
 # cannot use) says why in its log; show that rather than a mount that waits.
-for _ in $(seq 1 1200); do
-  grep -q "op=start" "$run/storaged.log" && break
-  kill -0 "$storaged_pid" 2>/dev/null || { cat "$run/storaged.log" >&2; die "storaged exited"; }
-  sleep 0.1
-done
-grep -q "op=start" "$run/storaged.log" || die "storaged did not start (see $run/storaged.log)"
+await_ready storaged "$storaged_pid" "grep -q op=start '$run/storaged.log'"
 
 mkdir -p "$mnt"
 DFOS_PASSWORD=${DFOS_PASSWORD:-1234} target/release/mountd --brokers "$DFOS_BROKERS" --user User1 "$mnt" \
@@ -76,12 +83,7 @@ DFOS_PASSWORD=${DFOS_PASSWORD:-1234} target/release/mountd --brokers "$DFOS_BROK
 mountd_pid=$!
 echo $mountd_pid >"$run/mountd.pid"
 
-for _ in $(seq 1 600); do
-  grep -q " $mnt " /proc/mounts && break
-  kill -0 "$mountd_pid" 2>/dev/null || { cat "$run/mountd.log" >&2; die "mountd exited"; }
-  sleep 0.1
-done
-grep -q " $mnt " /proc/mounts || die "mount did not appear (see $run/mountd.log)"
+await_ready mountd "$mountd_pid" "grep -q ' $mnt ' /proc/mounts"
 
 cat >&2 <<MSG
 
