@@ -198,18 +198,23 @@ impl Deployment {
         ]
     }
 
-    pub fn start_node(&mut self, node: usize) {
-        assert!(self.nodes[node].process.is_none(), "node {node} already running");
-        self.nodes[node].runs += 1;
-        let log_name = format!("storaged-{node}-run{}", self.nodes[node].runs);
-        let log = std::fs::File::create(self.log_path(&log_name)).unwrap();
-        let child = Command::new(bin("storaged"))
+    /// A storaged with node `node`'s flags, logging at info to `log_name`.
+    fn spawn_storaged(&self, node: usize, log_name: &str) -> Child {
+        let log = std::fs::File::create(self.log_path(log_name)).unwrap();
+        Command::new(bin("storaged"))
             .args(self.storaged_args(node))
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    pub fn start_node(&mut self, node: usize) {
+        assert!(self.nodes[node].process.is_none(), "node {node} already running");
+        self.nodes[node].runs += 1;
+        let log_name = format!("storaged-{node}-run{}", self.nodes[node].runs);
+        let child = self.spawn_storaged(node, &log_name);
         self.nodes[node].process = Some(child);
         self.wait_started(node, &log_name);
     }
@@ -259,14 +264,8 @@ impl Deployment {
     /// directory too) and returns how it ended and what it printed; killed,
     /// and a panic, if it is still running after `limit`.
     pub fn second_daemon_of(&self, node: usize, limit: Duration) -> (std::process::ExitStatus, String) {
-        let log = self.log_path(&format!("storaged-{node}-second"));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(bin("storaged"))
-            .args(self.storaged_args(node))
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
+        let log_name = format!("storaged-{node}-second");
+        let mut child = self.spawn_storaged(node, &log_name);
         let start = Instant::now();
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -278,7 +277,7 @@ impl Deployment {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        (status, std::fs::read_to_string(&log).unwrap_or_default())
+        (status, std::fs::read_to_string(self.log_path(&log_name)).unwrap_or_default())
     }
 
     /// Waits until `node` has applied everything in the request log.
