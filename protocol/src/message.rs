@@ -46,6 +46,16 @@ pub enum SetTime {
     Now,
 }
 
+impl SetTime {
+    /// The instant meant, `now` being the envelope's time.
+    pub fn at(self, now: Timestamp) -> Timestamp {
+        match self {
+            SetTime::At(t) => t,
+            SetTime::Now => now,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     Login {
@@ -175,6 +185,21 @@ pub enum Request {
     ReadTree {
         path: String,
     },
+    /// Makes `path` a symbolic link holding `target`, stored as is (at most
+    /// [`MAX_PATH_BYTES`], no NUL). Storage nodes never follow it; the
+    /// kernel of a mount resolves it, as NFS clients do. Answered with the
+    /// link's [`Payload::Attr`].
+    ///
+    /// [`MAX_PATH_BYTES`]: crate::limits::MAX_PATH_BYTES
+    Symlink {
+        path: String,
+        target: String,
+    },
+    /// What the symbolic link `path` holds: answered with
+    /// [`Payload::LinkTarget`], `Invalid` when `path` is not a link.
+    ReadLink {
+        path: String,
+    },
 }
 
 /// One request of a [`Request::Batch`].
@@ -208,6 +233,8 @@ impl Request {
             Request::CopyRange { .. } => "copy-range",
             Request::ReadFiles { .. } => "read-files",
             Request::ReadTree { .. } => "read-tree",
+            Request::Symlink { .. } => "symlink",
+            Request::ReadLink { .. } => "readlink",
         }
     }
 
@@ -221,6 +248,7 @@ impl Request {
             self,
             Request::Create { .. }
                 | Request::Mkdir { .. }
+                | Request::Symlink { .. }
                 | Request::Unlink { .. }
                 | Request::Rmdir { .. }
                 | Request::Rename { .. }
@@ -240,6 +268,8 @@ impl Request {
             | Request::ReadTree { path }
             | Request::Create { path, .. }
             | Request::Mkdir { path, .. }
+            | Request::Symlink { path, .. }
+            | Request::ReadLink { path }
             | Request::Unlink { path }
             | Request::Rmdir { path }
             | Request::Read { path, .. }
@@ -335,6 +365,8 @@ pub enum Payload {
     /// directory's first. Only that one can be partial (`more`), and then
     /// it is the only one.
     Tree(Vec<Listing>),
+    /// The answer to [`Request::ReadLink`].
+    LinkTarget(String),
 }
 
 /// One directory of a [`Payload::Tree`], `path` relative to the user's root.
@@ -415,7 +447,9 @@ impl Request {
             Request::Write { path, .. } | Request::SetAttr { path, .. } => {
                 Some(Change::Modified { path: path.clone() })
             }
-            Request::Create { path, .. } | Request::Mkdir { path, .. } => Some(Change::Created { path: path.clone() }),
+            Request::Create { path, .. } | Request::Mkdir { path, .. } | Request::Symlink { path, .. } => {
+                Some(Change::Created { path: path.clone() })
+            }
             Request::Unlink { path } | Request::Rmdir { path } => Some(Change::Removed { path: path.clone() }),
             Request::Rename { from, to, .. } => Some(Change::Renamed { from: from.clone(), to: to.clone() }),
             Request::CopyRange { to, .. } => Some(Change::Modified { path: to.clone() }),
@@ -429,7 +463,8 @@ impl Request {
             | Request::StatFs
             | Request::Fsync { .. }
             | Request::ReadFiles { .. }
-            | Request::ReadTree { .. } => None,
+            | Request::ReadTree { .. }
+            | Request::ReadLink { .. } => None,
             // Each request of a batch makes its own change.
             Request::Batch { .. } => None,
         }
@@ -463,6 +498,8 @@ mod tests {
             Request::CopyRange { from: p(), from_offset: 0, to: p(), to_offset: 0, len: 1 },
             Request::ReadFiles { paths: vec![p()] },
             Request::ReadTree { path: p() },
+            Request::Symlink { path: p(), target: p() },
+            Request::ReadLink { path: p() },
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

@@ -476,8 +476,8 @@ impl Service {
     }
 
     /// The first mutation after a restart may have been applied just before
-    /// a crash. Its replay then finds its own effect: an exclusive create or
-    /// mkdir finds the name taken, an unlink, rmdir or rename finds the
+    /// a crash. Its replay then finds its own effect: an exclusive create,
+    /// mkdir or symlink finds the name taken, an unlink, rmdir or rename finds the
     /// source gone. That outcome means "already done", so it is answered as
     /// the first application was. Writes and setattrs are idempotent anyway.
     fn settle_in_doubt(&self, envelope: &Envelope, result: Result<Payload, ErrorCode>) -> Result<Payload, ErrorCode> {
@@ -486,7 +486,10 @@ impl Service {
             self.store.apply(&envelope.user, envelope.client_time, &getattr).map_err(|e| e.code())
         };
         match (&envelope.request, &result) {
-            (Request::Create { path, .. } | Request::Mkdir { path, .. }, Err(ErrorCode::Exists)) => {
+            (
+                Request::Create { path, .. } | Request::Mkdir { path, .. } | Request::Symlink { path, .. },
+                Err(ErrorCode::Exists),
+            ) => {
                 log::info!(
                     "op=replay user={} path={path:?} req={} settled as already applied",
                     envelope.user,

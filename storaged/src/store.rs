@@ -274,8 +274,24 @@ impl Store {
                 file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
                 Ok(Payload::Written { attr: attr_of(&file.metadata()?) })
             }
+            Request::Symlink { path, target } => {
+                validate_link_target(target)?;
+                let link = at(path)?;
+                std::os::unix::fs::symlink(target, &link)?;
+                set_link_times(&link, Some(now), Some(now))?;
+                Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&link)?)))
+            }
+            Request::ReadLink { path } => {
+                let target = fs::read_link(at(path)?)?;
+                // Links made through dfos hold UTF-8; one an admin made may not.
+                let target = target.into_os_string().into_string().map_err(|_| invalid())?;
+                Ok(Payload::LinkTarget(target))
+            }
             Request::SetAttr { path, size, mode, atime, mtime } => {
                 let target = at(path)?;
+                if fs::symlink_metadata(&target)?.file_type().is_symlink() {
+                    return set_link_attr(&target, *size, *mode, [atime, mtime].map(|t| t.map(|t| t.at(now))));
+                }
                 let file = open_nofollow(&target, size.is_some())?;
                 if let Some(size) = size {
                     file.set_len(*size)?;
@@ -283,10 +299,7 @@ impl Store {
                 if let Some(mode) = mode {
                     file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
                 }
-                let resolve_time = |t: &SetTime| match t {
-                    SetTime::At(t) => to_system_time(*t),
-                    SetTime::Now => to_system_time(now),
-                };
+                let resolve_time = |t: &SetTime| to_system_time(t.at(now));
                 let mut times = FileTimes::new();
                 if let Some(t) = atime {
                     times = times.set_accessed(resolve_time(t));
@@ -352,10 +365,7 @@ fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
     match mode {
         RenameMode::Replace => fs::rename(from, to)?,
         RenameMode::NoReplace => {
-            use std::ffi::CString;
-            use std::os::unix::ffi::OsStrExt;
-            let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul));
-            let (from, to) = (c(from)?, c(to)?);
+            let (from, to) = (c_path(from)?, c_path(to)?);
             // SAFETY: both arguments are valid NUL-terminated strings that outlive the call.
             let rc = unsafe {
                 libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
@@ -364,6 +374,66 @@ fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
                 return Err(io::Error::last_os_error().into());
             }
         }
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> StoreResult<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul))
+}
+
+fn invalid() -> StoreError {
+    StoreError::Io(io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// What symlink(2) would refuse, refused before touching the disk.
+fn validate_link_target(target: &str) -> StoreResult<()> {
+    if target.is_empty() {
+        return Err(StoreError::Io(io::Error::from_raw_os_error(libc::ENOENT)));
+    }
+    if target.len() > MAX_PATH_BYTES {
+        return Err(StoreError::Path(PathError::TooLong));
+    }
+    if target.contains('\0') {
+        return Err(StoreError::Path(PathError::Nul));
+    }
+    Ok(())
+}
+
+/// A setattr that reaches a symbolic link itself (`touch -h`, `tar x`
+/// restoring a link's times): times are set on the link, never on what it
+/// points to; a link has no size or mode of its own to change (Linux
+/// refuses `lchmod` too).
+fn set_link_attr(
+    link: &Path,
+    size: Option<u64>,
+    mode: Option<u32>,
+    times: [Option<Timestamp>; 2],
+) -> StoreResult<Payload> {
+    if size.is_some() {
+        return Err(invalid());
+    }
+    if mode.is_some() {
+        return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EPERM)));
+    }
+    let [atime, mtime] = times;
+    set_link_times(link, atime, mtime)?;
+    Ok(Payload::Attr(attr_of(&fs::symlink_metadata(link)?)))
+}
+
+/// `utimensat(AT_SYMLINK_NOFOLLOW)`: the link's own times; `None` leaves one as it is.
+fn set_link_times(link: &Path, atime: Option<Timestamp>, mtime: Option<Timestamp>) -> StoreResult<()> {
+    let spec = |t: Option<Timestamp>| match t {
+        Some(t) => libc::timespec { tv_sec: t.secs as libc::time_t, tv_nsec: t.nanos.min(999_999_999) as libc::c_long },
+        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+    };
+    let times = [spec(atime), spec(mtime)];
+    let link = c_path(link)?;
+    // SAFETY: `link` is NUL-terminated and `times` holds two timespecs; both outlive the call.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, link.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error().into());
     }
     Ok(())
 }
@@ -663,6 +733,47 @@ mod tests {
         let write = Request::Write { path: "file".into(), offset: 0, data: b"x".to_vec() };
         assert_eq!(code(s.apply("u", T, &write)), ErrorCode::AccessDenied);
         assert_eq!(fs::read(dir.path().join("other/secret")).unwrap(), b"s");
+    }
+
+    #[test]
+    fn links_a_user_makes_are_kept_as_given_and_never_followed() {
+        let (dir, s) = store();
+        fs::create_dir_all(dir.path().join("other")).unwrap();
+        fs::write(dir.path().join("other/secret"), b"s").unwrap();
+        let link = |path: &str, target: &str| Request::Symlink { path: path.into(), target: target.into() };
+        let Payload::Attr(attr) = s.apply("u", T, &link("esc", "../other")).unwrap() else { panic!() };
+        assert_eq!((attr.kind, attr.size, attr.mtime), (FileKind::Symlink, 8, T));
+        s.apply("u", T, &link("abs", &dir.path().join("other/secret").to_string_lossy())).unwrap();
+        let read_link = s.apply("u", T, &Request::ReadLink { path: "esc".into() }).unwrap();
+        assert_eq!(read_link, Payload::LinkTarget("../other".into()));
+        let read = |p: &str| Request::Read { path: p.into(), offset: 0, len: 10 };
+        assert_eq!(code(s.apply("u", T, &read("esc/secret"))), ErrorCode::AccessDenied);
+        assert_eq!(code(s.apply("u", T, &read("abs"))), ErrorCode::AccessDenied);
+        let create = Request::Create { path: "esc/new".into(), mode: 0o644, exclusive: true };
+        assert_eq!(code(s.apply("u", T, &create)), ErrorCode::AccessDenied);
+        let create = Request::Create { path: "abs".into(), mode: 0o644, exclusive: false };
+        assert_eq!(code(s.apply("u", T, &create)), ErrorCode::AccessDenied);
+        let truncate = Request::SetAttr { path: "abs".into(), size: Some(0), mode: None, atime: None, mtime: None };
+        assert_eq!(code(s.apply("u", T, &truncate)), ErrorCode::Invalid);
+        let chmod = Request::SetAttr { path: "abs".into(), size: None, mode: Some(0o777), atime: None, mtime: None };
+        assert_eq!(code(s.apply("u", T, &chmod)), ErrorCode::NotPermitted);
+        let old = Timestamp { secs: 1_000_000, nanos: 0 };
+        let touch =
+            Request::SetAttr { path: "abs".into(), size: None, mode: None, atime: None, mtime: Some(SetTime::At(old)) };
+        let Payload::Attr(attr) = s.apply("u", T, &touch).unwrap() else { panic!() };
+        assert_eq!((attr.kind, attr.mtime), (FileKind::Symlink, old), "the link's own time");
+        let secret = fs::metadata(dir.path().join("other/secret")).unwrap();
+        assert_eq!((secret.len(), secret.mode() & 0o777 != 0o777), (1, true), "the target is untouched");
+        assert_ne!(secret.mtime(), old.secs);
+        assert_eq!(code(s.apply("u", T, &Request::ReadLink { path: "abs/x".into() })), ErrorCode::AccessDenied);
+        s.apply("u", T, &Request::Create { path: "plain".into(), mode: 0o644, exclusive: true }).unwrap();
+        assert_eq!(code(s.apply("u", T, &Request::ReadLink { path: "plain".into() })), ErrorCode::Invalid);
+        assert_eq!(code(s.apply("u", T, &link("plain", "x"))), ErrorCode::Exists);
+        assert_eq!(code(s.apply("u", T, &link("e", ""))), ErrorCode::NotFound);
+        assert_eq!(code(s.apply("u", T, &link("n", "a\0b"))), ErrorCode::Invalid);
+        assert_eq!(code(s.apply("u", T, &link("l", &"x".repeat(4097)))), ErrorCode::NameTooLong);
+        s.apply("u", T, &Request::Unlink { path: "esc".into() }).unwrap();
+        assert!(dir.path().join("other/secret").exists(), "unlinking a link removes only the link");
     }
 
     #[test]
