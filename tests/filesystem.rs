@@ -310,6 +310,55 @@ fn errors_are_the_posix_ones() {
 }
 
 #[test]
+fn symlinks_survive_tar_and_cp_a_and_are_read_moved_and_removed() {
+    let d = Deployment::start("symlinks");
+    let m = d.mount(USER1);
+    let src = d.local_dir("src");
+    fs::create_dir(src.join("a")).unwrap();
+    fs::write(src.join("a/f"), b"through the link\n").unwrap();
+    let links = [("rel", "a/f"), ("dir", "a"), ("dangling", "/nonexistent/x"), ("up", "../../outside")];
+    for (name, target) in links {
+        std::os::unix::fs::symlink(target, src.join(name)).unwrap();
+    }
+    ok(&format!("touch -h -d '2020-03-04 05:06:07' '{}'", src.join("rel").display()));
+    let archive = d.dir.path().join("links.tar");
+    ok(&format!("tar cf '{}' -C '{}' .", archive.display(), src.display()));
+    fs::create_dir(m.join("x")).unwrap();
+    ok(&format!("tar xf '{}' -C {}", archive.display(), m.p("x")));
+    let local = d.local_dir("local");
+    ok(&format!("tar xf '{}' -C '{}'", archive.display(), local.display()));
+    let links_of = |dir: &str| ok(&format!("cd {dir} && find . -type l | sort | xargs stat -c '%n %N %Y'"));
+    let expected = links_of(&format!("'{}'", local.display()));
+    assert_eq!(expected.lines().count(), links.len(), "{expected}");
+    assert_eq!(links_of(&m.p("x")), expected, "as the mount shows them");
+    assert_eq!(links_of(&format!("'{}'", d.storage.join("User1/x").display())), expected, "on the storage node");
+    ok(&format!("diff -r --no-dereference '{}' {}", local.display(), m.p("x")));
+    assert_eq!(ok(&format!("cat {}", m.p("x/rel"))), "through the link\n");
+    assert_eq!(ok(&format!("cat {}", m.p("x/dir/f"))), "through the link\n");
+    assert_eq!(fs::read_link(m.join("x/up")).unwrap().to_str(), Some("../../outside"));
+
+    ok(&format!("cp -a {} {}", m.p("x"), m.p("copy")));
+    assert_eq!(links_of(&m.p("copy")), expected, "cp -a keeps links and their times");
+    let other = d.mount(USER1);
+    assert_eq!(fs::read_link(other.join("copy/dir")).unwrap().to_str(), Some("a"), "another mount sees the link");
+
+    ok(&format!("ln -s a/f {}", m.p("x/new")));
+    assert!(fails(&format!("ln -s a/f {}", m.p("x/new"))).contains("File exists"));
+    let err = std::os::unix::fs::symlink("", m.join("x/empty")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "an empty target is refused, as locally");
+    ok(&format!("mv {} {}", m.p("x/new"), m.p("x/moved")));
+    assert_eq!(fs::read_link(d.storage.join("User1/x/moved")).unwrap().to_str(), Some("a/f"));
+    ok(&format!("rm {} {}", m.p("x/moved"), m.p("x/dir")));
+    assert!(fs::symlink_metadata(d.storage.join("User1/x/dir")).is_err());
+    assert_eq!(
+        fs::read(d.storage.join("User1/x/a/f")).unwrap(),
+        b"through the link\n",
+        "removing a link keeps its target"
+    );
+    assert!(fs::symlink_metadata(other.join("x/moved")).is_err(), "another mount sees the removal");
+}
+
+#[test]
 fn append_truncate_chmod_and_touch() {
     let d = Deployment::start("attrs");
     let m = d.mount(USER1);

@@ -1100,6 +1100,24 @@ impl<T: Transport> DfosFs<T> {
         Ok(self.remember(&path, attr))
     }
 
+    pub async fn symlink(&self, parent: u64, name: &std::ffi::OsStr, target: &std::ffi::OsStr) -> FsResult<Entry> {
+        let path = self.child_path(parent, name)?;
+        let target = name_str(target)?.to_owned();
+        let attr = expect_attr(self.call(Request::Symlink { path: path.clone(), target }).await?)?;
+        self.meta.lock().unwrap().created(&path, attr.clone());
+        Ok(self.remember(&path, attr))
+    }
+
+    /// A link's target is asked for every time: it is a few bytes, and the
+    /// kernel keeps the resolved names in its own entry cache meanwhile.
+    pub async fn readlink(&self, ino: u64) -> FsResult<String> {
+        let path = self.path_of(ino)?;
+        match self.call(Request::ReadLink { path }).await? {
+            Payload::LinkTarget(target) => Ok(target),
+            _ => Err(FsError::UnexpectedReply),
+        }
+    }
+
     pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
         let path = self.child_path(parent, name)?;
         self.flush_path(&path).await?;

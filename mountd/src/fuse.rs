@@ -7,6 +7,7 @@
 
 use std::ffi::OsStr;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -284,6 +285,20 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         let name = name.to_owned();
         let answer = self.reply_entry(reply);
         self.spawn(move |fs| async move { fs.mkdir(parent.0, &name, mode & !umask).await }, answer);
+    }
+
+    fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (name, target) = (link_name.to_owned(), target.as_os_str().to_owned());
+        let answer = self.reply_entry(reply);
+        self.spawn(move |fs| async move { fs.symlink(parent.0, &name, &target).await }, answer);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let answer = move |result: Result<String, FsError>| match result {
+            Ok(target) => reply.data(target.as_bytes()),
+            Err(e) => reply.error(errno(&e)),
+        };
+        self.spawn(move |fs| async move { fs.readlink(ino.0).await }, answer);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
