@@ -227,6 +227,7 @@ impl Store {
             Request::Mkdir { path, mode } => {
                 let dir = at(path)?;
                 fs::create_dir(&dir)?;
+                stamp_parent(&dir, now);
                 let file = open_nofollow(&dir, false)?;
                 file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
                 file.set_times(FileTimes::new().set_accessed(to_system_time(now)).set_modified(to_system_time(now)))?;
@@ -237,21 +238,29 @@ impl Store {
                 if fs::symlink_metadata(&target)?.is_dir() {
                     return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EISDIR)));
                 }
-                fs::remove_file(target)?;
+                fs::remove_file(&target)?;
+                stamp_parent(&target, now);
                 Ok(Payload::Done)
             }
             Request::Rmdir { path } => {
                 if path.is_empty() {
                     return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EBUSY)));
                 }
-                fs::remove_dir(at(path)?)?;
+                let dir = at(path)?;
+                fs::remove_dir(&dir)?;
+                stamp_parent(&dir, now);
                 Ok(Payload::Done)
             }
             Request::Rename { from, to, mode } => {
                 if from.is_empty() || to.is_empty() {
                     return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EBUSY)));
                 }
-                rename(&at(from)?, &at(to)?, *mode)?;
+                let (from, to) = (at(from)?, at(to)?);
+                rename(&from, &to, *mode)?;
+                stamp_parent(&from, now);
+                if from.parent() != to.parent() {
+                    stamp_parent(&to, now);
+                }
                 Ok(Payload::Done)
             }
             // Locating data in the log is the service's business (it knows
@@ -278,7 +287,8 @@ impl Store {
                 validate_link_target(target)?;
                 let link = at(path)?;
                 std::os::unix::fs::symlink(target, &link)?;
-                set_link_times(&link, Some(now), Some(now))?;
+                stamp_parent(&link, now);
+                set_times_nofollow(&link, Some(now), Some(now))?;
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&link)?)))
             }
             Request::ReadLink { path } => {
@@ -353,6 +363,7 @@ fn create(path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResul
             // The daemon's umask must not change the mode the client asked for.
             file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
             file.set_times(FileTimes::new().set_accessed(to_system_time(now)).set_modified(to_system_time(now)))?;
+            stamp_parent(path, now);
             file
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !exclusive => options.open(path)?,
@@ -418,12 +429,25 @@ fn set_link_attr(
         return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EPERM)));
     }
     let [atime, mtime] = times;
-    set_link_times(link, atime, mtime)?;
+    set_times_nofollow(link, atime, mtime)?;
     Ok(Payload::Attr(attr_of(&fs::symlink_metadata(link)?)))
 }
 
-/// `utimensat(AT_SYMLINK_NOFOLLOW)`: the link's own times; `None` leaves one as it is.
-fn set_link_times(link: &Path, atime: Option<Timestamp>, mtime: Option<Timestamp>) -> StoreResult<()> {
+/// A directory whose entries changed is stamped with the request's time,
+/// as a written file is: every replica applying the log agrees on it, and
+/// the mount that made the change can predict it. The change itself is
+/// done by then, so a failure here is logged, never reported as the
+/// change's.
+fn stamp_parent(entry: &Path, now: Timestamp) {
+    let Some(parent) = entry.parent() else { return };
+    if let Err(e) = set_times_nofollow(parent, None, Some(now)) {
+        log::warn!("op=stamp-directory path={parent:?} cannot set its mtime: {e}");
+    }
+}
+
+/// `utimensat(AT_SYMLINK_NOFOLLOW)`: a link's own times, never its
+/// target's; `None` leaves one as it is.
+fn set_times_nofollow(link: &Path, atime: Option<Timestamp>, mtime: Option<Timestamp>) -> StoreResult<()> {
     let spec = |t: Option<Timestamp>| match t {
         Some(t) => libc::timespec { tv_sec: t.secs as libc::time_t, tv_nsec: t.nanos.min(999_999_999) as libc::c_long },
         None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
@@ -733,6 +757,39 @@ mod tests {
         let write = Request::Write { path: "file".into(), offset: 0, data: b"x".to_vec() };
         assert_eq!(code(s.apply("u", T, &write)), ErrorCode::AccessDenied);
         assert_eq!(fs::read(dir.path().join("other/secret")).unwrap(), b"s");
+    }
+
+    #[test]
+    fn a_directory_whose_entries_change_takes_the_request_time_as_its_mtime() {
+        let (_dir, s) = store();
+        let at = |secs| Timestamp { secs, nanos: 7 };
+        let mtime = |path: &str| {
+            let Payload::Attr(attr) = s.apply("u", T, &Request::GetAttr { path: path.into() }).unwrap() else {
+                panic!()
+            };
+            attr.mtime
+        };
+        let steps: [(Request, &[&str]); 7] = [
+            (Request::Mkdir { path: "a".into(), mode: 0o755 }, &[""]),
+            (Request::Mkdir { path: "b".into(), mode: 0o755 }, &[""]),
+            (Request::Create { path: "a/f".into(), mode: 0o644, exclusive: true }, &["a"]),
+            (Request::Symlink { path: "a/l".into(), target: "f".into() }, &["a"]),
+            (Request::Rename { from: "a/f".into(), to: "b/f".into(), mode: RenameMode::Replace }, &["a", "b"]),
+            (Request::Unlink { path: "b/f".into() }, &["b"]),
+            (Request::Rmdir { path: "b".into() }, &[""]),
+        ];
+        for (i, (request, changed)) in steps.into_iter().enumerate() {
+            let now = at(1_000 + i as i64);
+            s.apply("u", now, &request).unwrap();
+            for dir in changed {
+                assert_eq!(mtime(dir), now, "{} changes {dir:?}", request.name());
+            }
+        }
+        assert_eq!(mtime("a"), at(1_004), "a's last change was the rename out of it");
+        let reopen = Request::Create { path: "a/l2".into(), mode: 0o644, exclusive: false };
+        s.apply("u", at(2_000), &reopen).unwrap();
+        s.apply("u", at(3_000), &reopen).unwrap();
+        assert_eq!(mtime("a"), at(2_000), "opening an existing name changes no entry");
     }
 
     #[test]
