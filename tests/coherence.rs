@@ -298,3 +298,49 @@ fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_requests() {
     soon("a file removed from a prefetched listing", || !b.join("tree/t2/m0/l0/f").exists());
     assert_eq!(listing(&b.p("tree")), listing(&local.display().to_string()));
 }
+
+/// `ls -ld`, `find -newer`, `make` and file managers read a directory's
+/// mtime to see that its entries changed. The mount that changes them
+/// shows the new time at once, and another mount once the event arrives.
+#[test]
+fn a_directory_mtime_moves_with_its_entries_on_both_mounts() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Deployment::start("dir-mtime");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let stamp = |m: fs::Metadata| (m.mtime(), m.mtime_nsec());
+    let on_a = |p: &str| stamp(fs::metadata(a.join(p)).unwrap());
+    let on_b = |p: &str| stamp(fs::metadata(b.join(p)).unwrap());
+    let stored = |p: &str| stamp(fs::metadata(d.storage.join("User1").join(p)).unwrap());
+    let links = |p: &str| {
+        (fs::metadata(a.join(p)).unwrap().nlink(), fs::metadata(d.storage.join("User1").join(p)).unwrap().nlink())
+    };
+    fs::create_dir_all(a.join("d/keep")).unwrap();
+    fs::create_dir(a.join("e")).unwrap();
+    assert_eq!(on_b("d"), stored("d"), "B reads d from the node");
+    let untouched = on_a("d/keep");
+
+    let steps: [(&str, &[&str]); 6] = [
+        ("touch d/f", &["d"]),
+        ("ln -s f d/l", &["d"]),
+        ("mkdir d/sub", &["d"]),
+        ("mv d/f e/f", &["d", "e"]),
+        ("rm d/l e/f", &["d", "e"]),
+        ("rmdir d/sub", &["d"]),
+    ];
+    for (step, changed) in steps {
+        let before: Vec<_> = changed.iter().map(|p| (on_a(p), on_b(p))).collect();
+        ok(&format!("cd {} && {step}", a.p("")));
+        for (dir, (a_before, b_before)) in changed.iter().zip(before) {
+            assert!(on_a(dir) > a_before, "{step}: A shows {dir}'s change at once");
+            soon(step, || on_b(dir) > b_before);
+            assert_eq!(on_b(dir), stored(dir), "{step}: B shows the node's time of {dir}");
+        }
+        if step.starts_with("mkdir") {
+            assert_eq!(links("d"), (4, 4), "d holds keep and sub");
+        }
+    }
+    assert_eq!(links("d"), (3, 3), "sub is gone again");
+    assert_eq!(on_a("d/keep"), untouched, "a directory whose entries stayed keeps its time");
+    assert_eq!(on_b("d/keep"), stored("d/keep"));
+}

@@ -665,7 +665,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     fn unlinked(&self, path: &str) {
-        self.meta.lock().unwrap().removed(path);
+        self.meta.lock().unwrap().removed(path, false);
         self.small.forget(path);
         self.inodes.lock().unwrap().detach(path);
     }
@@ -878,8 +878,15 @@ impl<T: Transport> DfosFs<T> {
             return done;
         }
         let path = self.child_path(parent, name)?;
+        let surely_new = exclusive || self.meta.lock().unwrap().known_absent(&path);
         let attr = expect_attr(self.call(Request::Create { path: path.clone(), mode, exclusive }).await?)?;
-        self.meta.lock().unwrap().created(&path, attr.clone());
+        let mut meta = self.meta.lock().unwrap();
+        if surely_new {
+            meta.created(&path, attr.clone());
+        } else {
+            meta.created_or_opened(&path, attr.clone());
+        }
+        drop(meta);
         let entry = self.remember(&path, attr);
         Ok(self.opened_new(entry, &path))
     }
@@ -1153,7 +1160,7 @@ impl<T: Transport> DfosFs<T> {
         } else {
             self.call(Request::Rmdir { path: path.clone() }).await?;
         }
-        self.meta.lock().unwrap().removed(&path);
+        self.meta.lock().unwrap().removed(&path, true);
         self.inodes.lock().unwrap().detach(&path);
         Ok(())
     }

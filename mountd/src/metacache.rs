@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use dfos_protocol::path::split;
-use dfos_protocol::FileAttr;
+use dfos_protocol::{FileAttr, Timestamp};
 
 use crate::inodes;
 
@@ -162,7 +162,8 @@ impl MetaCache {
     }
 
     /// A name this mount created under `path`'s parent, with its attributes.
-    /// A new directory starts with a known, empty listing.
+    /// A new directory starts with a known, empty listing. The parent's
+    /// mtime becomes the new entry's, as the storage node stamps both.
     pub fn created(&mut self, path: &str, attr: FileAttr) {
         self.generation += 1;
         let is_dir = attr.kind == dfos_protocol::FileKind::Directory;
@@ -170,14 +171,34 @@ impl MetaCache {
         if let Some(listing) = self.listings.get_mut(parent) {
             listing.value.insert(name.to_owned());
         }
+        self.entries_changed(parent, attr.mtime, if is_dir { 1 } else { 0 });
         self.put_attr(path, attr);
         if is_dir {
             self.listings.insert(path.to_owned(), Stamped { value: HashSet::new(), at: Instant::now() });
         }
     }
 
-    /// `path` and everything below it are gone from this mount's view.
-    pub fn removed(&mut self, path: &str) {
+    /// A create that may have opened an existing name: it is known to
+    /// exist now, and its parent's attributes are the storage node's to
+    /// tell (its mtime moved only if the name is new).
+    pub fn created_or_opened(&mut self, path: &str, attr: FileAttr) {
+        self.generation += 1;
+        let (parent, name) = split(path);
+        if let Some(listing) = self.listings.get_mut(parent) {
+            listing.value.insert(name.to_owned());
+        }
+        self.attrs.remove(parent);
+        self.put_attr(path, attr);
+    }
+
+    /// This mount removed `path` (a directory when `was_directory`), so
+    /// it and everything below it are gone from this mount's view.
+    pub fn removed(&mut self, path: &str, was_directory: bool) {
+        self.forget_entry(path);
+        self.entries_changed(split(path).0, crate::rpc::now(), if was_directory { -1 } else { 0 });
+    }
+
+    fn forget_entry(&mut self, path: &str) {
         self.generation += 1;
         let (parent, name) = split(path);
         if let Some(listing) = self.listings.get_mut(parent) {
@@ -188,33 +209,64 @@ impl MetaCache {
     }
 
     /// A rename made by this mount: `from` disappears, `to` appears, and
-    /// nothing cached below either is trusted any more.
+    /// nothing cached below either is trusted any more. A file's move
+    /// stamps both parents; after a directory's, or one of a name not
+    /// cached here, the parents' link counts are the storage node's to
+    /// tell.
     pub fn renamed(&mut self, from: &str, to: &str) {
         let attr = self.attr(from);
-        self.removed(from);
-        self.removed(to);
-        let (parent, name) = split(to);
-        if let Some(listing) = self.listings.get_mut(parent) {
-            listing.value.insert(name.to_owned());
+        self.forget_entry(from);
+        self.forget_entry(to);
+        let (from_parent, to_parent) = (split(from).0, split(to).0);
+        if let Some(listing) = self.listings.get_mut(to_parent) {
+            listing.value.insert(split(to).1.to_owned());
         }
-        if let Some(attr) = attr {
-            self.put_attr(to, attr);
+        match attr {
+            Some(attr) if attr.kind != dfos_protocol::FileKind::Directory => {
+                let now = crate::rpc::now();
+                self.entries_changed(from_parent, now, 0);
+                self.entries_changed(to_parent, now, 0);
+                self.put_attr(to, attr);
+            }
+            _ => {
+                self.attrs.remove(from_parent);
+                self.attrs.remove(to_parent);
+            }
         }
     }
 
-    /// Someone else changed `path`: forget it, and its parent's listing.
+    /// This mount changed `dir`'s entries at `at`: its mtime and ctime move
+    /// there, and a subdirectory made or removed moves its link count, as
+    /// on the storage node. The entry keeps its age, so it still expires
+    /// when it would have and is then read from the node again.
+    fn entries_changed(&mut self, dir: &str, at: Timestamp, subdirectories: i32) {
+        if let Some(entry) = self.attrs.get_mut(dir) {
+            entry.value.mtime = at;
+            entry.value.ctime = at;
+            entry.value.nlink = entry.value.nlink.saturating_add_signed(subdirectories);
+        }
+    }
+
+    /// Someone else changed `path`: forget it, and its parent's listing
+    /// and attributes (its mtime moved).
     pub fn invalidate(&mut self, path: &str) {
         self.generation += 1;
         self.attrs.remove(path);
-        self.listings.remove(split(path).0);
+        self.forget_parent(path);
     }
 
     /// Someone else changed `path` and possibly everything below it.
     pub fn invalidate_tree(&mut self, path: &str) {
         self.generation += 1;
-        self.listings.remove(split(path).0);
+        self.forget_parent(path);
         self.attrs.retain(|p, _| !inside(p, path));
         self.listings.retain(|p, _| !inside(p, path));
+    }
+
+    fn forget_parent(&mut self, path: &str) {
+        let parent = split(path).0;
+        self.listings.remove(parent);
+        self.attrs.remove(parent);
     }
 }
 
@@ -256,7 +308,7 @@ mod tests {
         let mut c = MetaCache::new(Duration::from_secs(10));
         c.put_listing("", [("a".to_string(), attr(FileKind::Directory)), ("ab".to_string(), attr(FileKind::File))]);
         c.put_attr("a/f", attr(FileKind::File));
-        c.removed("a");
+        c.removed("a", true);
         assert!(c.attr("a/f").is_none() && c.attr("ab").is_some());
         assert!(c.known_absent("a"));
         c.invalidate_tree("ab");
@@ -267,7 +319,7 @@ mod tests {
     fn a_reply_that_raced_a_change_is_not_stored() {
         let mut c = MetaCache::new(Duration::from_secs(10));
         let before = c.generation();
-        c.removed("x");
+        c.removed("x", false);
         c.put_attr_if_unchanged(before, "x", attr(FileKind::File));
         assert!(c.attr("x").is_none());
         c.put_attr_if_unchanged(c.generation(), "x", attr(FileKind::File));
@@ -311,6 +363,34 @@ mod tests {
         assert_eq!(walked(&c, "a", 2), ["a/x", "a/y"], "stops once the entries reach the bound");
         c.invalidate("a/q");
         assert_eq!(walked(&c, "a/x", 100), Vec::<String>::new(), "a's listing is gone: the walk cannot go on from x");
+    }
+
+    #[test]
+    fn a_directory_s_time_and_link_count_follow_the_entries_made_and_removed_here() {
+        let mut c = MetaCache::new(Duration::from_secs(10));
+        let at = |secs| Timestamp { secs, nanos: 0 };
+        let with_mtime = |kind, secs| FileAttr { mtime: at(secs), nlink: 2, ..attr(kind) };
+        c.put_attr("d", with_mtime(FileKind::Directory, 1));
+        c.put_attr("e", with_mtime(FileKind::Directory, 1));
+        c.created("d/sub", with_mtime(FileKind::Directory, 5));
+        let d = c.attr("d").unwrap();
+        assert_eq!((d.mtime, d.ctime, d.nlink), (at(5), at(5), 3), "the node stamps d as it stamps d/sub");
+        c.created("d/f", with_mtime(FileKind::File, 6));
+        assert_eq!((c.attr("d").unwrap().mtime, c.attr("d").unwrap().nlink), (at(6), 3));
+        c.renamed("d/f", "e/f");
+        let (d, e) = (c.attr("d").unwrap(), c.attr("e").unwrap());
+        assert!(d.mtime > at(6) && e.mtime == d.mtime, "a file's move stamps both parents now");
+        c.removed("d/sub", true);
+        assert_eq!(c.attr("d").unwrap().nlink, 2);
+        c.created_or_opened("e/f", with_mtime(FileKind::File, 6));
+        assert!(c.attr("e").is_none(), "whether e changed is the node's to tell");
+        c.put_attr("e", with_mtime(FileKind::Directory, 1));
+        c.created("d/g", with_mtime(FileKind::Directory, 7));
+        c.renamed("d/g", "e/g");
+        assert!(c.attr("d").is_none() && c.attr("e").is_none(), "after a directory's move, link counts are asked for");
+        c.put_attr("d", with_mtime(FileKind::Directory, 1));
+        c.invalidate("d/other");
+        assert!(c.attr("d").is_none(), "another mount changed d's entries");
     }
 
     #[test]
