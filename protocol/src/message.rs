@@ -200,6 +200,15 @@ pub enum Request {
     ReadLink {
         path: String,
     },
+    /// Makes `path` a named pipe or a Unix socket's name (`kind` is
+    /// [`FileKind::Fifo`] or [`FileKind::Socket`]; any other is refused
+    /// with `NotPermitted`, as Linux refuses devices to unprivileged
+    /// users). Answered with its [`Payload::Attr`].
+    MakeNode {
+        path: String,
+        kind: FileKind,
+        mode: u32,
+    },
 }
 
 /// One request of a [`Request::Batch`].
@@ -235,6 +244,7 @@ impl Request {
             Request::ReadTree { .. } => "read-tree",
             Request::Symlink { .. } => "symlink",
             Request::ReadLink { .. } => "readlink",
+            Request::MakeNode { .. } => "mknod",
         }
     }
 
@@ -249,6 +259,7 @@ impl Request {
             Request::Create { .. }
                 | Request::Mkdir { .. }
                 | Request::Symlink { .. }
+                | Request::MakeNode { .. }
                 | Request::Unlink { .. }
                 | Request::Rmdir { .. }
                 | Request::Rename { .. }
@@ -270,6 +281,7 @@ impl Request {
             | Request::Mkdir { path, .. }
             | Request::Symlink { path, .. }
             | Request::ReadLink { path }
+            | Request::MakeNode { path, .. }
             | Request::Unlink { path }
             | Request::Rmdir { path }
             | Request::Read { path, .. }
@@ -290,7 +302,13 @@ pub enum FileKind {
     File,
     Directory,
     Symlink,
+    /// A device or anything else a user cannot make through dfos.
     Other,
+    /// A named pipe: its bytes pass inside the kernel of the mount that
+    /// opens it, never through dfos.
+    Fifo,
+    /// A Unix socket's name, likewise local to the mount that binds it.
+    Socket,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,9 +465,10 @@ impl Request {
             Request::Write { path, .. } | Request::SetAttr { path, .. } => {
                 Some(Change::Modified { path: path.clone() })
             }
-            Request::Create { path, .. } | Request::Mkdir { path, .. } | Request::Symlink { path, .. } => {
-                Some(Change::Created { path: path.clone() })
-            }
+            Request::Create { path, .. }
+            | Request::Mkdir { path, .. }
+            | Request::Symlink { path, .. }
+            | Request::MakeNode { path, .. } => Some(Change::Created { path: path.clone() }),
             Request::Unlink { path } | Request::Rmdir { path } => Some(Change::Removed { path: path.clone() }),
             Request::Rename { from, to, .. } => Some(Change::Renamed { from: from.clone(), to: to.clone() }),
             Request::CopyRange { to, .. } => Some(Change::Modified { path: to.clone() }),
@@ -500,6 +519,7 @@ mod tests {
             Request::ReadTree { path: p() },
             Request::Symlink { path: p(), target: p() },
             Request::ReadLink { path: p() },
+            Request::MakeNode { path: p(), kind: FileKind::Fifo, mode: 0o644 },
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

@@ -477,7 +477,7 @@ impl Service {
 
     /// The first mutation after a restart may have been applied just before
     /// a crash. Its replay then finds its own effect: an exclusive create,
-    /// mkdir or symlink finds the name taken, an unlink, rmdir or rename finds the
+    /// mkdir, symlink or mknod finds the name taken, an unlink, rmdir or rename finds the
     /// source gone. That outcome means "already done", so it is answered as
     /// the first application was. Writes and setattrs are idempotent anyway.
     fn settle_in_doubt(&self, envelope: &Envelope, result: Result<Payload, ErrorCode>) -> Result<Payload, ErrorCode> {
@@ -487,7 +487,10 @@ impl Service {
         };
         match (&envelope.request, &result) {
             (
-                Request::Create { path, .. } | Request::Mkdir { path, .. } | Request::Symlink { path, .. },
+                Request::Create { path, .. }
+                | Request::Mkdir { path, .. }
+                | Request::Symlink { path, .. }
+                | Request::MakeNode { path, .. },
                 Err(ErrorCode::Exists),
             ) => {
                 log::info!(

@@ -9,7 +9,7 @@
 
 use std::fs::{self, File, FileTimes, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -99,6 +99,10 @@ pub fn attr_of(meta: &fs::Metadata) -> FileAttr {
         FileKind::Directory
     } else if ft.is_symlink() {
         FileKind::Symlink
+    } else if ft.is_fifo() {
+        FileKind::Fifo
+    } else if ft.is_socket() {
+        FileKind::Socket
     } else {
         FileKind::Other
     };
@@ -291,6 +295,12 @@ impl Store {
                 set_times_nofollow(&link, Some(now), Some(now))?;
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&link)?)))
             }
+            Request::MakeNode { path, kind, mode } => {
+                let node = at(path)?;
+                make_node(&node, *kind, *mode, now)?;
+                stamp_parent(&node, now);
+                Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&node)?)))
+            }
             Request::ReadLink { path } => {
                 let target = fs::read_link(at(path)?)?;
                 // Links made through dfos hold UTF-8; one an admin made may not.
@@ -299,8 +309,10 @@ impl Store {
             }
             Request::SetAttr { path, size, mode, atime, mtime } => {
                 let target = at(path)?;
-                if fs::symlink_metadata(&target)?.file_type().is_symlink() {
-                    return set_link_attr(&target, *size, *mode, [atime, mtime].map(|t| t.map(|t| t.at(now))));
+                let kind = attr_of(&fs::symlink_metadata(&target)?).kind;
+                if matches!(kind, FileKind::Symlink | FileKind::Fifo | FileKind::Socket) {
+                    let times = [atime, mtime].map(|t| t.map(|t| t.at(now)));
+                    return set_node_attr(&target, kind == FileKind::Symlink, *size, *mode, times);
                 }
                 let file = open_nofollow(&target, size.is_some())?;
                 if let Some(size) = size {
@@ -412,12 +424,35 @@ fn validate_link_target(target: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// A named pipe or a socket's name, with exactly the mode asked for and
+/// the request's time; devices are refused, as to an unprivileged user.
+fn make_node(node: &Path, kind: FileKind, mode: u32, now: Timestamp) -> StoreResult<()> {
+    let type_bits = match kind {
+        FileKind::Fifo => libc::S_IFIFO,
+        FileKind::Socket => libc::S_IFSOCK,
+        FileKind::File | FileKind::Directory | FileKind::Symlink | FileKind::Other => {
+            return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EPERM)));
+        }
+    };
+    let c_node = c_path(node)?;
+    // SAFETY: `c_node` is NUL-terminated and outlives the call.
+    if unsafe { libc::mknod(c_node.as_ptr(), type_bits | (mode & 0o7777), 0) } != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // The daemon's umask must not change the mode the client asked for;
+    // chmod follows links, but `node` was just made and is not one.
+    fs::set_permissions(node, Permissions::from_mode(mode & 0o7777))?;
+    set_times_nofollow(node, Some(now), Some(now))
+}
+
 /// A setattr that reaches a symbolic link itself (`touch -h`, `tar x`
-/// restoring a link's times): times are set on the link, never on what it
-/// points to; a link has no size or mode of its own to change (Linux
-/// refuses `lchmod` too).
-fn set_link_attr(
-    link: &Path,
+/// restoring a link's times), a named pipe or a socket's name, none of
+/// which may be opened here: times are set on the node, never on what a
+/// link points to. None has a size to change, and a link has no mode of
+/// its own (Linux refuses `lchmod` too).
+fn set_node_attr(
+    node: &Path,
+    is_link: bool,
     size: Option<u64>,
     mode: Option<u32>,
     times: [Option<Timestamp>; 2],
@@ -425,12 +460,14 @@ fn set_link_attr(
     if size.is_some() {
         return Err(invalid());
     }
-    if mode.is_some() {
-        return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EPERM)));
+    match mode {
+        Some(_) if is_link => return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EPERM))),
+        Some(mode) => fs::set_permissions(node, Permissions::from_mode(mode & 0o7777))?,
+        None => {}
     }
     let [atime, mtime] = times;
-    set_times_nofollow(link, atime, mtime)?;
-    Ok(Payload::Attr(attr_of(&fs::symlink_metadata(link)?)))
+    set_times_nofollow(node, atime, mtime)?;
+    Ok(Payload::Attr(attr_of(&fs::symlink_metadata(node)?)))
 }
 
 /// A directory whose entries changed is stamped with the request's time,
@@ -790,6 +827,40 @@ mod tests {
         s.apply("u", at(2_000), &reopen).unwrap();
         s.apply("u", at(3_000), &reopen).unwrap();
         assert_eq!(mtime("a"), at(2_000), "opening an existing name changes no entry");
+    }
+
+    #[test]
+    fn pipes_and_socket_names_are_made_with_their_mode_and_time_and_devices_are_refused() {
+        let (dir, s) = store();
+        let node = |path: &str, kind| Request::MakeNode { path: path.into(), kind, mode: 0o640 };
+        for (path, kind) in [("pipe", FileKind::Fifo), ("sock", FileKind::Socket)] {
+            let Payload::Attr(attr) = s.apply("u", T, &node(path, kind)).unwrap() else { panic!() };
+            assert_eq!((attr.kind, attr.mode, attr.mtime), (kind, 0o640, T), "{path}");
+            let on_disk = fs::symlink_metadata(dir.path().join("u").join(path)).unwrap().file_type();
+            assert!(on_disk.is_fifo() || on_disk.is_socket());
+            assert_eq!(code(s.apply("u", T, &node(path, kind))), ErrorCode::Exists);
+            let chmod = Request::SetAttr { path: path.into(), size: None, mode: Some(0o600), atime: None, mtime: None };
+            let Payload::Attr(attr) = s.apply("u", T, &chmod).unwrap() else { panic!() };
+            assert_eq!(attr.mode, 0o600, "{path} is never opened to change its mode");
+            let old = Timestamp { secs: 1_000_000, nanos: 0 };
+            let touch = Request::SetAttr {
+                path: path.into(),
+                size: None,
+                mode: None,
+                atime: None,
+                mtime: Some(SetTime::At(old)),
+            };
+            let Payload::Attr(attr) = s.apply("u", T, &touch).unwrap() else { panic!() };
+            assert_eq!(attr.mtime, old);
+            let truncate = Request::SetAttr { path: path.into(), size: Some(0), mode: None, atime: None, mtime: None };
+            assert_eq!(code(s.apply("u", T, &truncate)), ErrorCode::Invalid);
+        }
+        let read = Request::Read { path: "pipe".into(), offset: 0, len: 10 };
+        assert!(s.apply("u", T, &read).is_err(), "a pipe's bytes are never read here, and the attempt does not block");
+        for kind in [FileKind::Other, FileKind::File, FileKind::Directory, FileKind::Symlink] {
+            assert_eq!(code(s.apply("u", T, &node("dev", kind))), ErrorCode::NotPermitted, "{kind:?}");
+        }
+        assert!(fs::symlink_metadata(dir.path().join("u/dev")).is_err());
     }
 
     #[test]
