@@ -6,7 +6,7 @@ mod common;
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
 
 use common::*;
 
@@ -356,6 +356,51 @@ fn symlinks_survive_tar_and_cp_a_and_are_read_moved_and_removed() {
         "removing a link keeps its target"
     );
     assert!(fs::symlink_metadata(other.join("x/moved")).is_err(), "another mount sees the removal");
+}
+
+#[test]
+fn named_pipes_and_unix_sockets_work_on_the_mount_and_devices_are_refused() {
+    let d = Deployment::start("nodes");
+    let m = d.mount(USER1);
+    let src = d.local_dir("src");
+    ok(&format!("mkfifo -m 600 '{}' && touch -h -d '2021-01-02 03:04:05' '{0}'", src.join("pipe").display()));
+    let archive = d.dir.path().join("nodes.tar");
+    ok(&format!("tar cf '{}' -C '{}' .", archive.display(), src.display()));
+    fs::create_dir(m.join("x")).unwrap();
+    ok(&format!("tar xpf '{}' -C {}", archive.display(), m.p("x")));
+    let node = |dir: &str| ok(&format!("stat -c '%F %a %Y' {dir}/pipe"));
+    assert_eq!(node(&m.p("x")), "fifo 600 1609556645\n", "tar restores a pipe with its mode and time");
+    assert_eq!(node(&format!("'{}'", d.storage.join("User1/x").display())), node(&m.p("x")), "on the storage node");
+
+    let through = ok(&format!("cd {} && (echo through the pipe > pipe &) && cat pipe", m.p("x")));
+    assert_eq!(through, "through the pipe\n", "the kernel carries a pipe's bytes");
+    ok(&format!("chmod 644 {}", m.p("x/pipe")));
+    assert_eq!(node(&format!("'{}'", d.storage.join("User1/x").display())), "fifo 644 1609556645\n");
+    let other = d.mount(USER1);
+    assert_eq!(ok(&format!("stat -c %F {}", other.p("x/pipe"))), "fifo\n", "another mount sees a pipe");
+
+    let echoed = ok(&format!(
+        "cd {} && python3 -c '
+import socket, os
+server = socket.socket(socket.AF_UNIX)
+server.bind(\"sock\")
+server.listen(1)
+client = socket.socket(socket.AF_UNIX)
+client.connect(\"sock\")
+conn, _ = server.accept()
+client.sendall(b\"over the socket\")
+print(conn.recv(100).decode())
+'",
+        m.p("x")
+    ));
+    assert_eq!(echoed, "over the socket\n");
+    assert_eq!(ok(&format!("stat -c %F {}", m.p("x/sock"))), "socket\n");
+    assert!(fs::symlink_metadata(d.storage.join("User1/x/sock")).unwrap().file_type().is_socket());
+
+    assert!(fails(&format!("mknod {} c 1 3", m.p("x/null"))).contains("Operation not permitted"));
+    assert!(fails(&format!("mkfifo {}", m.p("x/pipe"))).contains("File exists"));
+    ok(&format!("rm {} {}", m.p("x/pipe"), m.p("x/sock")));
+    assert_eq!(fs::read_dir(d.storage.join("User1/x")).unwrap().count(), 0);
 }
 
 #[test]

@@ -1102,17 +1102,31 @@ impl<T: Transport> DfosFs<T> {
             self.meta.lock().unwrap().created(&path, attr.clone());
             return Ok(self.remember(&path, attr));
         }
-        let attr = expect_attr(self.call(Request::Mkdir { path: path.clone(), mode }).await?)?;
-        self.meta.lock().unwrap().created(&path, attr.clone());
-        Ok(self.remember(&path, attr))
+        self.make_entry(&path, Request::Mkdir { path: path.clone(), mode }).await
+    }
+
+    /// Waits for the storage node to make a new name, then knows it.
+    async fn make_entry(&self, path: &str, request: Request) -> FsResult<Entry> {
+        let attr = expect_attr(self.call(request).await?)?;
+        self.meta.lock().unwrap().created(path, attr.clone());
+        Ok(self.remember(path, attr))
     }
 
     pub async fn symlink(&self, parent: u64, name: &std::ffi::OsStr, target: &std::ffi::OsStr) -> FsResult<Entry> {
         let path = self.child_path(parent, name)?;
         let target = name_str(target)?.to_owned();
-        let attr = expect_attr(self.call(Request::Symlink { path: path.clone(), target }).await?)?;
-        self.meta.lock().unwrap().created(&path, attr.clone());
-        Ok(self.remember(&path, attr))
+        self.make_entry(&path, Request::Symlink { path: path.clone(), target }).await
+    }
+
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        kind: dfos_protocol::FileKind,
+        mode: u32,
+    ) -> FsResult<Entry> {
+        let path = self.child_path(parent, name)?;
+        self.make_entry(&path, Request::MakeNode { path: path.clone(), kind, mode }).await
     }
 
     /// A link's target is asked for every time: it is a few bytes, and the

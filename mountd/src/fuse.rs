@@ -89,6 +89,8 @@ fn file_type(kind: FileKind) -> FileType {
         FileKind::File | FileKind::Other => FileType::RegularFile,
         FileKind::Directory => FileType::Directory,
         FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
     }
 }
 
@@ -291,6 +293,28 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         let (name, target) = (link_name.to_owned(), target.as_os_str().to_owned());
         let answer = self.reply_entry(reply);
         self.spawn(move |fs| async move { fs.symlink(parent.0, &name, &target).await }, answer);
+    }
+
+    /// `mkfifo`, and `bind` of a Unix socket. The kernel keeps what passes
+    /// through either; dfos stores only the name. Devices are refused.
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            _ => FileKind::Other,
+        };
+        let name = name.to_owned();
+        let answer = self.reply_entry(reply);
+        self.spawn(move |fs| async move { fs.mknod(parent.0, &name, kind, mode & !umask & 0o7777).await }, answer);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
