@@ -404,6 +404,42 @@ print(conn.recv(100).decode())
 }
 
 #[test]
+fn a_read_only_mount_reads_and_follows_changes_but_refuses_every_change_with_erofs() {
+    let d = Deployment::start("read-only");
+    let rw = d.mount(USER1);
+    fs::create_dir(rw.join("d")).unwrap();
+    fs::write(rw.join("d/f"), "kept").unwrap();
+    let ro = d.mount_with(USER1, 30, &["--read-only"]);
+    assert!(
+        ok("mount").lines().any(|l| l.contains(&format!(" {} ", ro.path.display())) && l.contains("(ro,")),
+        "{}",
+        ok("mount")
+    );
+    assert_eq!(fs::read_to_string(ro.join("d/f")).unwrap(), "kept");
+    for change in [
+        format!("touch {}", ro.p("new")),
+        format!("echo x > {}", ro.p("d/f")),
+        format!("echo x >> {}", ro.p("d/f")),
+        format!("mkdir {}", ro.p("e")),
+        format!("rm {}", ro.p("d/f")),
+        format!("mv {} {}", ro.p("d/f"), ro.p("g")),
+        format!("chmod 600 {}", ro.p("d/f")),
+        format!("truncate -s 0 {}", ro.p("d/f")),
+        format!("ln -s f {}", ro.p("d/l")),
+    ] {
+        assert!(fails(&change).contains("Read-only file system"), "{change}");
+    }
+    assert_eq!(fs::read_to_string(d.storage.join("User1/d/f")).unwrap(), "kept", "nothing changed on the node");
+    assert_eq!(fs::read_dir(d.storage.join("User1")).unwrap().count(), 1);
+    fs::write(rw.join("d/f"), "changed elsewhere").unwrap();
+    let start = std::time::Instant::now();
+    while fs::read_to_string(ro.join("d/f")).unwrap() != "changed elsewhere" {
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "the read-only mount follows other mounts");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn append_truncate_chmod_and_touch() {
     let d = Deployment::start("attrs");
     let m = d.mount(USER1);

@@ -50,6 +50,9 @@ pub struct Config {
     /// How long names and attributes are trusted without news from
     /// `dfos.events` (which normally invalidates them within milliseconds).
     pub cache_ttl: Duration,
+    /// Mount read-only: the kernel refuses every change with EROFS before
+    /// it reaches mountd, as for `mount -o ro`.
+    pub read_only: bool,
 }
 
 /// The password for `user`: the first line of `file`, else DFOS_PASSWORD,
@@ -116,6 +119,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
     ];
+    if config.read_only {
+        fuse_config.mount_options.push(MountOption::RO);
+    }
     if config.allow_other {
         fuse_config.acl = SessionACL::All;
         fuse_config.mount_options.push(MountOption::AutoUnmount);

@@ -27,6 +27,9 @@ struct Cli {
     /// change event drops them sooner.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     cache_ttl: u64,
+    /// Mount read-only: every change fails with EROFS.
+    #[arg(long)]
+    read_only: bool,
     /// librdkafka setting passed through, e.g. -X security.protocol=SSL.
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
     kafka: Vec<(String, String)>,
@@ -55,6 +58,7 @@ fn main() {
             mountpoint: cli.mountpoint.clone(),
             allow_other: cli.allow_other,
             cache_ttl: Duration::from_secs(cli.cache_ttl),
+            read_only: cli.read_only,
         })
     });
     if let Err(e) = outcome {
