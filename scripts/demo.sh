@@ -69,7 +69,7 @@ fi
 trap stop_all EXIT
 trap 'exit 0' INT TERM
 
-RUST_LOG="${RUST_LOG:-info},storaged::service=info" target/release/storaged --brokers "$DFOS_BROKERS" --storage storage --credentials id_passwd.txt \
+RUST_LOG="${RUST_LOG:-info},storaged::service=info" target/release/storaged --brokers "$DFOS_BROKERS" --storage storage --credentials id_passwd.txt --trash-hours 24 \
   >"$run/storaged.log" 2>&1 &
 storaged_pid=$!
 echo $storaged_pid >"$run/storaged.pid"

@@ -344,3 +344,41 @@ fn a_directory_mtime_moves_with_its_entries_on_both_mounts() {
     assert_eq!(on_a("d/keep"), untouched, "a directory whose entries stayed keeps its time");
     assert_eq!(on_b("d/keep"), stored("d/keep"));
 }
+
+/// With `storaged --trash-hours`, what `rm` deletes and what a save by
+/// rename replaces stay in `.trash/`, where both mounts see them at once,
+/// `mv` restores them and `rm` there frees them for good.
+#[test]
+fn deleted_and_replaced_files_wait_in_the_trash_and_can_be_restored() {
+    let d = Deployment::start_with_storaged_flags("trash", &["--trash-hours", "24"]);
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let versions = |root: &str| {
+        let found = ok(&format!("cd {root} && find .trash -type f | sort"));
+        found.lines().map(|l| l.to_owned()).collect::<Vec<_>>()
+    };
+    fs::create_dir(a.join("docs")).unwrap();
+    fs::write(a.join("docs/notes.txt"), "first draft\n").unwrap();
+    assert!(fails(&format!("ls {}", b.p(".trash"))).contains("No such file"), "no trash before anything is deleted");
+    ok(&format!("sed -i s/first/second/ {}", a.p("docs/notes.txt")));
+    fs::remove_file(a.join("docs/notes.txt")).unwrap();
+
+    let kept = versions(&a.p(""));
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let contents: Vec<String> = kept.iter().map(|v| fs::read_to_string(a.join(v)).unwrap()).collect();
+    assert_eq!(contents, ["first draft\n", "second draft\n"], "oldest first: {kept:?}");
+    for version in &kept {
+        let (dir, name) = version.rsplit_once('/').unwrap();
+        assert!(dir.starts_with(".trash/20") && dir.ends_with("/docs"), "{version}: its bucket, then its old path");
+        assert!(name.starts_with("notes.txt@"), "{version}");
+    }
+    soon("the trash", || versions(&b.p("")) == kept);
+    assert_eq!(versions(&format!("'{}'", d.storage.join("User1").display())), kept, "on the storage node");
+
+    ok(&format!("mv {} {}", a.p(&kept[1]), a.p("docs/notes.txt")));
+    assert_eq!(fs::read_to_string(a.join("docs/notes.txt")).unwrap(), "second draft\n", "restored by mv");
+    soon("the restore", || fs::read_to_string(b.join("docs/notes.txt")).ok().as_deref() == Some("second draft\n"));
+    ok(&format!("rm -r {}", a.p(".trash")));
+    assert!(!d.storage.join("User1/.trash").exists(), "deleting in the trash frees the space");
+    assert_eq!(fs::read_to_string(d.storage.join("User1/docs/notes.txt")).unwrap(), "second draft\n");
+}

@@ -1244,6 +1244,17 @@ impl<T: Transport> DfosFs<T> {
                 entry(to, &mut out);
             }
         }
+        if matches!(change, Change::Removed { .. } | Change::Renamed { .. }) {
+            meta.trash_changed();
+            let trash = dfos_protocol::path::TRASH_DIR;
+            match inodes.ino_of(trash) {
+                Some(ino) => out.push(Invalidation::Inode(ino)),
+                // The trash may have just been made: drop the kernel's
+                // negative entry. A known one is left alone, so a shell
+                // inside it keeps its working directory.
+                None => out.push(Invalidation::Entry { parent: inodes::ROOT_INO, name: trash.to_owned() }),
+            }
+        }
         out
     }
 

@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use dfos_protocol::path::split;
+use dfos_protocol::path::{split, TRASH_DIR};
 use dfos_protocol::{FileAttr, Timestamp};
 
 use crate::inodes;
@@ -79,8 +79,10 @@ impl MetaCache {
 
     /// True when `path` is known not to exist: its parent's whole listing
     /// is fresh and does not hold the name.
+    /// The trash is made by a storage node when it first keeps a file,
+    /// unseen by this cache, so it is never known absent.
     pub fn known_absent(&self, path: &str) -> bool {
-        if path.is_empty() || self.attrs.get(path).is_some_and(|e| e.at.elapsed() < self.ttl) {
+        if path.is_empty() || path == TRASH_DIR || self.attrs.get(path).is_some_and(|e| e.at.elapsed() < self.ttl) {
             return false;
         }
         let (parent, name) = split(path);
@@ -195,6 +197,7 @@ impl MetaCache {
     /// it and everything below it are gone from this mount's view.
     pub fn removed(&mut self, path: &str, was_directory: bool) {
         self.forget_entry(path);
+        self.trash_changed();
         self.entries_changed(split(path).0, crate::rpc::now(), if was_directory { -1 } else { 0 });
     }
 
@@ -214,6 +217,7 @@ impl MetaCache {
     /// cached here, the parents' link counts are the storage node's to
     /// tell.
     pub fn renamed(&mut self, from: &str, to: &str) {
+        self.trash_changed();
         let attr = self.attr(from);
         self.forget_entry(from);
         self.forget_entry(to);
@@ -261,6 +265,18 @@ impl MetaCache {
         self.forget_parent(path);
         self.attrs.retain(|p, _| !inside(p, path));
         self.listings.retain(|p, _| !inside(p, path));
+    }
+
+    /// A removal or a replacing rename, here or on another mount, may
+    /// have put a version into the trash (`storaged --trash-hours`), so
+    /// nothing cached inside it is trusted. Entries below the trash are
+    /// only ever cached after the trash itself, hence the cheap check.
+    pub fn trash_changed(&mut self) {
+        if self.attrs.contains_key(TRASH_DIR) || self.listings.contains_key(TRASH_DIR) {
+            self.generation += 1;
+            self.attrs.retain(|p, _| !inside(p, TRASH_DIR));
+            self.listings.retain(|p, _| !inside(p, TRASH_DIR));
+        }
     }
 
     fn forget_parent(&mut self, path: &str) {
@@ -391,6 +407,22 @@ mod tests {
         c.put_attr("d", with_mtime(FileKind::Directory, 1));
         c.invalidate("d/other");
         assert!(c.attr("d").is_none(), "another mount changed d's entries");
+    }
+
+    #[test]
+    fn the_trash_is_never_known_absent_and_is_reread_after_any_removal() {
+        let mut c = MetaCache::new(Duration::from_secs(10));
+        c.put_listing("", [("f".to_string(), attr(FileKind::File)), ("g".to_string(), attr(FileKind::File))]);
+        assert!(c.known_absent("other") && !c.known_absent(TRASH_DIR), "a node makes the trash unseen");
+        c.put_listing(TRASH_DIR, [("2026-12-06T19".to_string(), attr(FileKind::Directory))]);
+        c.put_listing(".trash/2026-12-06T19", []);
+        c.put_attr(TRASH_DIR, attr(FileKind::Directory));
+        c.removed("f", false);
+        assert!(!c.listed(TRASH_DIR) && !c.listed(".trash/2026-12-06T19") && c.attr(TRASH_DIR).is_none());
+        assert!(c.listed(""), "the root's listing stays");
+        c.put_listing(TRASH_DIR, []);
+        c.renamed("g", "h");
+        assert!(!c.listed(TRASH_DIR), "a rename may replace a file, which the trash then keeps");
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! `""` for the root itself. Joining and splitting them lives here once, so
 //! mountd and storaged build and take apart the same paths the same way.
 
+/// The directory at a user's root where storage nodes run with a trash
+/// keep deleted and replaced files (`storaged --trash-hours`).
+pub const TRASH_DIR: &str = ".trash";
+
 /// `parent/name`, where the root's path is `""`.
 pub fn join(parent: &str, name: &str) -> String {
     if parent.is_empty() {

@@ -5,7 +5,9 @@
 //! topic. The layers, bottom up:
 //! - [`paths`]: client paths to locations that cannot leave a user's root;
 //! - [`store`]: one request applied to the local directory tree, with
-//!   [`direct`] writing whole chunks past the page cache;
+//!   [`direct`] writing whole chunks past the page cache, [`sys`] for the
+//!   system calls `std` lacks, and [`trash`] keeping deleted and replaced
+//!   files for a while;
 //! - [`credentials`] and [`session`]: passwords and session tokens;
 //! - [`checkpoint`]: the applied offset per partition, kept with the data;
 //! - [`lock`]: one daemon per storage directory;
@@ -22,6 +24,8 @@ pub mod paths;
 pub mod service;
 pub mod session;
 pub mod store;
+pub mod sys;
+pub mod trash;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -44,6 +48,8 @@ pub struct Config {
     pub timeout_secs: u64,
     /// librdkafka settings passed through (TLS, SASL, tuning).
     pub kafka_options: Vec<(String, String)>,
+    /// Hours deleted and replaced files stay in `.trash/` (0: none).
+    pub trash_hours: u64,
 }
 
 impl Default for Config {
@@ -59,6 +65,7 @@ impl Default for Config {
             request_retention_ms: -1,
             timeout_secs: 30,
             kafka_options: Vec::new(),
+            trash_hours: 0,
         }
     }
 }
@@ -67,7 +74,8 @@ impl Default for Config {
 pub fn run(config: Config) -> anyhow::Result<()> {
     use anyhow::Context;
     let store = store::Store::new(&config.storage)
-        .with_context(|| format!("cannot use storage directory {}", config.storage.display()))?;
+        .with_context(|| format!("cannot use storage directory {}", config.storage.display()))?
+        .with_trash(config.trash_hours);
     let _lock = lock::StorageLock::acquire(&config.storage)?;
     let credentials = credentials::Credentials::open(&config.credentials)?;
     let topics = dfos_protocol::Topics::new(&config.namespace);

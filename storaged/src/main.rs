@@ -24,6 +24,10 @@ struct Cli {
     replication_factor: i32,
     #[arg(long, global = true, default_value_t = 30, value_name = "SECS")]
     timeout: u64,
+    /// Keep deleted and replaced files in each user's .trash/ for this many
+    /// hours (0: delete at once). Give every node the same value.
+    #[arg(long, global = true, default_value_t = 0, value_name = "HOURS")]
+    trash_hours: u64,
     /// librdkafka setting passed through, e.g. -X security.protocol=SSL.
     #[arg(short = 'X', global = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
     kafka: Vec<(String, String)>,
@@ -66,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         replication_factor: cli.replication_factor,
         timeout_secs: cli.timeout,
         kafka_options: cli.kafka,
+        trash_hours: cli.trash_hours,
         ..storaged::Config::default()
     };
     match cli.command {

@@ -273,11 +273,12 @@ impl Service {
         let producer = self.producer("0")?;
         let event_producer = self.producer(EVENT_LINGER_MS)?;
         log::info!(
-            "op=start node={} topic={requests} partitions={} storage={} checkpoint={}",
+            "op=start node={} topic={requests} partitions={} storage={} checkpoint={} trash_hours={}",
             self.config.node_id,
             self.in_doubt.len(),
             self.store.root().display(),
-            self.checkpoint.path().display()
+            self.checkpoint.path().display(),
+            self.config.trash_hours
         );
         while !stop.load(Ordering::Relaxed) {
             let Some(polled) = consumer.poll(Duration::from_millis(200)) else {

@@ -26,6 +26,8 @@ use dfos_protocol::{
 use crate::direct;
 use crate::log_index::FileStamp;
 use crate::paths::{self, PathError};
+use crate::sys;
+use crate::trash::Trash;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -77,6 +79,7 @@ type StoreResult<T> = Result<T, StoreError>;
 
 pub struct Store {
     root: PathBuf,
+    trash: Option<Trash>,
 }
 
 fn to_system_time(t: Timestamp) -> SystemTime {
@@ -191,7 +194,21 @@ fn read_at_most(mut file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>>
 impl Store {
     pub fn new(root: &Path) -> io::Result<Self> {
         fs::create_dir_all(root)?;
-        Ok(Store { root: root.to_owned() })
+        Ok(Store { root: root.to_owned(), trash: None })
+    }
+
+    /// Keeps deleted and replaced files in each user's trash for
+    /// `keep_hours` (see [`crate::trash`]); 0 deletes them at once.
+    pub fn with_trash(mut self, keep_hours: u64) -> Self {
+        self.trash = (keep_hours > 0).then(|| Trash::new(keep_hours));
+        self
+    }
+
+    /// Whether the regular file at `rel` went to the trash instead of
+    /// being removed.
+    fn kept_in_trash(&self, root: &Path, rel: &str, victim: &Path, now: Timestamp) -> bool {
+        let is_file = fs::symlink_metadata(victim).is_ok_and(|m| m.file_type().is_file());
+        is_file && self.trash.as_ref().is_some_and(|trash| trash.keep(root, rel, now))
     }
 
     pub fn root(&self) -> &Path {
@@ -242,7 +259,9 @@ impl Store {
                 if fs::symlink_metadata(&target)?.is_dir() {
                     return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EISDIR)));
                 }
-                fs::remove_file(&target)?;
+                if !self.kept_in_trash(&root, path, &target, now) {
+                    fs::remove_file(&target)?;
+                }
                 stamp_parent(&target, now);
                 Ok(Payload::Done)
             }
@@ -259,7 +278,14 @@ impl Store {
                 if from.is_empty() || to.is_empty() {
                     return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EBUSY)));
                 }
+                let (from_rel, to_rel) = (from, to);
                 let (from, to) = (at(from)?, at(to)?);
+                // Only a non-directory replaces a file; anything else fails below
+                // with the file still in place.
+                let moves_a_non_directory = fs::symlink_metadata(&from).is_ok_and(|m| !m.is_dir());
+                if *mode == RenameMode::Replace && from_rel != to_rel && moves_a_non_directory {
+                    self.kept_in_trash(&root, to_rel, &to, now);
+                }
                 rename(&from, &to, *mode)?;
                 stamp_parent(&from, now);
                 if from.parent() != to.parent() {
@@ -292,7 +318,7 @@ impl Store {
                 let link = at(path)?;
                 std::os::unix::fs::symlink(target, &link)?;
                 stamp_parent(&link, now);
-                set_times_nofollow(&link, Some(now), Some(now))?;
+                sys::set_times_nofollow(&link, Some(now), Some(now))?;
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&link)?)))
             }
             Request::MakeNode { path, kind, mode } => {
@@ -387,23 +413,9 @@ fn create(path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResul
 fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
     match mode {
         RenameMode::Replace => fs::rename(from, to)?,
-        RenameMode::NoReplace => {
-            let (from, to) = (c_path(from)?, c_path(to)?);
-            // SAFETY: both arguments are valid NUL-terminated strings that outlive the call.
-            let rc = unsafe {
-                libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error().into());
-            }
-        }
+        RenameMode::NoReplace => sys::rename_no_replace(from, to)?,
     }
     Ok(())
-}
-
-fn c_path(path: &Path) -> StoreResult<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| StoreError::Path(PathError::Nul))
 }
 
 fn invalid() -> StoreError {
@@ -434,15 +446,11 @@ fn make_node(node: &Path, kind: FileKind, mode: u32, now: Timestamp) -> StoreRes
             return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EPERM)));
         }
     };
-    let c_node = c_path(node)?;
-    // SAFETY: `c_node` is NUL-terminated and outlives the call.
-    if unsafe { libc::mknod(c_node.as_ptr(), type_bits | (mode & 0o7777), 0) } != 0 {
-        return Err(io::Error::last_os_error().into());
-    }
+    sys::make_node(node, type_bits, mode)?;
     // The daemon's umask must not change the mode the client asked for;
     // chmod follows links, but `node` was just made and is not one.
     fs::set_permissions(node, Permissions::from_mode(mode & 0o7777))?;
-    set_times_nofollow(node, Some(now), Some(now))
+    Ok(sys::set_times_nofollow(node, Some(now), Some(now))?)
 }
 
 /// A setattr that reaches a symbolic link itself (`touch -h`, `tar x`
@@ -466,7 +474,7 @@ fn set_node_attr(
         None => {}
     }
     let [atime, mtime] = times;
-    set_times_nofollow(node, atime, mtime)?;
+    sys::set_times_nofollow(node, atime, mtime)?;
     Ok(Payload::Attr(attr_of(&fs::symlink_metadata(node)?)))
 }
 
@@ -477,26 +485,9 @@ fn set_node_attr(
 /// change's.
 fn stamp_parent(entry: &Path, now: Timestamp) {
     let Some(parent) = entry.parent() else { return };
-    if let Err(e) = set_times_nofollow(parent, None, Some(now)) {
+    if let Err(e) = sys::set_times_nofollow(parent, None, Some(now)) {
         log::warn!("op=stamp-directory path={parent:?} cannot set its mtime: {e}");
     }
-}
-
-/// `utimensat(AT_SYMLINK_NOFOLLOW)`: a link's own times, never its
-/// target's; `None` leaves one as it is.
-fn set_times_nofollow(link: &Path, atime: Option<Timestamp>, mtime: Option<Timestamp>) -> StoreResult<()> {
-    let spec = |t: Option<Timestamp>| match t {
-        Some(t) => libc::timespec { tv_sec: t.secs as libc::time_t, tv_nsec: t.nanos.min(999_999_999) as libc::c_long },
-        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-    };
-    let times = [spec(atime), spec(mtime)];
-    let link = c_path(link)?;
-    // SAFETY: `link` is NUL-terminated and `times` holds two timespecs; both outlive the call.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, link.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    Ok(())
 }
 
 /// One page of `dir` in byte order of names, starting after `after`.
@@ -861,6 +852,70 @@ mod tests {
             assert_eq!(code(s.apply("u", T, &node("dev", kind))), ErrorCode::NotPermitted, "{kind:?}");
         }
         assert!(fs::symlink_metadata(dir.path().join("u/dev")).is_err());
+    }
+
+    #[test]
+    fn deleted_and_replaced_files_go_to_the_trash_under_their_path_and_time_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::new(dir.path()).unwrap().with_trash(2);
+        let user = dir.path().join("u");
+        // 2026-12-06T19:55:01.000000007Z
+        let at = |secs: i64| Timestamp { secs: 1_796_586_901 + secs, nanos: 7 };
+        let write = |path: &str, data: &[u8], now| {
+            let create = Request::Create { path: path.into(), mode: 0o640, exclusive: false };
+            s.apply("u", now, &create).unwrap();
+            s.apply("u", now, &Request::Write { path: path.into(), offset: 0, data: data.to_vec() }).unwrap();
+        };
+        s.apply("u", at(0), &Request::Mkdir { path: "d".into(), mode: 0o755 }).unwrap();
+        write("d/f", b"first", at(0));
+        s.apply("u", at(1), &Request::Unlink { path: "d/f".into() }).unwrap();
+        let kept = user.join(".trash/2026-12-06T19/d/f@19.55.02.000000007");
+        assert_eq!(fs::read(&kept).unwrap(), b"first");
+        assert_eq!(fs::metadata(&kept).unwrap().mode() & 0o777, 0o640, "moved, not copied");
+        assert!(!user.join("d/f").exists());
+
+        write("d/f", b"second", at(2));
+        write("d/f.tmp", b"third", at(3));
+        let save = Request::Rename { from: "d/f.tmp".into(), to: "d/f".into(), mode: RenameMode::Replace };
+        s.apply("u", at(3), &save).unwrap();
+        assert_eq!(fs::read(user.join("d/f")).unwrap(), b"third");
+        assert_eq!(fs::read(user.join(".trash/2026-12-06T19/d/f@19.55.04.000000007")).unwrap(), b"second");
+        write("d/g", b"twice", at(3));
+        s.apply("u", at(3), &Request::Unlink { path: "d/g".into() }).unwrap();
+        write("d/g", b"again", at(3));
+        s.apply("u", at(3), &Request::Unlink { path: "d/g".into() }).unwrap();
+        let bucket = user.join(".trash/2026-12-06T19/d");
+        assert_eq!(fs::read(bucket.join("g@19.55.04.000000007")).unwrap(), b"twice");
+        assert_eq!(fs::read(bucket.join("g@19.55.04.000000007-2")).unwrap(), b"again", "one time, two versions");
+
+        s.apply("u", at(4), &Request::Mkdir { path: "e".into(), mode: 0o755 }).unwrap();
+        let dir_over_file = Request::Rename { from: "e".into(), to: "d/f".into(), mode: RenameMode::Replace };
+        assert_eq!(code(s.apply("u", at(4), &dir_over_file)), ErrorCode::NotDir);
+        assert_eq!(fs::read(user.join("d/f")).unwrap(), b"third", "a failing rename leaves the file in place");
+        let purge = Request::Unlink { path: ".trash/2026-12-06T19/d/f@19.55.02.000000007".into() };
+        s.apply("u", at(5), &purge).unwrap();
+        assert!(!kept.exists() && !user.join(".trash/2026-12-06T20").exists(), "deleting in the trash frees the space");
+
+        s.apply("u", at(6), &Request::Symlink { path: "l".into(), target: "d/f".into() }).unwrap();
+        s.apply("u", at(6), &Request::Unlink { path: "l".into() }).unwrap();
+        assert!(fs::symlink_metadata(user.join("l")).is_err(), "links are removed, not kept");
+
+        // Three hours on, the 19:00 bucket is past its two hours and goes.
+        fs::create_dir(user.join(".trash/keep-me")).unwrap();
+        write("h", b"later", at(3 * 3600));
+        s.apply("u", at(3 * 3600), &Request::Unlink { path: "h".into() }).unwrap();
+        assert!(!user.join(".trash/2026-12-06T19").exists());
+        assert!(user.join(".trash/2026-12-06T22/h@22.55.01.000000007").exists());
+        assert!(user.join(".trash/keep-me").exists(), "only buckets are swept");
+
+        // A user's own .trash that leads elsewhere is never followed.
+        fs::remove_dir_all(user.join(".trash")).unwrap();
+        fs::create_dir(dir.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink("../elsewhere", user.join(".trash")).unwrap();
+        write("x", b"x", at(4 * 3600));
+        s.apply("u", at(4 * 3600), &Request::Unlink { path: "x".into() }).unwrap();
+        assert!(!user.join("x").exists(), "removed as asked");
+        assert_eq!(fs::read_dir(dir.path().join("elsewhere")).unwrap().count(), 0);
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct Deployment {
     pub credentials: PathBuf,
     pub brokers: String,
     replication_factor: u32,
+    /// Given to every storaged of the deployment, after the harness's own.
+    storaged_flags: Vec<String>,
     nodes: Vec<Node>,
 }
 
@@ -110,9 +112,24 @@ impl Deployment {
         Deployment::start_replicated(name, 1, &brokers(), 1)
     }
 
+    /// Like [`Deployment::start`], with `flags` for storaged.
+    pub fn start_with_storaged_flags(name: &str, flags: &[&str]) -> Deployment {
+        Deployment::start_replicated_with(name, 1, &brokers(), 1, flags)
+    }
+
     /// `replicas` running storage daemons on `brokers`, whose topics get
     /// `replication_factor`.
     pub fn start_replicated(name: &str, replicas: usize, brokers: &str, replication_factor: u32) -> Deployment {
+        Deployment::start_replicated_with(name, replicas, brokers, replication_factor, &[])
+    }
+
+    fn start_replicated_with(
+        name: &str,
+        replicas: usize,
+        brokers: &str,
+        replication_factor: u32,
+        storaged_flags: &[&str],
+    ) -> Deployment {
         let dir = tempfile::Builder::new().prefix(&format!("dfos-{name}-")).tempdir().unwrap();
         let namespace =
             format!("t{}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), name.replace('_', "-"));
@@ -123,6 +140,7 @@ impl Deployment {
             namespace,
             brokers: brokers.to_owned(),
             replication_factor,
+            storaged_flags: storaged_flags.iter().map(|f| f.to_string()).collect(),
             nodes: Vec::new(),
         };
         for (user, password) in [USER1, USER2] {
@@ -182,7 +200,7 @@ impl Deployment {
     }
 
     fn storaged_args(&self, node: usize) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--brokers".into(),
             self.brokers.clone(),
             "--namespace".into(),
@@ -195,7 +213,9 @@ impl Deployment {
             format!("node{node}"),
             "--replication-factor".into(),
             self.replication_factor.to_string(),
-        ]
+        ];
+        args.extend(self.storaged_flags.iter().cloned());
+        args
     }
 
     /// A storaged with node `node`'s flags, logging at info to `log_name`.

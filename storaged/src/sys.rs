@@ -1,0 +1,50 @@
+//! The few system calls the store needs that `std` does not offer, each
+//! acting on a path and never following a symlink at its last component.
+
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+
+use dfos_protocol::Timestamp;
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `renameat2(RENAME_NOREPLACE)`: EEXIST instead of replacing `to`.
+pub fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    let (from, to) = (c_path(from)?, c_path(to)?);
+    // SAFETY: both arguments are NUL-terminated strings that outlive the call.
+    check(unsafe {
+        libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
+    })
+}
+
+/// `mknod` of a node of type `type_bits` (`S_IFIFO`, `S_IFSOCK`).
+pub fn make_node(path: &Path, type_bits: libc::mode_t, mode: u32) -> io::Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: `path` is NUL-terminated and outlives the call.
+    check(unsafe { libc::mknod(path.as_ptr(), type_bits | (mode & 0o7777), 0) })
+}
+
+/// `utimensat(AT_SYMLINK_NOFOLLOW)`: a link's own times, never its
+/// target's; `None` leaves one as it is.
+pub fn set_times_nofollow(path: &Path, atime: Option<Timestamp>, mtime: Option<Timestamp>) -> io::Result<()> {
+    let spec = |t: Option<Timestamp>| match t {
+        Some(t) => libc::timespec { tv_sec: t.secs as libc::time_t, tv_nsec: t.nanos.min(999_999_999) as libc::c_long },
+        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+    };
+    let times = [spec(atime), spec(mtime)];
+    let path = c_path(path)?;
+    // SAFETY: `path` is NUL-terminated and `times` holds two timespecs; both outlive the call.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+}
