@@ -378,7 +378,17 @@ fn deleted_and_replaced_files_wait_in_the_trash_and_can_be_restored() {
     ok(&format!("mv {} {}", a.p(&kept[1]), a.p("docs/notes.txt")));
     assert_eq!(fs::read_to_string(a.join("docs/notes.txt")).unwrap(), "second draft\n", "restored by mv");
     soon("the restore", || fs::read_to_string(b.join("docs/notes.txt")).ok().as_deref() == Some("second draft\n"));
+    ok(&format!("echo third > {}", a.p("docs/notes.txt")));
+    let after = versions(&a.p(""));
+    let overwritten: Vec<&String> = after.iter().filter(|v| !kept.contains(v)).collect();
+    assert_eq!(overwritten.len(), 1, "{after:?}");
+    assert_eq!(
+        fs::read_to_string(a.join(overwritten[0])).unwrap(),
+        "second draft\n",
+        "a shell's > keeps what it empties"
+    );
+    assert_eq!(fs::read_to_string(a.join("docs/notes.txt")).unwrap(), "third\n");
     ok(&format!("rm -r {}", a.p(".trash")));
     assert!(!d.storage.join("User1/.trash").exists(), "deleting in the trash frees the space");
-    assert_eq!(fs::read_to_string(d.storage.join("User1/docs/notes.txt")).unwrap(), "second draft\n");
+    assert_eq!(fs::read_to_string(d.storage.join("User1/docs/notes.txt")).unwrap(), "third\n");
 }

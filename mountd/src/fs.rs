@@ -788,7 +788,12 @@ impl<T: Transport> DfosFs<T> {
         if let Some(size) = size {
             self.stream_or_new(ino).truncate_shadow(size);
         }
-        self.meta.lock().unwrap().put_attr(&path, attr.clone());
+        let mut meta = self.meta.lock().unwrap();
+        if size == Some(0) {
+            // The node may have kept the old bytes in the trash.
+            meta.trash_changed();
+        }
+        meta.put_attr(&path, attr.clone());
         Ok(attr)
     }
 
@@ -1222,6 +1227,12 @@ impl<T: Transport> DfosFs<T> {
         };
         match change {
             Change::Modified { path } => {
+                // A truncate to zero may have put a version in the trash.
+                if meta.trash_changed() {
+                    if let Some(ino) = inodes.ino_of(dfos_protocol::path::TRASH_DIR) {
+                        out.push(Invalidation::Inode(ino));
+                    }
+                }
                 meta.drop_attr(path);
                 self.small.forget(path);
                 if let Some(ino) = inodes.ino_of(path) {

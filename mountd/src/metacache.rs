@@ -271,12 +271,15 @@ impl MetaCache {
     /// have put a version into the trash (`storaged --trash-hours`), so
     /// nothing cached inside it is trusted. Entries below the trash are
     /// only ever cached after the trash itself, hence the cheap check.
-    pub fn trash_changed(&mut self) {
-        if self.attrs.contains_key(TRASH_DIR) || self.listings.contains_key(TRASH_DIR) {
+    /// Returns whether anything was dropped.
+    pub fn trash_changed(&mut self) -> bool {
+        let cached = self.attrs.contains_key(TRASH_DIR) || self.listings.contains_key(TRASH_DIR);
+        if cached {
             self.generation += 1;
             self.attrs.retain(|p, _| !inside(p, TRASH_DIR));
             self.listings.retain(|p, _| !inside(p, TRASH_DIR));
         }
+        cached
     }
 
     fn forget_parent(&mut self, path: &str) {

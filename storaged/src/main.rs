@@ -24,7 +24,7 @@ struct Cli {
     replication_factor: i32,
     #[arg(long, global = true, default_value_t = 30, value_name = "SECS")]
     timeout: u64,
-    /// Keep deleted and replaced files in each user's .trash/ for this many
+    /// Keep deleted, replaced and emptied files in each user's .trash/ for this many
     /// hours (0: delete at once). Give every node the same value.
     #[arg(long, global = true, default_value_t = 0, value_name = "HOURS")]
     trash_hours: u64,

@@ -204,6 +204,21 @@ impl Store {
         self
     }
 
+    /// A truncate to zero (`>`, `cp` onto a file, `O_TRUNC`) is an
+    /// overwrite: with a trash, the old bytes go there and an empty file
+    /// with the same mode takes their place, to be written anew.
+    fn keep_before_emptying(&self, root: &Path, rel: &str, target: &Path, now: Timestamp) -> StoreResult<()> {
+        let old = fs::symlink_metadata(target)?;
+        if old.len() == 0 || !self.kept_in_trash(root, rel, target, now) {
+            return Ok(());
+        }
+        let mode = old.mode() & 0o7777;
+        let fresh =
+            OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(mode).open(target)?;
+        fresh.set_permissions(Permissions::from_mode(mode))?;
+        Ok(())
+    }
+
     /// Whether the regular file at `rel` went to the trash instead of
     /// being removed.
     fn kept_in_trash(&self, root: &Path, rel: &str, victim: &Path, now: Timestamp) -> bool {
@@ -339,6 +354,9 @@ impl Store {
                 if matches!(kind, FileKind::Symlink | FileKind::Fifo | FileKind::Socket) {
                     let times = [atime, mtime].map(|t| t.map(|t| t.at(now)));
                     return set_node_attr(&target, kind == FileKind::Symlink, *size, *mode, times);
+                }
+                if *size == Some(0) {
+                    self.keep_before_emptying(&root, path, &target, now)?;
                 }
                 let file = open_nofollow(&target, size.is_some())?;
                 if let Some(size) = size {
@@ -899,6 +917,19 @@ mod tests {
         s.apply("u", at(6), &Request::Symlink { path: "l".into(), target: "d/f".into() }).unwrap();
         s.apply("u", at(6), &Request::Unlink { path: "l".into() }).unwrap();
         assert!(fs::symlink_metadata(user.join("l")).is_err(), "links are removed, not kept");
+
+        let empty = |secs| Request::SetAttr {
+            path: "d/f".into(),
+            size: Some(0),
+            mode: None,
+            atime: None,
+            mtime: Some(SetTime::At(at(secs))),
+        };
+        let Payload::Attr(attr) = s.apply("u", at(7), &empty(7)).unwrap() else { panic!() };
+        assert_eq!((attr.size, attr.mode, attr.mtime), (0, 0o640, at(7)), "an empty file with the old mode");
+        assert_eq!(fs::read(bucket.join("f@19.55.08.000000007")).unwrap(), b"third", "emptying keeps the old bytes");
+        s.apply("u", at(8), &empty(8)).unwrap();
+        assert!(!bucket.join("f@19.55.09.000000007").exists(), "an empty file leaves no version");
 
         // Three hours on, the 19:00 bucket is past its two hours and goes.
         fs::create_dir(user.join(".trash/keep-me")).unwrap();

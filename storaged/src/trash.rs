@@ -1,8 +1,9 @@
 //! Old versions of deleted and replaced files, kept for a while.
 //!
 //! With `storaged --trash-hours N`, a regular file that an unlink removes,
-//! or that a rename replaces (how editors, `sed -i` and `rsync` save), is
-//! moved into the user's `.trash/` instead of being deleted, as JuiceFS's
+//! that a rename replaces (how editors, `sed -i` and `rsync` save), or that
+//! a truncate to zero empties (a shell's `>`, `cp` onto it), is moved into
+//! the user's `.trash/` instead of being deleted, as JuiceFS's
 //! trash does. It lands in a bucket per hour of the request's time, under
 //! its old path, named `name@HH.MM.SS.nnnnnnnnn`:
 //! `.trash/2026-12-06T19/docs/report.txt@19.55.01.123456789`. Names and
