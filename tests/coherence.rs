@@ -392,3 +392,71 @@ fn deleted_and_replaced_files_wait_in_the_trash_and_can_be_restored() {
     assert!(!d.storage.join("User1/.trash").exists(), "deleting in the trash frees the space");
     assert_eq!(fs::read_to_string(d.storage.join("User1/docs/notes.txt")).unwrap(), "third\n");
 }
+
+/// `tar x` and `ln` make hard links: one file under several names, which a
+/// change through any name reaches on both mounts at once, though each
+/// mount caches by path (a file with several names is not cached).
+#[test]
+fn hard_links_are_one_file_under_every_name_on_both_mounts_and_only_the_last_name_goes_to_the_trash() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Deployment::start_with_storaged_flags("hardlinks", &["--trash-hours", "24"]);
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let src = d.local_dir("src");
+    fs::create_dir(src.join("bin")).unwrap();
+    fs::write(src.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
+    fs::hard_link(src.join("bin/tool"), src.join("bin/alias")).unwrap();
+    fs::hard_link(src.join("bin/tool"), src.join("also")).unwrap();
+    let archive = d.dir.path().join("links.tar");
+    ok(&format!("tar cf '{}' -C '{}' .", archive.display(), src.display()));
+    fs::create_dir(a.join("x")).unwrap();
+    ok(&format!("tar xf '{}' -C {}", archive.display(), a.p("x")));
+    let on_node = |rel: &str| fs::metadata(d.storage.join("User1/x").join(rel)).unwrap();
+    let inode = on_node("bin/tool").ino();
+    for name in ["bin/alias", "also"] {
+        assert_eq!(on_node(name).ino(), inode, "{name}: tar made a hard link on the storage node");
+    }
+    assert_eq!(on_node("also").nlink(), 3);
+    let counts = |m: &Mount| ok(&format!("cd {} && stat -c %h bin/tool bin/alias also", m.p("x")));
+    // The name linked from may show its old count until the kernel's
+    // attribute TTL (1 s) passes; the other names show it at once.
+    soon("the link count", || counts(&a) == "3\n3\n3\n");
+    assert_eq!(counts(&b), "3\n3\n3\n");
+
+    let content = "#!/bin/sh\necho tool\necho changed\n";
+    ok(&format!("echo 'echo changed' >> {}", a.p("x/also")));
+    assert_eq!(fs::read_to_string(a.join("x/bin/alias")).unwrap(), content, "through another name, at once");
+    assert_eq!(fs::read_to_string(a.join("x/bin/tool")).unwrap(), content);
+    assert_eq!(fs::read_to_string(b.join("x/bin/tool")).unwrap(), content, "on the other mount, at once");
+    ok(&format!("printf 'echo shorter\\n' > {}", b.p("x/bin/tool")));
+    for name in ["x/bin/tool", "x/bin/alias", "x/also"] {
+        assert_eq!(fs::read_to_string(a.join(name)).unwrap(), "echo shorter\n", "{name}: emptied and rewritten");
+    }
+
+    // A file the kernel knows by one name, linked: both names show the
+    // link at once, and what is written through either.
+    ok(&format!("echo hello > {0} && stat {0} >/dev/null", a.p("x/solo")));
+    ok(&format!("ln {} {}", a.p("x/solo"), a.p("x/pair")));
+    assert_eq!(ok(&format!("stat -c %h {} {}", a.p("x/solo"), a.p("x/pair"))), "2\n2\n");
+    ok(&format!("echo more >> {}", a.p("x/pair")));
+    assert_eq!(fs::read_to_string(a.join("x/solo")).unwrap(), "hello\nmore\n");
+
+    ok(&format!("ln {} {}", a.p("x/also"), a.p("x/fourth")));
+    assert!(fails(&format!("ln {} {}", a.p("x/also"), a.p("x/fourth"))).contains("File exists"));
+    assert!(fails(&format!("ln {} {}", a.p("x/bin"), a.p("x/dirlink"))).contains("hard link not allowed"));
+    assert_eq!(on_node("fourth").ino(), inode);
+    assert_eq!(fs::read_to_string(b.join("x/fourth")).unwrap(), "echo shorter\n", "the other mount sees the new name");
+
+    // Removing a name keeps the file under the others; the trash keeps
+    // only a file's last name.
+    ok(&format!("rm {} {} {}", a.p("x/also"), a.p("x/bin/alias"), b.p("x/fourth")));
+    assert!(!d.storage.join("User1/.trash").exists(), "nothing kept while another name holds the bytes");
+    soon("the last link count", || ok(&format!("stat -c %h {}", b.p("x/bin/tool"))) == "1\n");
+    ok(&format!("rm {}", b.p("x/bin/tool")));
+    // The unlink of a known file goes behind: `rm` returns before the node has it.
+    let kept = || sh(&format!("cd '{}' && find .trash -type f", d.storage.join("User1").display())).stdout;
+    soon("the unlink", || !kept().is_empty());
+    let kept = String::from_utf8(kept()).unwrap();
+    assert_eq!(kept.lines().count(), 1, "{kept}");
+    soon("the kept version", || fs::read_to_string(a.join(kept.trim())).ok().as_deref() == Some("echo shorter\n"));
+}

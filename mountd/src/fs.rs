@@ -1134,6 +1134,25 @@ impl<T: Transport> DfosFs<T> {
         self.make_entry(&path, Request::MakeNode { path: path.clone(), kind, mode }).await
     }
 
+    /// A hard link. The file's pending writes and its create land first,
+    /// so the node links what this mount has written; what is cached of
+    /// it by its old name no longer holds (its link count changed, and a
+    /// file with several names is not cached by path: see `MetaCache::attr`).
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &std::ffi::OsStr) -> FsResult<Entry> {
+        let from = self.path_of(ino)?;
+        let to = self.child_path(new_parent, new_name)?;
+        self.flush(ino).await?;
+        let attr = expect_attr(self.call(Request::Link { from: from.clone(), to: to.clone() }).await?)?;
+        {
+            let mut meta = self.meta.lock().unwrap();
+            meta.created_or_opened(&to, attr.clone());
+            meta.drop_attr(&from);
+        }
+        self.small.forget(&from);
+        self.drop_cached_data(ino);
+        Ok(self.remember(&to, attr))
+    }
+
     /// A link's target is asked for every time: it is a few bytes, and the
     /// kernel keeps the resolved names in its own entry cache meanwhile.
     pub async fn readlink(&self, ino: u64) -> FsResult<String> {
@@ -1253,6 +1272,16 @@ impl<T: Transport> DfosFs<T> {
                 meta.invalidate_tree(to);
                 entry(from, &mut out);
                 entry(to, &mut out);
+            }
+            // The file at `from` is the same, with one more name.
+            Change::Linked { from, to } => {
+                meta.invalidate(to);
+                entry(to, &mut out);
+                meta.drop_attr(from);
+                self.small.forget(from);
+                if let Some(ino) = inodes.ino_of(from) {
+                    out.push(Invalidation::Inode(ino));
+                }
             }
         }
         if matches!(change, Change::Removed { .. } | Change::Renamed { .. }) {
@@ -1405,6 +1434,32 @@ mod tests {
             assert!(!fs.transport.applied().contains(&"create"), "the create went behind and is held");
             within_a_minute(fs.flush(f.ino)).await.unwrap();
             assert!(dir.path().join("u/d/empty").is_file());
+        });
+    }
+
+    #[test]
+    fn a_hard_link_lands_after_the_files_held_writes_and_its_names_are_never_served_from_cache() {
+        rt().block_on(async {
+            let (dir, fs, d) = gated_core_with_dir("d").await;
+            let (a, _) = fs.create(d.ino, OsStr::new("a"), 0o644, true).await.unwrap();
+            fs.write(a.ino, 0, b"first").await.unwrap();
+            let b = within_a_minute(fs.link(a.ino, d.ino, OsStr::new("b"))).await.unwrap();
+            assert_eq!((b.attr.size, b.attr.nlink), (5, 2), "the create and the write went first");
+            assert_eq!(&fs.transport.applied()[fs.transport.applied().len() - 3..], ["create", "write", "link"]);
+            assert_ne!(a.ino, b.ino, "one kernel inode per name");
+            fs.flush(a.ino).await.unwrap();
+
+            // A change made under the other name, as another process or
+            // mount might: neither name answers from what it cached.
+            std::fs::write(dir.path().join("u/d/b"), b"second, longer").unwrap();
+            assert!(fs.getattr_now(a.ino).is_none() && fs.getattr_now(b.ino).is_none());
+            assert_eq!(fs.getattr(a.ino).await.unwrap().size, 14);
+            let (_, keep_cache) = fs.open(a.ino).unwrap();
+            assert!(!keep_cache, "the kernel's pages of a hard-linked file are dropped at open");
+            assert_eq!(fs.read(a.ino, 0, 4096).await.unwrap(), b"second, longer");
+            fs.unlink(d.ino, OsStr::new("a")).await.unwrap();
+            assert_eq!(fs.getattr(b.ino).await.unwrap().nlink, 1);
+            assert!(fs.getattr_now(b.ino).is_some(), "one name again: cached as any file");
         });
     }
 

@@ -26,6 +26,18 @@ use crate::rpc::{RpcError, Transport};
 
 /// Short, never zero: the kernel misbehaves with a TTL of 0.
 const TTL: Duration = Duration::from_secs(1);
+/// For a file with several names (hard links): the kernel holds one inode
+/// per name, and a write through one name must show through the others at
+/// their next look, so their attributes are asked again almost at once.
+const HARD_LINKED_TTL: Duration = Duration::from_millis(1);
+
+fn ttl_of(attr: &FileAttr) -> &'static Duration {
+    if attr.has_other_names() {
+        &HARD_LINKED_TTL
+    } else {
+        &TTL
+    }
+}
 /// Largest read and write the kernel sends in one call, and the `st_blksize`
 /// reported, so `cp` and friends move a whole max_write per system call.
 /// A power of two, as tools expect of `st_blksize`.
@@ -94,17 +106,22 @@ fn file_type(kind: FileKind) -> FileType {
     }
 }
 
+/// The session's notifier, known once the session exists (after the
+/// adapter is made).
+pub type NotifierSlot = Arc<std::sync::OnceLock<fuser::Notifier>>;
+
 pub struct FuseAdapter<T: Transport> {
     fs: Arc<DfosFs<T>>,
     runtime: tokio::runtime::Handle,
     attrs: KernelAttrs,
+    notifier: NotifierSlot,
 }
 
 impl<T: Transport> FuseAdapter<T> {
-    pub fn new(fs: Arc<DfosFs<T>>, runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(fs: Arc<DfosFs<T>>, runtime: tokio::runtime::Handle, notifier: NotifierSlot) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        FuseAdapter { fs, runtime, attrs: KernelAttrs { uid, gid } }
+        FuseAdapter { fs, runtime, attrs: KernelAttrs { uid, gid }, notifier }
     }
 
     /// Runs `work` on the runtime and hands its result to `answer`.
@@ -130,7 +147,7 @@ impl<T: Transport> FuseAdapter<T> {
     fn reply_entry(&self, reply: ReplyEntry) -> impl FnOnce(Result<Entry, FsError>) + Send + 'static {
         let attrs = self.attrs;
         move |result| match result {
-            Ok(entry) => reply.entry(&TTL, &attrs.kernel_attr(entry.ino, &entry.attr), Generation(0)),
+            Ok(entry) => reply.entry(ttl_of(&entry.attr), &attrs.kernel_attr(entry.ino, &entry.attr), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -152,7 +169,7 @@ impl<T: Transport> FuseAdapter<T> {
     fn reply_attr(&self, ino: u64, reply: ReplyAttr) -> impl FnOnce(Result<FileAttr, FsError>) + Send + 'static {
         let attrs = self.attrs;
         move |result| match result {
-            Ok(attr) => reply.attr(&TTL, &attrs.kernel_attr(ino, &attr)),
+            Ok(attr) => reply.attr(ttl_of(&attr), &attrs.kernel_attr(ino, &attr)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -293,6 +310,26 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         let (name, target) = (link_name.to_owned(), target.as_os_str().to_owned());
         let answer = self.reply_entry(reply);
         self.spawn(move |fs| async move { fs.symlink(parent.0, &name, &target).await }, answer);
+    }
+
+    /// `ln`: a second name for a file (never a directory: the kernel
+    /// refuses those before asking).
+    /// The new name is a kernel inode of its own (inodes are per path), so
+    /// the kernel would keep what it cached of the old name's inode, link
+    /// count and all, until its TTL: once answered, that is dropped.
+    fn link(&self, _req: &Request, ino: INodeNo, new_parent: INodeNo, new_name: &OsStr, reply: ReplyEntry) {
+        let name = new_name.to_owned();
+        let answer = self.reply_entry(reply);
+        let notifier = self.notifier.clone();
+        let answer_then_drop_old = move |result: Result<Entry, FsError>| {
+            let linked = result.is_ok();
+            answer(result);
+            if let (true, Some(notifier)) = (linked, notifier.get()) {
+                // ENOENT only means the kernel had nothing cached.
+                let _ = notifier.inval_inode(ino, 0, 0);
+            }
+        };
+        self.spawn(move |fs| async move { fs.link(ino.0, new_parent.0, &name).await }, answer_then_drop_old);
     }
 
     /// `mkfifo`, and `bind` of a Unix socket. The kernel keeps what passes
@@ -544,8 +581,14 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
                 Ok(child) => child,
                 Err(e) => return reply.error(errno(&e)),
             };
-            if reply.add(INodeNo(child), next, &entry.name, &TTL, &maker.kernel_attr(child, &entry.attr), Generation(0))
-            {
+            if reply.add(
+                INodeNo(child),
+                next,
+                &entry.name,
+                ttl_of(&entry.attr),
+                &maker.kernel_attr(child, &entry.attr),
+                Generation(0),
+            ) {
                 // Not handed to the kernel after all, so not counted.
                 self.fs.forget(child, 1);
                 break;

@@ -111,7 +111,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     log::info!("op=login user={} ok; mounting at {}", config.user, config.mountpoint.display());
 
     let fs = Arc::new(fs::DfosFs::with_cache_ttl(rpc.clone(), config.cache_ttl));
-    let adapter = fuse::FuseAdapter::new(fs.clone(), runtime.handle().clone());
+    let notifier_slot = fuse::NotifierSlot::default();
+    let adapter = fuse::FuseAdapter::new(fs.clone(), runtime.handle().clone(), notifier_slot.clone());
     let mut fuse_config = FuseConfig::default();
     fuse_config.mount_options = vec![
         MountOption::FSName(format!("dfos:{}", config.user)),
@@ -137,6 +138,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let notifier = session.notifier();
+    let _ = notifier_slot.set(notifier.clone());
     let listener = events::EventListener::start(&config.kafka, &config.user, rpc.origin(), move |change| {
         for invalidation in fs.remote_change(change) {
             // ENOENT only means the kernel had nothing cached.

@@ -73,7 +73,16 @@ impl MetaCache {
         }
     }
 
+    /// Never for a file with other names (hard links): a change through
+    /// one of them is not heard of under this path, so it is asked again.
     pub fn attr(&self, path: &str) -> Option<FileAttr> {
+        self.listed_attr(path).filter(|attr| !attr.has_other_names())
+    }
+
+    /// What a listing last said of `path`, hard-linked files included:
+    /// enough for names and kinds, which a change through another name
+    /// does not alter.
+    fn listed_attr(&self, path: &str) -> Option<FileAttr> {
         self.fresh(self.attrs.get(path)).cloned()
     }
 
@@ -100,7 +109,7 @@ impl MetaCache {
         let names = self.fresh(self.listings.get(dir))?;
         let mut entries = Vec::with_capacity(names.len());
         for name in names {
-            entries.push((name.clone(), self.attr(&inodes::join(dir, name))?));
+            entries.push((name.clone(), self.listed_attr(&inodes::join(dir, name))?));
         }
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Some(entries)
@@ -180,9 +189,10 @@ impl MetaCache {
         }
     }
 
-    /// A create that may have opened an existing name: it is known to
-    /// exist now, and its parent's attributes are the storage node's to
-    /// tell (its mtime moved only if the name is new).
+    /// A create that may have opened an existing name, or a hard link
+    /// (whose attributes are its file's, older than the directory's new
+    /// mtime): the name is known to exist now, and its parent's attributes
+    /// are the storage node's to tell.
     pub fn created_or_opened(&mut self, path: &str, attr: FileAttr) {
         self.generation += 1;
         let (parent, name) = split(path);
@@ -218,7 +228,14 @@ impl MetaCache {
     /// tell.
     pub fn renamed(&mut self, from: &str, to: &str) {
         self.trash_changed();
-        let attr = self.attr(from);
+        let attr = self.listed_attr(from);
+        if attr.as_ref().is_some_and(FileAttr::has_other_names) {
+            // `to` may be another name of the same file, which rename(2)
+            // leaves as it is, `from` included: the node is asked.
+            self.invalidate_tree(from);
+            self.invalidate_tree(to);
+            return;
+        }
         self.forget_entry(from);
         self.forget_entry(to);
         let (from_parent, to_parent) = (split(from).0, split(to).0);
@@ -388,7 +405,10 @@ mod tests {
     fn a_directory_s_time_and_link_count_follow_the_entries_made_and_removed_here() {
         let mut c = MetaCache::new(Duration::from_secs(10));
         let at = |secs| Timestamp { secs, nanos: 0 };
-        let with_mtime = |kind, secs| FileAttr { mtime: at(secs), nlink: 2, ..attr(kind) };
+        let with_mtime = |kind, secs| {
+            let nlink = if kind == FileKind::Directory { 2 } else { 1 };
+            FileAttr { mtime: at(secs), nlink, ..attr(kind) }
+        };
         c.put_attr("d", with_mtime(FileKind::Directory, 1));
         c.put_attr("e", with_mtime(FileKind::Directory, 1));
         c.created("d/sub", with_mtime(FileKind::Directory, 5));

@@ -49,7 +49,9 @@ impl SmallFiles {
     /// Keeps `data` as the whole content of `ino`, whose attributes after
     /// the write are `attr`. Ignored unless they agree and the file is small.
     pub fn put(&self, path: &str, attr: &FileAttr, data: Vec<u8>) {
-        if data.len() as u64 != attr.size || data.len() > MAX_FILE_BYTES {
+        // A hard-linked file can change through a name this copy is not
+        // kept under.
+        if data.len() as u64 != attr.size || data.len() > MAX_FILE_BYTES || attr.has_other_names() {
             return;
         }
         let mut inner = self.inner.lock().unwrap();
@@ -80,7 +82,7 @@ impl SmallFiles {
     /// The content at `path`, if cached for exactly the attributes `current`.
     pub fn get(&self, path: &str, current: &FileAttr) -> Option<Arc<Vec<u8>>> {
         let inner = self.inner.lock().unwrap();
-        let cached = inner.files.get(path)?;
+        let cached = inner.files.get(path).filter(|_| !current.has_other_names())?;
         same_version(cached.size, cached.mtime, current).then(|| cached.data.clone())
     }
 

@@ -274,6 +274,17 @@ mod tests {
         );
     }
 
+    /// Appended after mknod: request variant 23, change variant 4.
+    #[test]
+    fn golden_bytes_of_a_link_and_its_event() {
+        let mut envelope = sample_envelope();
+        envelope.request = Request::Link { from: "a".into(), to: "b".into() };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(bytes[bytes.len() - 5..], [23, 1, b'a', 1, b'b']);
+        let linked = Change::Linked { from: "a".into(), to: "b".into() };
+        assert_eq!(event_bytes(linked), vec![1, 1, b'U', 1, b'o', 3, 4, 1, b'a', 1, b'b']);
+    }
+
     #[test]
     fn hostile_length_prefix_is_refused_without_allocating() {
         // A string length claiming ~2^60 bytes.
@@ -320,18 +331,19 @@ mod tests {
         assert_eq!(decode_reply(&encoded).unwrap(), reply);
     }
 
+    /// The encoding of an event of user `U` from origin `o`, request 3,
+    /// checked to decode back to the same event.
+    fn event_bytes(change: Change) -> Vec<u8> {
+        let event = Event { version: PROTOCOL_VERSION, user: "U".into(), origin: "o".into(), request_id: 3, change };
+        let bytes = encode_event(&event).unwrap();
+        assert_eq!(decode_event(&bytes).unwrap(), event);
+        bytes
+    }
+
     #[test]
     fn golden_bytes_of_an_event() {
-        let event = Event {
-            version: PROTOCOL_VERSION,
-            user: "U".into(),
-            origin: "o".into(),
-            request_id: 3,
-            change: Change::Renamed { from: "a".into(), to: "b".into() },
-        };
-        let bytes = encode_event(&event).unwrap();
-        assert_eq!(bytes, vec![1, 1, b'U', 1, b'o', 3, 3, 1, b'a', 1, b'b']);
-        assert_eq!(decode_event(&bytes).unwrap(), event);
+        let renamed = Change::Renamed { from: "a".into(), to: "b".into() };
+        assert_eq!(event_bytes(renamed), vec![1, 1, b'U', 1, b'o', 3, 3, 1, b'a', 1, b'b']);
     }
 
     proptest! {

@@ -209,6 +209,14 @@ pub enum Request {
         kind: FileKind,
         mode: u32,
     },
+    /// Gives the file at `from` a second name `to` (a hard link): both
+    /// names are then one file, as `ln` makes on a local disk. Anything
+    /// but a directory may be linked; `to` must not exist. Answered with
+    /// the file's [`Payload::Attr`] (its `nlink` counts the names).
+    Link {
+        from: String,
+        to: String,
+    },
 }
 
 /// One request of a [`Request::Batch`].
@@ -245,6 +253,7 @@ impl Request {
             Request::Symlink { .. } => "symlink",
             Request::ReadLink { .. } => "readlink",
             Request::MakeNode { .. } => "mknod",
+            Request::Link { .. } => "link",
         }
     }
 
@@ -260,6 +269,7 @@ impl Request {
                 | Request::Mkdir { .. }
                 | Request::Symlink { .. }
                 | Request::MakeNode { .. }
+                | Request::Link { .. }
                 | Request::Unlink { .. }
                 | Request::Rmdir { .. }
                 | Request::Rename { .. }
@@ -291,7 +301,7 @@ impl Request {
             | Request::SetAttr { path, .. }
             | Request::Fsync { path } => path,
             Request::Rename { from, .. } => from,
-            Request::CopyRange { to, .. } => to,
+            Request::CopyRange { to, .. } | Request::Link { to, .. } => to,
             Request::ReadFiles { paths } => paths.first().map_or("", String::as_str),
         }
     }
@@ -322,6 +332,15 @@ pub struct FileAttr {
     pub mtime: Timestamp,
     pub ctime: Timestamp,
     pub blocks: u64,
+}
+
+impl FileAttr {
+    /// A file with more than one name (a hard link): a change made through
+    /// one name is not seen under the others' paths, so what is known of
+    /// it by path must be asked again rather than kept.
+    pub fn has_other_names(&self) -> bool {
+        self.kind != FileKind::Directory && self.nlink > 1
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,6 +462,12 @@ pub enum Change {
         from: String,
         to: String,
     },
+    /// `to` was made a second name of the file at `from`: a new entry, and
+    /// `from`'s link count changed.
+    Linked {
+        from: String,
+        to: String,
+    },
 }
 
 /// What travels on `dfos.events` (key = user) after each applied mutation,
@@ -472,6 +497,7 @@ impl Request {
             Request::Unlink { path } | Request::Rmdir { path } => Some(Change::Removed { path: path.clone() }),
             Request::Rename { from, to, .. } => Some(Change::Renamed { from: from.clone(), to: to.clone() }),
             Request::CopyRange { to, .. } => Some(Change::Modified { path: to.clone() }),
+            Request::Link { from, to } => Some(Change::Linked { from: from.clone(), to: to.clone() }),
             Request::Login { .. }
             | Request::Lookup { .. }
             | Request::GetAttr { .. }
@@ -520,6 +546,7 @@ mod tests {
             Request::Symlink { path: p(), target: p() },
             Request::ReadLink { path: p() },
             Request::MakeNode { path: p(), kind: FileKind::Fifo, mode: 0o644 },
+            Request::Link { from: p(), to: p() },
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

@@ -43,9 +43,11 @@ pub struct FileStamp {
 }
 
 impl FileStamp {
-    /// Regular files only: nothing else has located data.
+    /// Regular files with one name only: nothing else has located data,
+    /// and a write through another name of a hard-linked file would change
+    /// bytes this index holds under a path it never hears of.
     pub fn of(meta: &std::fs::Metadata) -> Option<FileStamp> {
-        meta.is_file().then(|| FileStamp {
+        (meta.is_file() && meta.nlink() == 1).then(|| FileStamp {
             dev: meta.dev(),
             ino: meta.ino(),
             mtime: (meta.mtime(), meta.mtime_nsec()),

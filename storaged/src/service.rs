@@ -491,7 +491,8 @@ impl Service {
                 Request::Create { path, .. }
                 | Request::Mkdir { path, .. }
                 | Request::Symlink { path, .. }
-                | Request::MakeNode { path, .. },
+                | Request::MakeNode { path, .. }
+                | Request::Link { to: path, .. },
                 Err(ErrorCode::Exists),
             ) => {
                 log::info!(
@@ -605,7 +606,7 @@ impl Service {
             // what was indexed there.
             (request, _) => match request.change() {
                 Some(Change::Created { path } | Change::Removed { path }) => index.forget_tree(user, &path),
-                Some(Change::Renamed { from, to }) => {
+                Some(Change::Renamed { from, to } | Change::Linked { from, to }) => {
                     index.forget_tree(user, &from);
                     index.forget_tree(user, &to);
                 }
@@ -901,5 +902,19 @@ mod tests {
         // Only the first mutation is in doubt: a later failing one fails.
         let again = Request::Rename { from: "x".into(), to: "y".into(), mode: RenameMode::Replace };
         assert_eq!(h.call("alice", &token, again), Err(ErrorCode::NotFound));
+    }
+
+    #[test]
+    fn a_hard_link_in_doubt_is_settled_with_the_linked_file() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        h.call("alice", &token, Request::Create { path: "x".into(), mode: 0o640, exclusive: true }).unwrap();
+        h.log.push(envelope("alice", &token, Request::Link { from: "x".into(), to: "y".into() }));
+        std::fs::hard_link(h.user_file("x"), h.user_file("y")).unwrap();
+        let replies = h.crash_and_replay_from(h.log.len() - 1);
+        let Some(Ok(Payload::Attr(attr))) = &replies[0] else { panic!("{replies:?}") };
+        assert_eq!((attr.nlink, attr.mode), (2, 0o640), "answered as the first application was");
+        let again = Request::Link { from: "x".into(), to: "y".into() };
+        assert_eq!(h.call("alice", &token, again), Err(ErrorCode::Exists), "a later link is not in doubt");
     }
 }

@@ -220,10 +220,12 @@ impl Store {
     }
 
     /// Whether the regular file at `rel` went to the trash instead of
-    /// being removed.
+    /// being removed. A file with other names (hard links) keeps its
+    /// bytes under them, and emptying it must empty them too: it is
+    /// removed or truncated in place, never moved.
     fn kept_in_trash(&self, root: &Path, rel: &str, victim: &Path, now: Timestamp) -> bool {
-        let is_file = fs::symlink_metadata(victim).is_ok_and(|m| m.file_type().is_file());
-        is_file && self.trash.as_ref().is_some_and(|trash| trash.keep(root, rel, now))
+        let sole_file = fs::symlink_metadata(victim).is_ok_and(|m| m.file_type().is_file() && m.nlink() == 1);
+        sole_file && self.trash.as_ref().is_some_and(|trash| trash.keep(root, rel, now))
     }
 
     pub fn root(&self) -> &Path {
@@ -341,6 +343,17 @@ impl Store {
                 make_node(&node, *kind, *mode, now)?;
                 stamp_parent(&node, now);
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&node)?)))
+            }
+            Request::Link { from, to } => {
+                let (source, link) = (at(from)?, at(to)?);
+                if fs::symlink_metadata(&source)?.is_dir() {
+                    return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EPERM)));
+                }
+                // linkat(2) without AT_SYMLINK_FOLLOW: a symlink at `from`
+                // gets a second name itself; what it points to is never read.
+                fs::hard_link(&source, &link)?;
+                stamp_parent(&link, now);
+                Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&link)?)))
             }
             Request::ReadLink { path } => {
                 let target = fs::read_link(at(path)?)?;
@@ -988,6 +1001,47 @@ mod tests {
         assert_eq!(code(s.apply("u", T, &link("l", &"x".repeat(4097)))), ErrorCode::NameTooLong);
         s.apply("u", T, &Request::Unlink { path: "esc".into() }).unwrap();
         assert!(dir.path().join("other/secret").exists(), "unlinking a link removes only the link");
+    }
+
+    #[test]
+    fn a_hard_link_is_one_file_under_two_names_and_is_never_moved_to_the_trash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::new(dir.path()).unwrap().with_trash(2);
+        let user = dir.path().join("u");
+        let link = |from: &str, to: &str| Request::Link { from: from.into(), to: to.into() };
+        let attr = |path: &str| {
+            let Payload::Attr(attr) = s.apply("u", T, &Request::GetAttr { path: path.into() }).unwrap() else {
+                panic!()
+            };
+            attr
+        };
+        s.apply("u", T, &Request::Create { path: "a".into(), mode: 0o600, exclusive: true }).unwrap();
+        s.apply("u", T, &Request::Write { path: "a".into(), offset: 0, data: b"one".to_vec() }).unwrap();
+        s.apply("u", T, &Request::Mkdir { path: "d".into(), mode: 0o755 }).unwrap();
+        let later = Timestamp { secs: T.secs + 60, nanos: 0 };
+        let Payload::Attr(linked) = s.apply("u", later, &link("a", "d/b")).unwrap() else { panic!() };
+        assert_eq!((linked.kind, linked.size, linked.mode, linked.nlink), (FileKind::File, 3, 0o600, 2));
+        assert_eq!(attr("d").mtime, later, "the new name's directory is stamped");
+        assert!(attr("a").has_other_names() && attr("d/b").has_other_names());
+        s.apply("u", T, &Request::Write { path: "d/b".into(), offset: 3, data: b" two".to_vec() }).unwrap();
+        assert_eq!(fs::read(user.join("a")).unwrap(), b"one two", "written through one name, read through the other");
+
+        assert_eq!(code(s.apply("u", T, &link("a", "d/b"))), ErrorCode::Exists);
+        assert_eq!(code(s.apply("u", T, &link("nope", "c"))), ErrorCode::NotFound);
+        assert_eq!(code(s.apply("u", T, &link("d", "e"))), ErrorCode::NotPermitted, "no links to directories");
+        assert_eq!(code(s.apply("u", T, &link("a", "../v/x"))), ErrorCode::Invalid);
+        s.apply("u", T, &Request::Symlink { path: "sym".into(), target: "a".into() }).unwrap();
+        let Payload::Attr(linked) = s.apply("u", T, &link("sym", "sym2")).unwrap() else { panic!() };
+        assert_eq!((linked.kind, linked.nlink), (FileKind::Symlink, 2), "the symlink itself, not what it names");
+
+        let empty = Request::SetAttr { path: "a".into(), size: Some(0), mode: None, atime: None, mtime: None };
+        s.apply("u", T, &empty).unwrap();
+        assert_eq!(fs::read(user.join("d/b")).unwrap(), b"", "emptied in place, under both names");
+        s.apply("u", T, &Request::Write { path: "a".into(), offset: 0, data: b"three".to_vec() }).unwrap();
+        s.apply("u", T, &Request::Unlink { path: "a".into() }).unwrap();
+        assert_eq!(fs::read(user.join("d/b")).unwrap(), b"three");
+        assert_eq!(attr("d/b").nlink, 1);
+        assert!(!user.join(".trash").exists(), "a file with another name is never moved to the trash");
     }
 
     #[test]

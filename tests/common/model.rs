@@ -99,7 +99,12 @@ impl Workload {
                 let mkdir = |p: &Path| fs::create_dir(p).map(|_| Vec::new());
                 (format!("mkdir {path}"), outcome(mkdir(&m)), outcome(mkdir(&l)))
             }
-            88..=92 => {
+            91..=92 => {
+                let to = self.path();
+                let link = |from: &Path, to: &Path| fs::hard_link(from, to).map(|_| Vec::new());
+                (format!("link {path} {to}"), outcome(link(&m, &mount.join(&to))), outcome(link(&l, &model.join(&to))))
+            }
+            88..=90 => {
                 let rmdir = |p: &Path| fs::remove_dir(p).map(|_| Vec::new());
                 (format!("rmdir {path}"), outcome(rmdir(&m)), outcome(rmdir(&l)))
             }
