@@ -79,9 +79,7 @@ impl MetaCache {
         self.listed_attr(path).filter(|attr| !attr.has_other_names())
     }
 
-    /// What a listing last said of `path`, hard-linked files included:
-    /// enough for names and kinds, which a change through another name
-    /// does not alter.
+    /// What was last heard of `path`, hard-linked files included.
     fn listed_attr(&self, path: &str) -> Option<FileAttr> {
         self.fresh(self.attrs.get(path)).cloned()
     }
@@ -104,12 +102,14 @@ impl MetaCache {
     }
 
     /// A directory's whole listing with attributes, in name order, when
-    /// every part of it is fresh.
+    /// every part of it is fresh. Not when it holds a file with several
+    /// names: the attributes the kernel gets with a listing must be the
+    /// node's of now.
     pub fn listing(&self, dir: &str) -> Option<Vec<(String, FileAttr)>> {
         let names = self.fresh(self.listings.get(dir))?;
         let mut entries = Vec::with_capacity(names.len());
         for name in names {
-            entries.push((name.clone(), self.listed_attr(&inodes::join(dir, name))?));
+            entries.push((name.clone(), self.attr(&inodes::join(dir, name))?));
         }
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Some(entries)

@@ -6,7 +6,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use rand::rngs::StdRng;
@@ -155,14 +155,14 @@ fn copy_file_range(source: &fs::File, from: u64, target: &fs::File, to: u64, len
     usize::try_from(copied).map_err(|_| io::Error::last_os_error())
 }
 
-/// Names, kinds, modes and sizes below `root`, without reading contents:
+/// Names, kinds, modes, sizes and files' link counts below `root`, without reading contents:
 /// cheap enough to compare after every step.
 pub fn tree_shape(root: &Path) -> Vec<String> {
     listing(root, false)
 }
 
 /// One line per entry below `root` (".dfos" excluded): path, kind, mode,
-/// size and SHA-256 of the bytes, sorted. Equal listings mean equal trees.
+/// size, a file's link count and SHA-256 of the bytes, sorted. Equal listings mean equal trees.
 pub fn tree_listing(root: &Path) -> Vec<String> {
     listing(root, true)
 }
@@ -183,11 +183,11 @@ fn listing(root: &Path, with_contents: bool) -> Vec<String> {
                 out.push(format!("{path} dir {mode:o}"));
                 walk(root, &path, with_contents, out);
             } else if !with_contents {
-                out.push(format!("{path} file {mode:o} {}", meta.len()));
+                out.push(format!("{path} file {mode:o} {} names {}", meta.len(), meta.nlink()));
             } else {
                 let digest = Sha256::digest(fs::read(root.join(&path)).unwrap());
                 let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-                out.push(format!("{path} file {mode:o} {} {hex}", meta.len()));
+                out.push(format!("{path} file {mode:o} {} names {} {hex}", meta.len(), meta.nlink()));
             }
         }
     }
