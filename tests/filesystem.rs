@@ -404,6 +404,37 @@ print(conn.recv(100).decode())
 }
 
 #[test]
+fn fallocate_reserves_zeroes_and_punches_holes_as_on_a_local_disk() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Deployment::start("fallocate");
+    let m = d.mount(USER1);
+    let local = d.local_dir("local");
+    let script = |dir: &str| {
+        ok(&format!(
+            "cd {dir} && fallocate -l 5M f && printf 'abcdefgh%.0s' $(seq 1 1024) > g && \
+             fallocate -p -o 4096 -l 2048 g && fallocate -z -o 8000 -l 100 g && fallocate -n -o 8192 -l 1M g && \
+             fallocate -z -o 8190 -l 10 g && python3 -c 'import os; os.posix_fallocate(os.open(\"h\", os.O_WRONLY | os.O_CREAT), 0, 3 << 20)' && \
+             stat -c '%n %s' f g h && md5sum f g h"
+        ))
+    };
+    let expected = script(&format!("'{}'", local.display()));
+    assert_eq!(script(&m.p("")), expected, "sizes and bytes as on the local disk");
+    let f = fs::metadata(d.storage.join("User1/f")).unwrap();
+    assert_eq!(f.len(), 5 << 20);
+    assert!(f.blocks() * 512 >= 5 << 20, "the node reserved the space: {} blocks", f.blocks());
+    let g = fs::read(d.storage.join("User1/g")).unwrap();
+    assert!(g[4096..6144].iter().all(|&b| b == 0) && &g[..8] == b"abcdefgh", "the hole reads as zeros on the node");
+    let other = d.mount(USER1);
+    assert_eq!(
+        ok(&format!("cd {} && md5sum f g h", other.p(""))),
+        expected.lines().skip(3).collect::<Vec<_>>().join("\n") + "\n"
+    );
+    let refused = fails(&format!("fallocate -c -o 0 -l 4096 {}", m.p("f")));
+    assert!(refused.contains("not supported"), "a mode dfos has no name for: {refused}");
+    assert_eq!(fs::metadata(d.storage.join("User1/f")).unwrap().len(), 5 << 20, "and nothing changed");
+}
+
+#[test]
 fn a_read_only_mount_reads_and_follows_changes_but_refuses_every_change_with_erofs() {
     let d = Deployment::start("read-only");
     let rw = d.mount(USER1);

@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use dfos_protocol::limits::{CHUNK_SIZE, MAX_COPY_BYTES};
 use dfos_protocol::{
-    Change, DirEntry, ErrorCode, FileAttr, FileContent, FsStats, Payload, RenameMode, Request, SetTime, Timestamp,
+    AllocateMode, Change, DirEntry, ErrorCode, FileAttr, FileContent, FsStats, Payload, RenameMode, Request, SetTime,
+    Timestamp,
 };
 use tokio::sync::Semaphore;
 
@@ -1067,12 +1068,7 @@ impl<T: Transport> DfosFs<T> {
         self.flush(ino_in).await?;
         self.flush(ino_out).await?;
         let (from, to) = (self.path_of(ino_in)?, self.path_of(ino_out)?);
-        self.before_write(ino_out, &to);
-        if let Some(stream) = self.stream(ino_out) {
-            // Bytes arrive that the stream did not write.
-            stream.predicted.lock().unwrap().take();
-            stream.take_shadow();
-        }
+        self.changed_on_the_node(ino_out, &to);
         let len = len.min(MAX_COPY_BYTES);
         let request = Request::CopyRange { from, from_offset: offset_in, to: to.clone(), to_offset: offset_out, len };
         let Payload::Copied { len, attr } = self.call(request).await? else {
@@ -1081,6 +1077,27 @@ impl<T: Transport> DfosFs<T> {
         self.meta.lock().unwrap().put_attr(&to, attr);
         // At most MAX_COPY_BYTES, asked for above.
         Ok(len as u32)
+    }
+
+    /// fallocate(2), done by the node after the file's buffered writes.
+    pub async fn allocate(&self, ino: u64, offset: u64, len: u64, mode: AllocateMode) -> FsResult<()> {
+        self.flush(ino).await?;
+        let path = self.path_of(ino)?;
+        self.changed_on_the_node(ino, &path);
+        let attr = expect_attr(self.call(Request::Allocate { path: path.clone(), offset, len, mode }).await?)?;
+        self.meta.lock().unwrap().put_attr(&path, attr);
+        Ok(())
+    }
+
+    /// The node is about to change `ino`'s bytes or size itself (a copy
+    /// into it, a fallocate): nothing this mount knows of them holds, and
+    /// its write stream's foresight neither.
+    fn changed_on_the_node(&self, ino: u64, path: &str) {
+        self.before_write(ino, path);
+        if let Some(stream) = self.stream(ino) {
+            stream.predicted.lock().unwrap().take();
+            stream.take_shadow();
+        }
     }
 
     /// One round trip, not two: the fsync travels right behind the file's

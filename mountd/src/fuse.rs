@@ -18,7 +18,7 @@ use fuser::{
     WriteFlags,
 };
 
-use dfos_protocol::{ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
+use dfos_protocol::{AllocateMode, ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
 
 use crate::file_bytes::FileBytes;
 use crate::fs::{AttrChange, DfosFs, Entry, FsError};
@@ -70,6 +70,7 @@ pub fn errno_of_code(code: ErrorCode) -> Errno {
         ErrorCode::UnsupportedVersion => libc::EPROTO,
         ErrorCode::NotPermitted => libc::EPERM,
         ErrorCode::TooLarge => libc::EFBIG,
+        ErrorCode::NotSupported => libc::EOPNOTSUPP,
     };
     Errno::from_i32(raw)
 }
@@ -217,6 +218,21 @@ fn write_only_handle_flags(open_flags: i32) -> FopenFlags {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()
+    }
+}
+
+fn allocate_mode(mode: i32) -> Option<AllocateMode> {
+    const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+    const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+    const ZERO_RANGE_KEEP_SIZE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    match mode {
+        0 => Some(AllocateMode::Extend),
+        KEEP_SIZE => Some(AllocateMode::KeepSize),
+        PUNCH_HOLE => Some(AllocateMode::PunchHole),
+        ZERO_RANGE => Some(AllocateMode::ZeroRange),
+        ZERO_RANGE_KEEP_SIZE => Some(AllocateMode::ZeroRangeKeepSize),
+        _ => None,
     }
 }
 
@@ -508,6 +524,25 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         );
     }
 
+    /// `fallocate(1)`, `posix_fallocate(3)` (which would otherwise write
+    /// a byte into every block of the range), hole punching. Modes the
+    /// protocol has no name for are refused here.
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(mode) = allocate_mode(mode) else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        self.spawn(move |fs| async move { fs.allocate(ino.0, offset, length, mode).await }, empty(reply));
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(
             move |fs| async move { fs.opendir(ino.0).await },
@@ -671,6 +706,7 @@ mod tests {
             (ErrorCode::Io, libc::EIO),
             (ErrorCode::NotPermitted, libc::EPERM),
             (ErrorCode::TooLarge, libc::EFBIG),
+            (ErrorCode::NotSupported, libc::EOPNOTSUPP),
         ];
         for (code, raw) in pairs {
             assert_eq!(errno_of_code(code).code(), raw, "{code:?}");

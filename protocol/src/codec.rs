@@ -285,6 +285,17 @@ mod tests {
         assert_eq!(event_bytes(linked), vec![1, 1, b'U', 1, b'o', 3, 4, 1, b'a', 1, b'b']);
     }
 
+    /// Appended after link: request variant 24, error code 14.
+    #[test]
+    fn golden_bytes_of_a_fallocate_and_its_refusal() {
+        let mut envelope = sample_envelope();
+        envelope.request = Request::Allocate { path: "f".into(), offset: 1, len: 2, mode: AllocateMode::PunchHole };
+        let bytes = encode_envelope(&envelope).unwrap();
+        assert_eq!(bytes[bytes.len() - 6..], [24, 1, b'f', 1, 2, 2]);
+        let reply = Reply { request_id: 1, node: "n".into(), result: Err(ErrorCode::NotSupported) };
+        assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 1, 14]);
+    }
+
     #[test]
     fn hostile_length_prefix_is_refused_without_allocating() {
         // A string length claiming ~2^60 bytes.

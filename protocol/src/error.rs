@@ -36,4 +36,8 @@ pub enum ErrorCode {
     NotPermitted,
     #[error("file too large")]
     TooLarge,
+    /// The storage node's filesystem cannot do what was asked (a
+    /// fallocate mode it lacks).
+    #[error("operation not supported")]
+    NotSupported,
 }

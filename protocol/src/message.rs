@@ -39,6 +39,32 @@ pub enum RenameMode {
     NoReplace,
 }
 
+/// What a [`Request::Allocate`] does to its range, as the fallocate(2)
+/// modes that name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AllocateMode {
+    /// Mode 0: space is reserved, and the size grows to cover the range.
+    Extend,
+    /// `FALLOC_FL_KEEP_SIZE`: space is reserved; the size stays.
+    KeepSize,
+    /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: the range reads as
+    /// zeros and its space is freed; the size stays.
+    PunchHole,
+    /// `FALLOC_FL_ZERO_RANGE`: the range reads as zeros, and the size
+    /// grows to cover it.
+    ZeroRange,
+    /// `FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE`.
+    ZeroRangeKeepSize,
+}
+
+impl AllocateMode {
+    /// Whether the range's bytes become zeros or the size may grow, which
+    /// counts as a modification (the mtime moves).
+    pub fn modifies(self) -> bool {
+        self != AllocateMode::KeepSize
+    }
+}
+
 /// A time to set, either a given instant or the envelope's time ("now").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SetTime {
@@ -217,6 +243,15 @@ pub enum Request {
         from: String,
         to: String,
     },
+    /// fallocate(2) of `len` bytes at `offset` of the regular file `path`
+    /// (see [`AllocateMode`]). Answered with the file's [`Payload::Attr`];
+    /// `NotSupported` when the node's filesystem lacks the mode.
+    Allocate {
+        path: String,
+        offset: u64,
+        len: u64,
+        mode: AllocateMode,
+    },
 }
 
 /// One request of a [`Request::Batch`].
@@ -254,6 +289,7 @@ impl Request {
             Request::ReadLink { .. } => "readlink",
             Request::MakeNode { .. } => "mknod",
             Request::Link { .. } => "link",
+            Request::Allocate { .. } => "fallocate",
         }
     }
 
@@ -276,6 +312,7 @@ impl Request {
                 | Request::Write { .. }
                 | Request::SetAttr { .. }
                 | Request::CopyRange { .. }
+                | Request::Allocate { .. }
         ) || matches!(self, Request::Batch { requests } if requests.iter().any(|b| b.request.mutates()))
     }
 
@@ -299,6 +336,7 @@ impl Request {
             | Request::LocateInLog { path, .. }
             | Request::Write { path, .. }
             | Request::SetAttr { path, .. }
+            | Request::Allocate { path, .. }
             | Request::Fsync { path } => path,
             Request::Rename { from, .. } => from,
             Request::CopyRange { to, .. } | Request::Link { to, .. } => to,
@@ -487,7 +525,7 @@ impl Request {
     /// The change this request makes once applied successfully.
     pub fn change(&self) -> Option<Change> {
         match self {
-            Request::Write { path, .. } | Request::SetAttr { path, .. } => {
+            Request::Write { path, .. } | Request::SetAttr { path, .. } | Request::Allocate { path, .. } => {
                 Some(Change::Modified { path: path.clone() })
             }
             Request::Create { path, .. }
@@ -547,6 +585,7 @@ mod tests {
             Request::ReadLink { path: p() },
             Request::MakeNode { path: p(), kind: FileKind::Fifo, mode: 0o644 },
             Request::Link { from: p(), to: p() },
+            Request::Allocate { path: p(), offset: 0, len: 1, mode: AllocateMode::PunchHole },
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

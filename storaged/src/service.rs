@@ -600,8 +600,8 @@ impl Service {
                 let after = self.store.stamp(user, path);
                 index.record_setattr(user, path, before, after, *size);
             }
-            // The copied bytes are in no logged write of the target.
-            (Request::CopyRange { to, .. }, _) => index.forget_tree(user, to),
+            // The copied, zeroed or freed bytes are in no logged write.
+            (Request::CopyRange { to: path, .. } | Request::Allocate { path, .. }, _) => index.forget_tree(user, path),
             // Namespace changes: whatever is at those names now is not
             // what was indexed there.
             (request, _) => match request.change() {

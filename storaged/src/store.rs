@@ -71,6 +71,7 @@ pub fn io_error_code(e: &io::Error) -> ErrorCode {
         Some(libc::EINVAL) => ErrorCode::Invalid,
         Some(libc::EXDEV) => ErrorCode::CrossDevice,
         Some(libc::EFBIG) => ErrorCode::TooLarge,
+        Some(libc::EOPNOTSUPP) => ErrorCode::NotSupported,
         _ => ErrorCode::Io,
     }
 }
@@ -390,6 +391,14 @@ impl Store {
                     (None, None) => {}
                 }
                 file.set_times(times)?;
+                Ok(Payload::Attr(attr_of(&file.metadata()?)))
+            }
+            Request::Allocate { path, offset, len, mode } => {
+                let file = open_nofollow(&at(path)?, true)?;
+                sys::allocate(&file, *mode, *offset, *len)?;
+                if mode.modifies() {
+                    file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
+                }
                 Ok(Payload::Attr(attr_of(&file.metadata()?)))
             }
             Request::CopyRange { from, from_offset, to, to_offset, len } => {

@@ -1,11 +1,12 @@
-//! The few system calls the store needs that `std` does not offer, each
-//! acting on a path and never following a symlink at its last component.
+//! The few system calls the store needs that `std` does not offer. Those
+//! acting on a path never follow a symlink at its last component.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
 use std::path::Path;
 
-use dfos_protocol::Timestamp;
+use dfos_protocol::{AllocateMode, Timestamp};
 
 fn c_path(path: &Path) -> io::Result<CString> {
     use std::os::unix::ffi::OsStrExt;
@@ -47,4 +48,20 @@ pub fn set_times_nofollow(path: &Path, atime: Option<Timestamp>, mtime: Option<T
     let path = c_path(path)?;
     // SAFETY: `path` is NUL-terminated and `times` holds two timespecs; both outlive the call.
     check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+}
+
+/// `fallocate(2)` on an open regular file, with the flags `mode` names.
+pub fn allocate(file: &File, mode: AllocateMode, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = match mode {
+        AllocateMode::Extend => 0,
+        AllocateMode::KeepSize => libc::FALLOC_FL_KEEP_SIZE,
+        AllocateMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        AllocateMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
+        AllocateMode::ZeroRangeKeepSize => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+    };
+    let too_large = |_| io::Error::from_raw_os_error(libc::EFBIG);
+    let (offset, len) = (i64::try_from(offset).map_err(too_large)?, i64::try_from(len).map_err(too_large)?);
+    // SAFETY: the descriptor is open for the call's duration.
+    check(unsafe { libc::fallocate(file.as_raw_fd(), flags, offset, len) })
 }

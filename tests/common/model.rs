@@ -108,6 +108,18 @@ impl Workload {
                 let rmdir = |p: &Path| fs::remove_dir(p).map(|_| Vec::new());
                 (format!("rmdir {path}"), outcome(rmdir(&m)), outcome(rmdir(&l)))
             }
+            96..=97 => {
+                let modes = [0, libc::FALLOC_FL_KEEP_SIZE, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE];
+                let mode = modes[self.rng.gen_range(0..modes.len())];
+                let offset = self.rng.gen_range(0..MAX_OFFSET);
+                let len = self.rng.gen_range(1..MAX_WRITE as u64);
+                let allocate = |p: &Path| -> io::Result<Vec<u8>> {
+                    let f = OpenOptions::new().write(true).open(p)?;
+                    fallocate(&f, mode, offset, len)?;
+                    Ok(Vec::new())
+                };
+                (format!("fallocate {path} mode {mode} @{offset} +{len}"), outcome(allocate(&m)), outcome(allocate(&l)))
+            }
             93..=95 => {
                 let to = self.path();
                 let from_offset = self.rng.gen_range(0..MAX_OFFSET);
@@ -143,6 +155,18 @@ impl Workload {
             local.as_ref().map(|v| v.len())
         );
         what
+    }
+}
+
+/// One `fallocate(2)` call.
+fn fallocate(file: &fs::File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an open descriptor; offsets below MAX_OFFSET fit an i64.
+    let done = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
