@@ -57,14 +57,6 @@ pub enum AllocateMode {
     ZeroRangeKeepSize,
 }
 
-impl AllocateMode {
-    /// Whether the range's bytes become zeros or the size may grow, which
-    /// counts as a modification (the mtime moves).
-    pub fn modifies(self) -> bool {
-        self != AllocateMode::KeepSize
-    }
-}
-
 /// A time to set, either a given instant or the envelope's time ("now").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SetTime {

@@ -19,8 +19,8 @@ use dfos_protocol::limits::{
 };
 use dfos_protocol::path::{join, split};
 use dfos_protocol::{
-    DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode, Request, SetTime,
-    Timestamp,
+    AllocateMode, DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode, Request,
+    SetTime, Timestamp,
 };
 
 use crate::direct;
@@ -396,9 +396,9 @@ impl Store {
             Request::Allocate { path, offset, len, mode } => {
                 let file = open_nofollow(&at(path)?, true)?;
                 sys::allocate(&file, *mode, *offset, *len)?;
-                if mode.modifies() {
-                    file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
-                }
+                // The kernel stamps every mode with its own clock; replicas
+                // agree on the request's.
+                file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
                 Ok(Payload::Attr(attr_of(&file.metadata()?)))
             }
             Request::CopyRange { from, from_offset, to, to_offset, len } => {
@@ -1051,6 +1051,38 @@ mod tests {
         assert_eq!(fs::read(user.join("d/b")).unwrap(), b"three");
         assert_eq!(attr("d/b").nlink, 1);
         assert!(!user.join(".trash").exists(), "a file with another name is never moved to the trash");
+    }
+
+    #[test]
+    fn fallocate_reserves_zeroes_and_punches_with_the_request_time_as_mtime() {
+        let (dir, s) = store();
+        let allocate = |offset, len, mode| Request::Allocate { path: "f".into(), offset, len, mode };
+        let attr = |r: StoreResult<Payload>| match r.unwrap() {
+            Payload::Attr(attr) => attr,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(code(s.apply("u", T, &allocate(0, 1, AllocateMode::Extend))), ErrorCode::NotFound);
+        s.apply("u", T, &Request::Create { path: "f".into(), mode: 0o644, exclusive: true }).unwrap();
+        s.apply("u", T, &Request::Write { path: "f".into(), offset: 0, data: vec![7; 8192] }).unwrap();
+        let later = |secs| Timestamp { secs: T.secs + secs, nanos: 0 };
+        let reserved = attr(s.apply("u", later(1), &allocate(0, 1 << 20, AllocateMode::Extend)));
+        assert_eq!((reserved.size, reserved.mtime), (1 << 20, later(1)));
+        assert!(reserved.blocks * 512 >= 1 << 20);
+        let kept = attr(s.apply("u", later(2), &allocate(0, 4 << 20, AllocateMode::KeepSize)));
+        assert_eq!((kept.size, kept.mtime), (1 << 20, later(2)), "the size stays; the mtime moves, as locally");
+        let punched = attr(s.apply("u", later(3), &allocate(4096, 2048, AllocateMode::PunchHole)));
+        assert_eq!((punched.size, punched.mtime), (1 << 20, later(3)));
+        attr(s.apply("u", later(4), &allocate(8000, 100, AllocateMode::ZeroRangeKeepSize)));
+        let bytes = fs::read(dir.path().join("u/f")).unwrap();
+        assert!(bytes[..4096].iter().all(|&b| b == 7) && bytes[4096..6144].iter().all(|&b| b == 0));
+        assert!(bytes[6144..8000].iter().all(|&b| b == 7) && bytes[8000..8100].iter().all(|&b| b == 0));
+        assert!(bytes[8100..8192].iter().all(|&b| b == 7) && bytes[8192..].iter().all(|&b| b == 0));
+        let grown = attr(s.apply("u", later(5), &allocate(2 << 20, 10, AllocateMode::ZeroRange)));
+        assert_eq!(grown.size, (2 << 20) + 10);
+        assert_eq!(code(s.apply("u", T, &allocate(u64::MAX, 1, AllocateMode::Extend))), ErrorCode::TooLarge);
+        s.apply("u", T, &Request::Mkdir { path: "d".into(), mode: 0o755 }).unwrap();
+        let on_dir = Request::Allocate { path: "d".into(), offset: 0, len: 1, mode: AllocateMode::Extend };
+        assert_eq!(code(s.apply("u", T, &on_dir)), ErrorCode::IsDir);
     }
 
     #[test]
