@@ -19,8 +19,8 @@ use dfos_protocol::limits::{
 };
 use dfos_protocol::path::{join, split};
 use dfos_protocol::{
-    AllocateMode, DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode, Request,
-    SetTime, Timestamp,
+    DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode, Request, SetTime,
+    Timestamp,
 };
 
 use crate::direct;
@@ -664,6 +664,7 @@ fn statfs(root: &Path) -> StoreResult<Payload> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dfos_protocol::AllocateMode;
 
     const T: Timestamp = Timestamp { secs: 1_700_000_000, nanos: 5 };
 
