@@ -1261,6 +1261,15 @@ impl<T: Transport> DfosFs<T> {
                 out.push(Invalidation::Inode(ino));
             }
         };
+        // The file at `path` is the same name, with new bytes or attributes.
+        let contents_changed = |meta: &mut MetaCache, path: &str, out: &mut Vec<Invalidation>| {
+            meta.drop_attr(path);
+            self.small.forget(path);
+            if let Some(ino) = inodes.ino_of(path) {
+                self.drop_cached_data(ino);
+                out.push(Invalidation::Inode(ino));
+            }
+        };
         match change {
             Change::Modified { path } => {
                 // A truncate to zero may have put a version in the trash.
@@ -1269,12 +1278,7 @@ impl<T: Transport> DfosFs<T> {
                         out.push(Invalidation::Inode(ino));
                     }
                 }
-                meta.drop_attr(path);
-                self.small.forget(path);
-                if let Some(ino) = inodes.ino_of(path) {
-                    self.drop_cached_data(ino);
-                    out.push(Invalidation::Inode(ino));
-                }
+                contents_changed(&mut meta, path, &mut out);
             }
             Change::Created { path } => {
                 meta.invalidate(path);
@@ -1294,11 +1298,7 @@ impl<T: Transport> DfosFs<T> {
             Change::Linked { from, to } => {
                 meta.invalidate(to);
                 entry(to, &mut out);
-                meta.drop_attr(from);
-                self.small.forget(from);
-                if let Some(ino) = inodes.ino_of(from) {
-                    out.push(Invalidation::Inode(ino));
-                }
+                contents_changed(&mut meta, from, &mut out);
             }
         }
         if matches!(change, Change::Removed { .. } | Change::Renamed { .. }) {
