@@ -26,6 +26,8 @@ pub const BATCH_DELAY: Duration = Duration::from_millis(5);
 pub struct Batch {
     requests: Vec<(u64, Request)>,
     bytes: usize,
+    /// The record key all of them travel under.
+    key: Option<String>,
 }
 
 impl Batch {
@@ -33,13 +35,19 @@ impl Batch {
         self.requests.is_empty()
     }
 
-    /// Whether `request` may join without passing the batch's bounds.
-    pub fn fits(&self, request: &Request) -> bool {
-        self.requests.len() < MAX_BATCH_REQUESTS && self.bytes + weight(request) <= MAX_BATCH_BYTES
+    /// Whether `request`, whose record key is `key`, may join without
+    /// passing the batch's bounds. Requests into different trees (own or
+    /// shared) belong in different partitions, so never in one batch.
+    pub fn fits(&self, request: &Request, key: &str) -> bool {
+        self.requests.len() < MAX_BATCH_REQUESTS
+            && self.bytes + weight(request) <= MAX_BATCH_BYTES
+            && self.key.as_ref().is_none_or(|batch_key| batch_key == key)
     }
 
-    pub fn push(&mut self, request_id: u64, request: Request) {
+    /// `key`: as given to [`Batch::fits`].
+    pub fn push(&mut self, request_id: u64, request: Request, key: &str) {
         self.bytes += weight(&request);
+        self.key.get_or_insert_with(|| key.to_owned());
         self.requests.push((request_id, request));
     }
 
@@ -99,15 +107,25 @@ mod tests {
         let mut batch = Batch::default();
         let unlink = Request::Unlink { path: "f".into() };
         for id in 0..MAX_BATCH_REQUESTS as u64 {
-            assert!(batch.fits(&unlink));
-            batch.push(id, unlink.clone());
+            assert!(batch.fits(&unlink, "u"));
+            batch.push(id, unlink.clone(), "u");
         }
-        assert!(!batch.fits(&unlink), "full by count");
+        assert!(!batch.fits(&unlink, "u"), "full by count");
         let mut batch = Batch::default();
         let write = Request::Write { path: "f".into(), offset: 0, data: vec![0; MAX_BATCHED_DATA_BYTES] };
-        while batch.fits(&write) {
-            batch.push(0, write.clone());
+        while batch.fits(&write, "u") {
+            batch.push(0, write.clone(), "u");
         }
         assert!(batch.bytes <= MAX_BATCH_BYTES && batch.requests.len() < MAX_BATCH_REQUESTS);
+    }
+
+    #[test]
+    fn requests_into_another_tree_wait_for_a_batch_of_their_own() {
+        let mut batch = Batch::default();
+        batch.push(1, Request::Unlink { path: "f".into() }, "bob");
+        assert!(!batch.fits(&Request::Unlink { path: ".shared/alice/f".into() }, "alice"));
+        assert!(batch.fits(&Request::Unlink { path: "g".into() }, "bob"));
+        batch.take();
+        assert!(batch.fits(&Request::Unlink { path: ".shared/alice/f".into() }, "alice"), "an empty batch takes any");
     }
 }

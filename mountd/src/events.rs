@@ -6,6 +6,10 @@
 //! and request id), in log order. Events of this mount itself are skipped:
 //! its own caches were updated when it made the change. The listener reads
 //! from the end of the topic: only changes after the mount started matter.
+//! An owner's change in a tree they share with this mount's user is handed
+//! on at the path the mount sees it under (`.shared/<owner>/...`), and a
+//! change of the owner's grants as the removal of that whole tree, so
+//! nothing of what the grants showed stays cached.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +21,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use dashmap::DashSet;
+use dfos_protocol::sharing::{shared_path, GRANTS_FILE};
 use dfos_protocol::{decode_event, Change, Topics};
 
 use crate::rpc::{KafkaSettings, RpcError};
@@ -51,10 +57,13 @@ impl Seen {
 }
 
 impl EventListener {
+    /// `followed`: owners whose shared trees this mount reaches; their
+    /// events are handed on at the paths this mount sees them under.
     pub fn start(
         settings: &KafkaSettings,
         user: &str,
         own_origin: &str,
+        followed: Arc<DashSet<String>>,
         sink: impl Fn(&Change) + Send + 'static,
     ) -> Result<EventListener, RpcError> {
         let kafka = |e: rdkafka::error::KafkaError| RpcError::Kafka(e.to_string());
@@ -92,12 +101,23 @@ impl EventListener {
                             continue;
                         }
                     };
-                    if event.user != user || event.origin == own_origin {
+                    let change = if event.user == user {
+                        event.change
+                    } else if followed.contains(&event.user) {
+                        through_share(&event.user, &event.change)
+                    } else {
+                        continue;
+                    };
+                    if event.origin == own_origin {
                         continue;
                     }
                     if seen.first((event.origin.clone(), event.request_id)) {
-                        log::debug!("op=event user={user} req={} change={:?}", event.request_id, event.change);
-                        sink(&event.change);
+                        log::debug!(
+                            "op=event user={user} owner={} req={} change={change:?}",
+                            event.user,
+                            event.request_id
+                        );
+                        sink(&change);
                     }
                 }
             })
@@ -132,6 +152,19 @@ impl Drop for EventListener {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `change`, made in `owner`'s tree, as a mount reaching it through
+/// `.shared/<owner>` sees it.
+fn through_share(owner: &str, change: &Change) -> Change {
+    let touches_grants = match change {
+        Change::Modified { path } | Change::Created { path } | Change::Removed { path } => path == GRANTS_FILE,
+        Change::Renamed { from, to } | Change::Linked { from, to } => from == GRANTS_FILE || to == GRANTS_FILE,
+    };
+    if touches_grants {
+        return Change::Removed { path: shared_path(owner, "") };
+    }
+    change.map_paths(&|path| shared_path(owner, path))
 }
 
 #[cfg(test)]

@@ -139,7 +139,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let notifier = session.notifier();
     let _ = notifier_slot.set(notifier.clone());
-    let listener = events::EventListener::start(&config.kafka, &config.user, rpc.origin(), move |change| {
+    let followed = rpc.followed_owners();
+    let listener = events::EventListener::start(&config.kafka, &config.user, rpc.origin(), followed, move |change| {
         for invalidation in fs.remote_change(change) {
             // ENOENT only means the kernel had nothing cached.
             let _ = match invalidation {

@@ -18,6 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use dfos_protocol::path::{split, TRASH_DIR};
+use dfos_protocol::sharing::SHARED_DIR;
 use dfos_protocol::{FileAttr, Timestamp};
 
 use crate::inodes;
@@ -87,9 +88,14 @@ impl MetaCache {
     /// True when `path` is known not to exist: its parent's whole listing
     /// is fresh and does not hold the name.
     /// The trash is made by a storage node when it first keeps a file,
-    /// unseen by this cache, so it is never known absent.
+    /// unseen by this cache, so it is never known absent; `.shared` is in
+    /// no listing of the root, but the storage node answers for it.
     pub fn known_absent(&self, path: &str) -> bool {
-        if path.is_empty() || path == TRASH_DIR || self.attrs.get(path).is_some_and(|e| e.at.elapsed() < self.ttl) {
+        if path.is_empty()
+            || path == TRASH_DIR
+            || path == SHARED_DIR
+            || self.attrs.get(path).is_some_and(|e| e.at.elapsed() < self.ttl)
+        {
             return false;
         }
         let (parent, name) = split(path);

@@ -20,6 +20,7 @@
 //! Bounded: at most `MAX_READ_FILES` files and `MAX_READ_FILES_BYTES` per
 //! request; a path is asked for once until its answer arrives.
 
+use dfos_protocol::sharing::split_shared;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
@@ -73,10 +74,14 @@ impl Prefetcher {
             return Vec::new();
         }
         let (mut paths, mut bytes) = (vec![path.to_owned()], own.size as usize);
+        // One request reaches one tree: a walk may go on from a shared
+        // tree into another (see `dfos_protocol::sharing`).
+        let tree = |path: &str| split_shared(path).map(|(owner, _)| owner.to_owned());
+        let own_tree = tree(path);
         // Takes in one entry; false once the request is full.
         let mut room = |dir: &str, (name, attr): &(String, FileAttr)| {
             let path = inodes::join(dir, name);
-            if !is_small_file(attr) || asked.contains(&path) || cached(&path, attr) {
+            if !is_small_file(attr) || asked.contains(&path) || cached(&path, attr) || tree(&path) != own_tree {
                 return true;
             }
             if bytes + attr.size as usize > MAX_READ_FILES_BYTES {

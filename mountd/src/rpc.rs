@@ -1,5 +1,6 @@
 //! Request/reply over Kafka: every filesystem call becomes one envelope on
-//! `dfos.requests` (keyed by user, so one user's requests stay in order) and
+//! `dfos.requests` (keyed by the owner of the tree it reaches: the user, or
+//! the owner of a shared tree, so each tree's requests stay in order) and
 //! comes back on this mount's own reply topic.
 //!
 //! Guarantees:
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
@@ -41,6 +42,7 @@ use crate::chunk::{Chunk, Gathered};
 use crate::file_bytes::FileBytes;
 use crate::logread::{LogReadError, LogReader};
 use dfos_protocol::limits::KAFKA_MAX_MESSAGE_BYTES;
+use dfos_protocol::sharing::routing_key;
 use dfos_protocol::{
     decode_reply, encode_envelope, encode_write_in_place, Batched, Envelope, ErrorCode, LogLocation, Payload, Request,
     Timestamp, Topics, PROTOCOL_VERSION,
@@ -197,6 +199,9 @@ pub struct KafkaRpc {
     held: Arc<Held>,
     waiting: Arc<Waiting>,
     batch: Mutex<Batch>,
+    /// Owners whose shared trees this mount has reached: their events
+    /// concern it too.
+    followed: Arc<DashSet<String>>,
     next_id: AtomicU64,
     stop: Arc<AtomicBool>,
     listener: Mutex<Option<JoinHandle<()>>>,
@@ -267,6 +272,7 @@ impl KafkaRpc {
             held,
             waiting,
             batch: Mutex::new(Batch::default()),
+            followed: Arc::new(DashSet::new()),
             next_id: AtomicU64::new(1),
             stop: Arc::new(AtomicBool::new(false)),
             listener: Mutex::new(None),
@@ -296,6 +302,22 @@ impl KafkaRpc {
     /// This mount's identity in events: its reply topic.
     pub fn origin(&self) -> &str {
         &self.reply_topic
+    }
+
+    /// The owners of the shared trees this mount has sent requests into,
+    /// growing as it reaches more.
+    pub fn followed_owners(&self) -> Arc<DashSet<String>> {
+        self.followed.clone()
+    }
+
+    /// The record key `request` travels under: its owner's name, so it is
+    /// ordered with the owner's own requests (see `dfos_protocol::sharing`).
+    fn key_of<'a>(&'a self, request: &'a Request) -> &'a str {
+        let key = routing_key(&self.user, request);
+        if key != self.user && !self.followed.contains(key) {
+            self.followed.insert(key.to_owned());
+        }
+        key
     }
 
     /// Logs in and keeps the session token for every later request.
@@ -439,11 +461,12 @@ impl KafkaRpc {
             let mut batch = self.batch.lock().unwrap();
             match outgoing {
                 Outgoing::Request(request) if batchable(&request) => {
-                    if !batch.fits(&request) {
+                    let key = routing_key(&self.user, &request).to_owned();
+                    if !batch.fits(&request, &key) {
                         self.send_batch(&mut batch);
                     }
                     let first = batch.is_empty();
-                    batch.push(request_id, request);
+                    batch.push(request_id, request, &key);
                     if now {
                         self.send_batch(&mut batch);
                     } else if first {
@@ -538,10 +561,11 @@ impl KafkaRpc {
         // The delivery report only matters when it fails (RequestDeliveries):
         // the reply, which can come first, is what completes a request.
         let sent = if lent {
-            self.produce_uncopied(request_id, bytes, start)
+            self.produce_uncopied(request_id, bytes, start, self.key_of(&envelope.request))
         } else {
-            let record =
-                BaseRecord::with_opaque_to(&self.requests_topic, request_id as usize).key(&self.user).payload(&bytes);
+            let record = BaseRecord::with_opaque_to(&self.requests_topic, request_id as usize)
+                .key(self.key_of(&envelope.request))
+                .payload(&bytes);
             self.producer.send(record).map_err(|(e, _)| e.to_string())
         };
         if let Err(e) = sent {
@@ -552,13 +576,13 @@ impl KafkaRpc {
     /// Produces `message[start..]` (a chunk encoded in place) without the
     /// copy rust-rdkafka always asks librdkafka for: the buffer is lent to
     /// librdkafka, kept in [`Held`] until its delivery report drops it.
-    fn produce_uncopied(&self, request_id: u64, message: Vec<u8>, start: usize) -> Result<(), String> {
+    fn produce_uncopied(&self, request_id: u64, message: Vec<u8>, start: usize, key: &str) -> Result<(), String> {
         use rdkafka::bindings::{rd_kafka_producev, rd_kafka_resp_err_t, rd_kafka_vtype_t::*};
         let payload = &message[start..];
         let (payload_ptr, payload_len) = (payload.as_ptr(), payload.len());
         // Moving the Vec into the map leaves its heap buffer where it is.
         self.held.insert(request_id, message);
-        let key = self.user.as_bytes();
+        let key = key.as_bytes();
         // SAFETY: the call mirrors rust-rdkafka's own BaseProducer::send,
         // with message flags 0 instead of RD_KAFKA_MSG_F_COPY: librdkafka
         // reads the payload until the message's delivery report, and the

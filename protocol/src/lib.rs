@@ -11,6 +11,7 @@ mod file_data;
 pub mod limits;
 pub mod message;
 pub mod path;
+pub mod sharing;
 pub mod topics;
 mod write_view;
 

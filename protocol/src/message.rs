@@ -337,6 +337,57 @@ impl Request {
     }
 }
 
+impl Request {
+    /// The same request with every path it names passed through `f` (a
+    /// batch's requests too). Everything else is kept as it is.
+    pub fn map_paths(&self, f: &impl Fn(&str) -> String) -> Request {
+        let mut request = self.clone();
+        match &mut request {
+            Request::Login { .. } | Request::StatFs => {}
+            Request::Lookup { path }
+            | Request::GetAttr { path }
+            | Request::ReadDir { path, .. }
+            | Request::ReadTree { path }
+            | Request::Create { path, .. }
+            | Request::Mkdir { path, .. }
+            | Request::Symlink { path, .. }
+            | Request::ReadLink { path }
+            | Request::MakeNode { path, .. }
+            | Request::Unlink { path }
+            | Request::Rmdir { path }
+            | Request::Read { path, .. }
+            | Request::ReadFromLog { path, .. }
+            | Request::LocateInLog { path, .. }
+            | Request::Write { path, .. }
+            | Request::SetAttr { path, .. }
+            | Request::Allocate { path, .. }
+            | Request::Fsync { path } => *path = f(path),
+            Request::Rename { from, to, .. } | Request::CopyRange { from, to, .. } | Request::Link { from, to } => {
+                *from = f(from);
+                *to = f(to);
+            }
+            Request::ReadFiles { paths } => paths.iter_mut().for_each(|path| *path = f(path)),
+            Request::Batch { requests } => {
+                requests.iter_mut().for_each(|batched| batched.request = batched.request.map_paths(f))
+            }
+        }
+        request
+    }
+
+    /// Every path the request names, its main one ([`Request::path`]) first.
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            Request::Rename { from: first, to: second, .. }
+            | Request::CopyRange { to: first, from: second, .. }
+            | Request::Link { to: first, from: second } => vec![first, second],
+            Request::ReadFiles { paths } => paths.iter().map(String::as_str).collect(),
+            Request::Batch { requests } => requests.iter().flat_map(|b| b.request.paths()).collect(),
+            Request::Login { .. } | Request::StatFs => Vec::new(),
+            other => vec![other.path()],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileKind {
     File,
@@ -546,6 +597,19 @@ impl Request {
     }
 }
 
+impl Change {
+    /// The same change with its paths passed through `f`.
+    pub fn map_paths(&self, f: &impl Fn(&str) -> String) -> Change {
+        match self {
+            Change::Modified { path } => Change::Modified { path: f(path) },
+            Change::Created { path } => Change::Created { path: f(path) },
+            Change::Removed { path } => Change::Removed { path: f(path) },
+            Change::Renamed { from, to } => Change::Renamed { from: f(from), to: f(to) },
+            Change::Linked { from, to } => Change::Linked { from: f(from), to: f(to) },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,6 +645,10 @@ mod tests {
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());
+            let moved = request.map_paths(&|path| format!("d/{path}"));
+            assert!(moved.paths().iter().all(|path| *path == "d/p"), "{}", request.name());
+            assert_eq!(moved.paths().len(), request.paths().len(), "{}", request.name());
+            assert_eq!(moved.paths().first(), Some(&moved.path()).filter(|p| !p.is_empty()), "{}", request.name());
         }
         for request in all {
             let mutates = request.mutates();

@@ -155,10 +155,20 @@ impl Credentials {
     /// The stored hash of `user`, after picking up any edit of the file.
     /// A file broken by a manual edit keeps the last good user list.
     pub fn hash_of(&self, user: &str) -> Option<String> {
+        self.with_current(|users| users.get(user).cloned())
+    }
+
+    /// The user list after picking up any edit of the file.
+    fn with_current<T>(&self, f: impl FnOnce(&HashMap<String, String>) -> T) -> T {
         if let Err(e) = self.refresh() {
             log::error!("op=credentials path={} error={e}; keeping the previous user list", self.path.display());
         }
-        self.cache.lock().unwrap().1.get(user).cloned()
+        f(&self.cache.lock().unwrap().1)
+    }
+
+    /// Every user name the file holds, in no particular order.
+    pub fn users(&self) -> Vec<String> {
+        self.with_current(|users| users.keys().cloned().collect())
     }
 
     /// Checks a password; the hash is returned so it can key the session.

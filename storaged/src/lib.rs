@@ -9,6 +9,7 @@
 //!   system calls `std` lacks, and [`trash`] keeping deleted and replaced
 //!   files for a while;
 //! - [`credentials`] and [`session`]: passwords and session tokens;
+//! - [`sharing`]: what an owner's grants let another user do in their tree;
 //! - [`checkpoint`]: the applied offset per partition, kept with the data;
 //! - [`lock`]: one daemon per storage directory;
 //! - [`log_index`]: which file bytes are still exactly a logged write, so
@@ -23,6 +24,7 @@ pub mod log_index;
 pub mod paths;
 pub mod service;
 pub mod session;
+pub mod sharing;
 pub mod store;
 pub mod sys;
 pub mod trash;

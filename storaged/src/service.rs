@@ -29,16 +29,18 @@ use rdkafka::types::RDKafkaErrorCode as Code;
 use rdkafka::{Offset, TopicPartitionList};
 
 use dfos_protocol::limits::{KAFKA_MAX_MESSAGE_BYTES, MAX_BATCH_REQUESTS};
+use dfos_protocol::sharing::partition_of;
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
-    decode_envelope, encode_event, encode_reply, Batched, Change, Envelope, ErrorCode, Event, Payload, Reply, Request,
-    Topics, PROTOCOL_VERSION,
+    decode_envelope, encode_event, encode_reply, Batched, Change, DirEntry, Envelope, ErrorCode, Event, Listing,
+    Payload, Reply, Request, Topics, PROTOCOL_VERSION,
 };
 
 use crate::checkpoint::{read_applied, Checkpoint};
 use crate::credentials::Credentials;
 use crate::log_index::{FileStamp, LogIndex, LogPosition, MIN_EXTENT_BYTES};
 use crate::session;
+use crate::sharing::{self, without_write_bits, Grants, Route};
 use crate::store::Store;
 use crate::Config;
 
@@ -370,13 +372,8 @@ impl Service {
         }
         let event = |request_id: u64, request: &Request, result: &Result<Payload, ErrorCode>| {
             let change = request.change().filter(|_| result.is_ok())?;
-            Some(Event {
-                version: PROTOCOL_VERSION,
-                user: envelope.user.clone(),
-                origin: envelope.reply_to.clone(),
-                request_id,
-                change,
-            })
+            let (user, change) = sharing::in_owners_tree(&envelope.user, change);
+            Some(Event { version: PROTOCOL_VERSION, user, origin: envelope.reply_to.clone(), request_id, change })
         };
         let events = match (&envelope.request, &result) {
             (Request::Batch { requests }, Ok(Payload::Batch(results))) => requests
@@ -425,7 +422,8 @@ impl Service {
     }
 
     /// Executes one request (alone, or one of a batch: then `position` is
-    /// `None`), settles it if it is a mutation in doubt, and logs it.
+    /// `None`) in the tree its paths lead to, settles it if it is a
+    /// mutation in doubt, and logs it.
     fn apply_one(
         &mut self,
         envelope: &Envelope,
@@ -433,11 +431,109 @@ impl Service {
         in_doubt: bool,
         at: (i32, i64),
     ) -> Result<Payload, ErrorCode> {
-        let result = self.execute(envelope, position);
-        let result =
-            if in_doubt && envelope.request.mutates() { self.settle_in_doubt(envelope, result) } else { result };
+        let result = match self.authenticate(envelope).and_then(|()| sharing::route(&envelope.request)) {
+            Err(code) => Err(code),
+            Ok(Route::Own) => self.apply_settled(envelope, position, in_doubt),
+            Ok(Route::SharedList) => self.list_sharers(envelope),
+            Ok(Route::Owner { owner, request }) => self.apply_shared(envelope, owner, request, in_doubt, at.0),
+        };
         log_applied(envelope, &result, at, position.is_none());
         result
+    }
+
+    fn apply_settled(
+        &mut self,
+        envelope: &Envelope,
+        position: Option<LogPosition>,
+        in_doubt: bool,
+    ) -> Result<Payload, ErrorCode> {
+        let result = self.execute(envelope, position);
+        if in_doubt && envelope.request.mutates() {
+            self.settle_in_doubt(envelope, result)
+        } else {
+            result
+        }
+    }
+
+    /// `request` (already in `owner`'s tree) for the grantee who sent
+    /// `envelope`, if `owner`'s grants allow it. It is applied as the
+    /// owner's own request would be, except that its data is never
+    /// located in the log: a write is not indexed, a read is answered
+    /// with its bytes.
+    fn apply_shared(
+        &mut self,
+        envelope: &Envelope,
+        owner: &str,
+        request: Request,
+        in_doubt: bool,
+        partition: i32,
+    ) -> Result<Payload, ErrorCode> {
+        let owners_partition = partition_of(owner, self.in_doubt.len());
+        if partition != owners_partition {
+            // Replicas would order it differently against the owner's own
+            // requests; mountd always keys such a request by its owner.
+            log::warn!(
+                "op={} user={} owner={owner} req={} came in partition {partition}, not the owner's {owners_partition}",
+                envelope.request.name(),
+                envelope.user,
+                envelope.request_id
+            );
+            return Err(ErrorCode::Invalid);
+        }
+        let grants = self.grants_of(owner, &envelope.user)?;
+        grants.allow(&request)?;
+        let as_owner = Envelope {
+            version: envelope.version,
+            request_id: envelope.request_id,
+            reply_to: envelope.reply_to.clone(),
+            user: owner.to_owned(),
+            token: String::new(),
+            client_time: envelope.client_time,
+            request,
+        };
+        let result = self.apply_settled(&as_owner, None, in_doubt);
+        grants.present(owner, &as_owner.request, result)
+    }
+
+    /// What `owner` grants `grantee`; `NotFound` when nothing (or no such
+    /// owner), so a grantee cannot tell an owner who shares nothing with
+    /// them from one who does not exist.
+    fn grants_of(&self, owner: &str, grantee: &str) -> Result<Grants, ErrorCode> {
+        if !crate::credentials::valid_user_name(owner) || self.credentials.hash_of(owner).is_none() {
+            return Err(ErrorCode::NotFound);
+        }
+        let grants = Grants::parse(owner, &self.store.grants_text(owner), grantee);
+        if grants.is_empty() {
+            return Err(ErrorCode::NotFound);
+        }
+        Ok(grants)
+    }
+
+    /// `.shared` itself: a read-only directory holding one entry per owner
+    /// who shares something with the caller.
+    fn list_sharers(&self, envelope: &Envelope) -> Result<Payload, ErrorCode> {
+        let user = envelope.user.as_str();
+        let own_root = self.store.user_root(user).map_err(|e| crate::store::io_error_code(&e))?;
+        let root_attr = |root: &std::path::Path| {
+            std::fs::symlink_metadata(root).map(|m| without_write_bits(crate::store::attr_of(&m))).ok()
+        };
+        let listing = |after: Option<&str>| -> Vec<DirEntry> {
+            let mut owners = self.credentials.users();
+            owners.sort();
+            owners
+                .into_iter()
+                .filter(|owner| owner != user && after.is_none_or(|after| owner.as_str() > after))
+                .filter(|owner| self.grants_of(owner, user).is_ok())
+                .filter_map(|owner| Some(DirEntry { attr: root_attr(&self.store.root().join(&owner))?, name: owner }))
+                .collect()
+        };
+        match &envelope.request {
+            Request::ReadDir { after, .. } => Ok(Payload::Entries { entries: listing(after.as_deref()), more: false }),
+            Request::ReadTree { path } => {
+                Ok(Payload::Tree(vec![Listing { path: path.clone(), entries: listing(None), more: false }]))
+            }
+            _ => root_attr(&own_root).map(Payload::Attr).ok_or(ErrorCode::Io),
+        }
     }
 
     /// Applies a batch's requests in order, each as if it had come alone.
@@ -515,24 +611,34 @@ impl Service {
         }
     }
 
-    /// `position`: where the request is in the log, if a mount could
-    /// fetch its data from there (`None` inside a batch).
-    fn execute(&mut self, envelope: &Envelope, position: Option<LogPosition>) -> Result<Payload, ErrorCode> {
+    /// Whether `envelope` may be applied at all: a known protocol version,
+    /// and a valid session token of its user (a login is checked when
+    /// executed).
+    fn authenticate(&self, envelope: &Envelope) -> Result<(), ErrorCode> {
         if envelope.version != PROTOCOL_VERSION {
             return Err(ErrorCode::UnsupportedVersion);
         }
         if !crate::credentials::valid_user_name(&envelope.user) {
             return Err(ErrorCode::AccessDenied);
         }
+        if matches!(envelope.request, Request::Login { .. }) {
+            return Ok(());
+        }
+        let hash = self.credentials.hash_of(&envelope.user).ok_or(ErrorCode::AccessDenied)?;
+        if !session::verify(&envelope.token, &envelope.user, &hash, envelope.client_time) {
+            return Err(ErrorCode::AccessDenied);
+        }
+        Ok(())
+    }
+
+    /// `position`: where the request is in the log, if a mount could
+    /// fetch its data from there (`None` inside a batch).
+    fn execute(&mut self, envelope: &Envelope, position: Option<LogPosition>) -> Result<Payload, ErrorCode> {
         if let Request::Login { password } = &envelope.request {
             let hash = self.credentials.verify(&envelope.user, password).ok_or(ErrorCode::AccessDenied)?;
             self.store.user_root(&envelope.user).map_err(|e| crate::store::io_error_code(&e))?;
             let token = session::issue(&envelope.user, &hash, envelope.client_time);
             return Ok(Payload::LoggedIn { token });
-        }
-        let hash = self.credentials.hash_of(&envelope.user).ok_or(ErrorCode::AccessDenied)?;
-        if !session::verify(&envelope.token, &envelope.user, &hash, envelope.client_time) {
-            return Err(ErrorCode::AccessDenied);
         }
         let user = envelope.user.as_str();
         if let Request::ReadFromLog { path, offset, len } = &envelope.request {
@@ -720,6 +826,21 @@ mod tests {
             self.send(envelope(user, token, request)).expect("a reply")
         }
 
+        /// Like `call`, in `partition` of the fake log; also returns the
+        /// events the request made.
+        fn call_in(
+            &mut self,
+            partition: i32,
+            user: &str,
+            token: &str,
+            request: Request,
+        ) -> (Result<Payload, ErrorCode>, Vec<Event>) {
+            self.log.push(envelope(user, token, request));
+            let offset = self.log.len() as i64 - 1;
+            let handled = self.service.handle(&self.log[offset as usize], partition, offset).expect("a reply");
+            (handled.reply.result, handled.events)
+        }
+
         fn login(&mut self, user: &str, password: &str) -> String {
             match self.call(user, "", Request::Login { password: password.into() }) {
                 Ok(Payload::LoggedIn { token }) => token,
@@ -753,6 +874,68 @@ mod tests {
             request,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_grantee_uses_what_is_granted_in_the_owners_partition_until_the_grant_is_revoked() {
+        let mut h = Harness::new();
+        let (alice, bob) = (h.login("alice", "pw"), h.login("bob", "pw2"));
+        let (alices, bobs) = (partition_of("alice", 12), partition_of("bob", 12));
+        assert_ne!(alices, bobs, "the test needs the two users in different partitions");
+        let mut as_alice = |h: &mut Harness, request| h.call_in(alices, "alice", &alice, request).0;
+        for dir in ["projects", "projects/report", "photos", "private"] {
+            as_alice(&mut h, Request::Mkdir { path: dir.into(), mode: 0o755 }).unwrap();
+        }
+        let write = |path: &str, data: &[u8]| Request::Write { path: path.into(), offset: 0, data: data.to_vec() };
+        let create = |path: &str| Request::Create { path: path.into(), mode: 0o644, exclusive: true };
+        for (path, data) in
+            [("projects/report/a", &b"draft"[..]), (".shares", b"projects/report bob rw\nphotos bob ro\n")]
+        {
+            as_alice(&mut h, create(path)).unwrap();
+            as_alice(&mut h, write(path, data)).unwrap();
+        }
+        let names = |result: Result<Payload, ErrorCode>| match result {
+            Ok(Payload::Entries { entries, .. }) => entries.into_iter().map(|e| e.name).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        let list = |path: &str| Request::ReadDir { path: path.into(), after: None };
+        assert_eq!(names(h.call_in(bobs, "bob", &bob, list(".shared")).0), ["alice"]);
+        assert_eq!(names(h.call_in(alices, "bob", &bob, list(".shared/alice")).0), ["photos", "projects"]);
+        let read = |path: &str| Request::Read { path: path.into(), offset: 0, len: 100 };
+        assert_eq!(
+            h.call_in(alices, "bob", &bob, read(".shared/alice/projects/report/a")).0,
+            Ok(Payload::Data(b"draft".to_vec()))
+        );
+
+        let (result, events) = h.call_in(alices, "bob", &bob, write(".shared/alice/projects/report/a", b"final"));
+        assert!(matches!(result, Ok(Payload::Written { .. })), "{result:?}");
+        let changed: Vec<(&str, &Change)> = events.iter().map(|e| (e.user.as_str(), &e.change)).collect();
+        assert_eq!(changed, [("alice", &Change::Modified { path: "projects/report/a".into() })]);
+        assert_eq!(std::fs::read(h.user_file("projects/report/a")).unwrap(), b"final");
+
+        let refused = |h: &mut Harness, partition, request| h.call_in(partition, "bob", &bob, request).0;
+        assert_eq!(
+            refused(&mut h, bobs, read(".shared/alice/projects/report/a")),
+            Err(ErrorCode::Invalid),
+            "wrong partition"
+        );
+        assert_eq!(refused(&mut h, alices, read(".shared/alice/.shares")), Err(ErrorCode::NotFound));
+        assert_eq!(refused(&mut h, alices, list(".shared/alice/private")), Err(ErrorCode::NotFound));
+        assert_eq!(refused(&mut h, alices, create(".shared/alice/photos/new")), Err(ErrorCode::AccessDenied));
+        assert_eq!(refused(&mut h, alices, create(".shared/alice/projects/new")), Err(ErrorCode::AccessDenied));
+        assert_eq!(
+            refused(&mut h, bobs, Request::Mkdir { path: ".shared".into(), mode: 0o755 }),
+            Err(ErrorCode::NotPermitted)
+        );
+        assert!(!h.user_file("projects/new").exists() && !h.user_file("photos/new").exists());
+
+        as_alice(
+            &mut h,
+            Request::SetAttr { path: ".shares".into(), size: Some(0), mode: None, atime: None, mtime: None },
+        )
+        .unwrap();
+        assert_eq!(refused(&mut h, alices, read(".shared/alice/projects/report/a")), Err(ErrorCode::NotFound));
+        assert_eq!(names(h.call_in(bobs, "bob", &bob, list(".shared")).0), Vec::<String>::new());
     }
 
     #[test]

@@ -243,6 +243,21 @@ impl Store {
         Ok(dir)
     }
 
+    /// The owner's grants file as text; empty when there is none, or it is
+    /// not a regular file (a symlink is never followed), or is over 1 MiB.
+    pub fn grants_text(&self, owner: &str) -> String {
+        let Ok(path) = paths::resolve(&self.root.join(owner), dfos_protocol::sharing::GRANTS_FILE) else {
+            return String::new();
+        };
+        let Ok(file) = open_nofollow(&path, false) else { return String::new() };
+        let mut text = String::new();
+        use std::io::Read as _;
+        match file.take(1 << 20).read_to_string(&mut text) {
+            Ok(_) => text,
+            Err(_) => String::new(),
+        }
+    }
+
     /// What identifies the regular file at `rel` now (None: not one).
     pub fn stamp(&self, user: &str, rel: &str) -> Option<FileStamp> {
         let path = paths::resolve(&self.root.join(user), rel).ok()?;
