@@ -7,18 +7,14 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 /// Waits until `check` holds; the mounts' caches would hide the change for
 /// 60 s, so holding within 5 s means an event invalidated them.
 fn soon(what: &str, check: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < Duration::from_secs(5), "{what} did not reach the other mount");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    within(Duration::from_secs(5), &format!("{what} reaching the other mount"), check)
 }
 
 fn names(dir: &Path) -> Vec<String> {

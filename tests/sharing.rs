@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use dfos_protocol::{ErrorCode, Payload, Request};
@@ -12,15 +12,13 @@ use dfos_protocol::{ErrorCode, Payload, Request};
 /// Waits until `check` holds (changes reach the other user's mount through
 /// events, or within the 1 s cache TTL for the list of sharers).
 fn soon(what: &str, check: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < Duration::from_secs(10), "{what}: not within 10 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    within(Duration::from_secs(10), what, check)
 }
 
-fn read(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok()
+/// `cat` of a shell-quoted path: its contents, or None when cat fails.
+fn read(quoted_path: &str) -> Option<String> {
+    let out = sh(&format!("cat {quoted_path}"));
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[test]

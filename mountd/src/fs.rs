@@ -68,6 +68,14 @@ impl From<ErrorCode> for FsError {
 
 pub type FsResult<T> = Result<T, FsError>;
 
+/// Paths in another user's tree, reached through `.shared`: the owner's
+/// grants may refuse any change there, so a change is never answered
+/// before a storage node has accepted it (a refusal acknowledged early
+/// would be lost: `rm` and `mkdir` have no later call to report it in).
+fn grants_may_refuse(path: &str) -> bool {
+    dfos_protocol::sharing::split_shared(path).is_some()
+}
+
 /// Something the kernel cached that a remote change made stale.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
@@ -648,7 +656,7 @@ impl<T: Transport> DfosFs<T> {
             Err(e) => return Some(Err(e)),
         };
         let known_file = self.meta.lock().unwrap().attr(&path).is_some_and(|a| a.kind == dfos_protocol::FileKind::File);
-        if !known_file || !self.quiet_path(&path) {
+        if !known_file || !self.quiet_path(&path) || grants_may_refuse(&path) {
             return None;
         }
         // The name is known to be a file, so the unlink can only fail if
@@ -917,7 +925,7 @@ impl<T: Transport> DfosFs<T> {
             Ok(path) => path,
             Err(e) => return Some(Err(e)),
         };
-        if !exclusive || !self.meta.lock().unwrap().known_absent(&path) {
+        if !exclusive || grants_may_refuse(&path) || !self.meta.lock().unwrap().known_absent(&path) {
             return None;
         }
         let attr = new_attr(dfos_protocol::FileKind::File, mode);
@@ -949,6 +957,25 @@ impl<T: Transport> DfosFs<T> {
             *stream.predicted.lock().unwrap() = Some(Predicted { attr: entry.attr.clone(), mtime_exact: false });
         }
         (entry, self.new_handle())
+    }
+
+    /// Whether `ino` lies in another user's tree, reached through `.shared`.
+    pub fn is_shared(&self, ino: u64) -> bool {
+        self.path_of(ino).is_ok_and(|path| grants_may_refuse(&path))
+    }
+
+    /// Refuses to open a shared file for writing when its owner granted it
+    /// read-only. The storage node refuses the writes anyway, but they
+    /// reach it only at close, whose error shells ignore (`echo x >> f`),
+    /// and root passes the kernel's own check of the mode bits. Shares are
+    /// root-squashed as on NFS: the write bits the storage node presents
+    /// are the grant, for every local user.
+    pub async fn refuse_read_only_share(&self, ino: u64) -> FsResult<()> {
+        let attr = self.getattr(ino).await?;
+        if attr.mode & 0o222 == 0 {
+            return Err(ErrorCode::AccessDenied.into());
+        }
+        Ok(())
     }
 
     /// A handle, and whether the kernel may keep the pages it cached of
@@ -1115,7 +1142,7 @@ impl<T: Transport> DfosFs<T> {
 
     pub async fn mkdir(&self, parent: u64, name: &std::ffi::OsStr, mode: u32) -> FsResult<Entry> {
         let path = self.child_path(parent, name)?;
-        if self.meta.lock().unwrap().known_absent(&path) {
+        if self.meta.lock().unwrap().known_absent(&path) && !grants_may_refuse(&path) {
             // Like create_behind: what follows inside the new directory is
             // queued after it, and reports its errors if it failed.
             let attr = new_attr(dfos_protocol::FileKind::Directory, mode);
@@ -1207,7 +1234,7 @@ impl<T: Transport> DfosFs<T> {
     pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {
         let path = self.child_path(parent, name)?;
         let known_empty = self.meta.lock().unwrap().listing(&path).is_some_and(|entries| entries.is_empty());
-        if known_empty && !path.is_empty() {
+        if known_empty && !path.is_empty() && !grants_may_refuse(&path) {
             // Like unlink: known empty here, so only an out-of-band change
             // or another mount's create in the last milliseconds can refuse.
             let reply = self.transport.submit_behind(Request::Rmdir { path: path.clone() })?;

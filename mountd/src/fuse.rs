@@ -213,6 +213,10 @@ impl KernelAttrs {
 /// access), and the kernel drops cached pages of the range before each
 /// direct write, so readers of the file on this mount still see every
 /// write at once.
+fn opens_for_writing(open_flags: i32) -> bool {
+    open_flags & libc::O_ACCMODE != libc::O_RDONLY || open_flags & libc::O_TRUNC != 0
+}
+
 fn write_only_handle_flags(open_flags: i32) -> FopenFlags {
     if open_flags & libc::O_ACCMODE == libc::O_WRONLY {
         FopenFlags::FOPEN_DIRECT_IO
@@ -421,11 +425,19 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let handle_flags = write_only_handle_flags(flags.0);
-        match self.fs.open(ino.0) {
+        let answer = move |opened: Result<(u64, bool), FsError>| match opened {
             Ok((fh, true)) => reply.opened(FileHandle(fh), handle_flags | FopenFlags::FOPEN_KEEP_CACHE),
             Ok((fh, false)) => reply.opened(FileHandle(fh), handle_flags),
             Err(e) => reply.error(errno(&e)),
+        };
+        if opens_for_writing(flags.0) && self.fs.is_shared(ino.0) {
+            let work = move |fs: Arc<DfosFs<T>>| async move {
+                fs.refuse_read_only_share(ino.0).await?;
+                fs.open(ino.0)
+            };
+            return self.spawn(work, answer);
         }
+        answer(self.fs.open(ino.0))
     }
 
     fn read(

@@ -253,6 +253,31 @@ pub struct Batched {
     pub request: Request,
 }
 
+/// The requests that name exactly one path, binding it to `$path`: one
+/// list for every match that reads or rewrites it.
+macro_rules! single_path {
+    ($path:ident) => {
+        Request::Lookup { path: $path }
+            | Request::GetAttr { path: $path }
+            | Request::ReadDir { path: $path, .. }
+            | Request::ReadTree { path: $path }
+            | Request::Create { path: $path, .. }
+            | Request::Mkdir { path: $path, .. }
+            | Request::Symlink { path: $path, .. }
+            | Request::ReadLink { path: $path }
+            | Request::MakeNode { path: $path, .. }
+            | Request::Unlink { path: $path }
+            | Request::Rmdir { path: $path }
+            | Request::Read { path: $path, .. }
+            | Request::ReadFromLog { path: $path, .. }
+            | Request::LocateInLog { path: $path, .. }
+            | Request::Write { path: $path, .. }
+            | Request::SetAttr { path: $path, .. }
+            | Request::Allocate { path: $path, .. }
+            | Request::Fsync { path: $path }
+    };
+}
+
 impl Request {
     /// Short name for log lines.
     pub fn name(&self) -> &'static str {
@@ -312,24 +337,7 @@ impl Request {
     pub fn path(&self) -> &str {
         match self {
             Request::Login { .. } | Request::StatFs | Request::Batch { .. } => "",
-            Request::Lookup { path }
-            | Request::GetAttr { path }
-            | Request::ReadDir { path, .. }
-            | Request::ReadTree { path }
-            | Request::Create { path, .. }
-            | Request::Mkdir { path, .. }
-            | Request::Symlink { path, .. }
-            | Request::ReadLink { path }
-            | Request::MakeNode { path, .. }
-            | Request::Unlink { path }
-            | Request::Rmdir { path }
-            | Request::Read { path, .. }
-            | Request::ReadFromLog { path, .. }
-            | Request::LocateInLog { path, .. }
-            | Request::Write { path, .. }
-            | Request::SetAttr { path, .. }
-            | Request::Allocate { path, .. }
-            | Request::Fsync { path } => path,
+            single_path!(path) => path,
             Request::Rename { from, .. } => from,
             Request::CopyRange { to, .. } | Request::Link { to, .. } => to,
             Request::ReadFiles { paths } => paths.first().map_or("", String::as_str),
@@ -344,24 +352,7 @@ impl Request {
         let mut request = self.clone();
         match &mut request {
             Request::Login { .. } | Request::StatFs => {}
-            Request::Lookup { path }
-            | Request::GetAttr { path }
-            | Request::ReadDir { path, .. }
-            | Request::ReadTree { path }
-            | Request::Create { path, .. }
-            | Request::Mkdir { path, .. }
-            | Request::Symlink { path, .. }
-            | Request::ReadLink { path }
-            | Request::MakeNode { path, .. }
-            | Request::Unlink { path }
-            | Request::Rmdir { path }
-            | Request::Read { path, .. }
-            | Request::ReadFromLog { path, .. }
-            | Request::LocateInLog { path, .. }
-            | Request::Write { path, .. }
-            | Request::SetAttr { path, .. }
-            | Request::Allocate { path, .. }
-            | Request::Fsync { path } => *path = f(path),
+            single_path!(path) => *path = f(path),
             Request::Rename { from, to, .. } | Request::CopyRange { from, to, .. } | Request::Link { from, to } => {
                 *from = f(from);
                 *to = f(to);

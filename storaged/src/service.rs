@@ -882,7 +882,7 @@ mod tests {
         let (alice, bob) = (h.login("alice", "pw"), h.login("bob", "pw2"));
         let (alices, bobs) = (partition_of("alice", 12), partition_of("bob", 12));
         assert_ne!(alices, bobs, "the test needs the two users in different partitions");
-        let mut as_alice = |h: &mut Harness, request| h.call_in(alices, "alice", &alice, request).0;
+        let as_alice = |h: &mut Harness, request| h.call_in(alices, "alice", &alice, request).0;
         for dir in ["projects", "projects/report", "photos", "private"] {
             as_alice(&mut h, Request::Mkdir { path: dir.into(), mode: 0o755 }).unwrap();
         }

@@ -223,7 +223,7 @@ impl Deployment {
         let log = std::fs::File::create(self.log_path(log_name)).unwrap();
         Command::new(bin("storaged"))
             .args(self.storaged_args(node))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", test_log_level())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -318,7 +318,7 @@ impl Deployment {
         cmd.args(["--brokers", brokers, "--namespace", &self.namespace, "--user", user])
             .args(["--timeout", &timeout_secs.to_string()])
             .arg(mountpoint)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", test_log_level());
         cmd
     }
 
@@ -409,6 +409,7 @@ impl Drop for Deployment {
         }
         self.delete_topics();
         if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
             eprintln!("--- logs kept in {} ---", self.dir.path().display());
             for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
                 let path = entry.path();
@@ -564,5 +565,21 @@ impl RawClient {
             Ok(dfos_protocol::Payload::LoggedIn { token }) => token,
             other => panic!("login failed: {other:?}"),
         }
+    }
+}
+
+/// The daemons' log level: info, unless `DFOS_TEST_LOG` asks for more while
+/// a failing test is being diagnosed.
+fn test_log_level() -> String {
+    std::env::var("DFOS_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
+/// Waits until `check` holds, polling; fails the test naming `what` when it
+/// does not within `limit`. For changes that travel to another mount.
+pub fn within(limit: Duration, what: &str, check: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
