@@ -68,6 +68,22 @@ impl From<ErrorCode> for FsError {
 
 pub type FsResult<T> = Result<T, FsError>;
 
+/// An open file's handle, and how the kernel may cache its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub handle: u64,
+    /// The pages the kernel cached may stay: the file is at the version
+    /// it had when last opened, by what this mount knows now (attributes
+    /// follow the rules of the attribute cache: events from other mounts
+    /// drop them).
+    pub keep_cache: bool,
+    /// Reads and writes bypass the kernel's page cache: the file has other
+    /// names, each its own kernel inode here, and the kernel would cut a
+    /// read at the size it last saw under this name, missing what was
+    /// written through another one.
+    pub uncached: bool,
+}
+
 /// Paths in another user's tree, reached through `.shared`: the owner's
 /// grants may refuse any change there, so a change is never answered
 /// before a storage node has accepted it (a refusal acknowledged early
@@ -978,11 +994,8 @@ impl<T: Transport> DfosFs<T> {
         Ok(())
     }
 
-    /// A handle, and whether the kernel may keep the pages it cached of
-    /// the file: only when the file is at the version it had when last
-    /// opened, by what this mount knows now (attributes follow the rules
-    /// of the attribute cache: events from other mounts drop them).
-    pub fn open(&self, ino: u64) -> FsResult<(u64, bool)> {
+    /// A handle, and how the kernel may cache the file's pages for it.
+    pub fn open(&self, ino: u64) -> FsResult<Opened> {
         let path = self.path_of(ino)?;
         let quiet = self.quiet(ino);
         let attr = self.meta.lock().unwrap().attr(&path);
@@ -995,8 +1008,9 @@ impl<T: Transport> DfosFs<T> {
             self.opened_versions.lock().unwrap().insert(ino, version);
         }
         let keep_cache = version.is_some() && version == previous;
-        log::debug!("op=open ino={ino} path={path:?} keep_cache={keep_cache}");
-        Ok((self.new_handle(), keep_cache))
+        let uncached = self.meta.lock().unwrap().has_other_names(&path);
+        log::debug!("op=open ino={ino} path={path:?} keep_cache={keep_cache} uncached={uncached}");
+        Ok(Opened { handle: self.new_handle(), keep_cache, uncached })
     }
 
     /// Reads up to `size` bytes; shorter only at end of file.
@@ -1498,7 +1512,8 @@ mod tests {
             std::fs::write(dir.path().join("u/d/b"), b"second, longer").unwrap();
             assert!(fs.getattr_now(a.ino).is_none() && fs.getattr_now(b.ino).is_none());
             assert_eq!(fs.getattr(a.ino).await.unwrap().size, 14);
-            let (_, keep_cache) = fs.open(a.ino).unwrap();
+            assert!(fs.open(a.ino).unwrap().uncached, "the kernel would cut reads at the size it saw under this name");
+            let keep_cache = fs.open(a.ino).unwrap().keep_cache;
             assert!(!keep_cache, "the kernel's pages of a hard-linked file are dropped at open");
             assert_eq!(fs.read(a.ino, 0, 4096).await.unwrap(), b"second, longer");
             fs.unlink(d.ino, OsStr::new("a")).await.unwrap();
@@ -1532,7 +1547,7 @@ mod tests {
             use std::os::unix::fs::MetadataExt;
             assert_eq!((on_disk.mode() & 0o7777, on_disk.mtime(), on_disk.len()), (0o640, 1_500_000_000, 9));
             // Its bytes are known here, for the size and mtime the node has.
-            fs.open(f.ino).unwrap();
+            assert!(!fs.open(f.ino).unwrap().uncached, "a file with one name uses the page cache");
             assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"extracted");
             assert!(!fs.transport.applied().contains(&"read"), "served from the small-file cache");
             // After the close nothing is foreseen: a touch asks the node.

@@ -21,7 +21,7 @@ use fuser::{
 use dfos_protocol::{AllocateMode, ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
 
 use crate::file_bytes::FileBytes;
-use crate::fs::{AttrChange, DfosFs, Entry, FsError};
+use crate::fs::{AttrChange, DfosFs, Entry, FsError, Opened};
 use crate::rpc::{RpcError, Transport};
 
 /// Short, never zero: the kernel misbehaves with a TTL of 0.
@@ -425,9 +425,17 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let handle_flags = write_only_handle_flags(flags.0);
-        let answer = move |opened: Result<(u64, bool), FsError>| match opened {
-            Ok((fh, true)) => reply.opened(FileHandle(fh), handle_flags | FopenFlags::FOPEN_KEEP_CACHE),
-            Ok((fh, false)) => reply.opened(FileHandle(fh), handle_flags),
+        let answer = move |opened: Result<Opened, FsError>| match opened {
+            Ok(opened) => {
+                let mut flags = handle_flags;
+                if opened.keep_cache {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                if opened.uncached {
+                    flags |= FopenFlags::FOPEN_DIRECT_IO;
+                }
+                reply.opened(FileHandle(opened.handle), flags)
+            }
             Err(e) => reply.error(errno(&e)),
         };
         if opens_for_writing(flags.0) && self.fs.is_shared(ino.0) {

@@ -81,6 +81,12 @@ impl MetaCache {
     }
 
     /// What was last heard of `path`, hard-linked files included.
+    /// Whether `path` was last seen as a file with other names (stale or
+    /// not: those names may have changed it since).
+    pub fn has_other_names(&self, path: &str) -> bool {
+        self.attrs.get(path).is_some_and(|entry| entry.value.has_other_names())
+    }
+
     fn listed_attr(&self, path: &str) -> Option<FileAttr> {
         self.fresh(self.attrs.get(path)).cloned()
     }
@@ -168,14 +174,19 @@ impl MetaCache {
         self.attrs.remove(path);
     }
 
-    /// Records a directory's complete listing (with attributes).
+    /// Records a directory's complete listing (with attributes). Never
+    /// `.shared`'s: the owners in it change when they edit their grants,
+    /// which this mount hears of only for owners it already follows, so
+    /// every listing of it asks a storage node.
     pub fn put_listing(&mut self, dir: &str, entries: impl IntoIterator<Item = (String, FileAttr)>) {
         let mut names = HashSet::new();
         for (name, attr) in entries {
             self.put_attr(&inodes::join(dir, &name), attr);
             names.insert(name);
         }
-        self.listings.insert(dir.to_owned(), Stamped { value: names, at: Instant::now() });
+        if dir != SHARED_DIR {
+            self.listings.insert(dir.to_owned(), Stamped { value: names, at: Instant::now() });
+        }
     }
 
     /// A name this mount created under `path`'s parent, with its attributes.
@@ -452,6 +463,16 @@ mod tests {
         c.put_listing(TRASH_DIR, []);
         c.renamed("g", "h");
         assert!(!c.listed(TRASH_DIR), "a rename may replace a file, which the trash then keeps");
+    }
+
+    #[test]
+    fn the_list_of_sharers_is_never_held_nor_known_absent() {
+        let mut c = MetaCache::new(Duration::from_secs(10));
+        c.put_listing("", [("f".to_string(), attr(FileKind::File))]);
+        c.put_listing(SHARED_DIR, [("alice".to_string(), attr(FileKind::Directory))]);
+        assert!(!c.known_absent(SHARED_DIR), "no listing of the root holds it");
+        assert!(!c.listed(SHARED_DIR) && !c.known_absent(".shared/bob"), "bob may have granted something since");
+        assert!(c.attr(".shared/alice").is_some(), "what was seen of an owner's tree is kept");
     }
 
     #[test]
