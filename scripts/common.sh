@@ -8,17 +8,29 @@ export DFOS_BROKERS=${DFOS_BROKERS:-127.0.0.1:$DFOS_KAFKA_PORT}
 say() { printf '%s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
+# Installs Debian packages, through sudo when not root.
+apt_install() {
+  local sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 # FUSE mounts need /dev/fuse; fusermount3 (Debian's fuse3) is used for
 # unmounting by non-root users and for auto_unmount.
 ensure_fuse() {
   [ -e /dev/fuse ] || die "/dev/fuse is missing: load the fuse kernel module"
   if ! command -v fusermount3 >/dev/null; then
     say "installing fuse3 (fusermount3 missing)"
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null
-    else
-      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null
-    fi
+    apt_install fuse3
+  fi
+}
+
+# librdkafka is built with OpenSSL, for TLS and SASL/SCRAM to the brokers:
+# it needs the headers and pkg-config (Debian's libssl-dev, pkg-config).
+ensure_openssl_dev() {
+  if ! pkg-config --exists openssl 2>/dev/null; then
+    say "installing libssl-dev and pkg-config (OpenSSL headers missing)"
+    apt_install libssl-dev pkg-config
   fi
 }
 
@@ -29,6 +41,7 @@ ensure_toolchain() {
 }
 
 build() {
+  ensure_openssl_dev
   say "building dfos (release)"
   (cd "$repo" && cargo build --release --workspace --quiet)
 }

@@ -8,11 +8,15 @@
 #
 #   scripts/kafka.sh start|stop|status|ready|fetch
 #   scripts/kafka.sh kill-node I | start-node I     (cluster tests)
+#   scripts/kafka.sh tls-ca      path of the CA certificate (PEM) to trust
 #   ready: some broker on the port answers metadata requests, ours or not
 #
 # Environment:
 #   DFOS_KAFKA_PORT   client port of node 1 (default 9092); node I listens on
-#                     port+I-1, its controller on port+1000+I-1
+#                     port+I-1, its controller on port+1000+I-1, and TLS
+#                     clients on port+2000+I-1 (certificate for 127.0.0.1
+#                     and localhost, signed by the test CA that
+#                     `scripts/kafka.sh tls-ca` prints the path of)
 #   DFOS_KAFKA_NODES  number of nodes (default 1; 3 for a replicated cluster)
 #   DFOS_KAFKA_HOME   cache directory (default <repo>/.cache/kafka)
 #   DFOS_KAFKA_PROPS  extra server.properties lines, appended last so they win
@@ -32,6 +36,9 @@ die() { echo "kafka.sh: $*" >&2; exit 1; }
 node_dir() { if [ "$nodes" = 1 ]; then echo "$cluster"; else echo "$cluster/node-$1"; fi; }
 node_port() { echo $((port + $1 - 1)); }
 controller_port() { echo $((port + 1000 + $1 - 1)); }
+tls_port() { echo $((port + 2000 + $1 - 1)); }
+tls=$home/tls
+tls_password=dfos-test-only
 pidfile() { echo "$(node_dir "$1")/kafka.pid"; }
 
 need_tools() {
@@ -82,6 +89,27 @@ logger.state.level = WARN
 L4J
 }
 
+# A throwaway CA and a broker certificate it signs, made once with openssl:
+# enough for clients to verify the broker (ssl.ca.location) as they would
+# a real one. Not for production, where the admin brings their own.
+ensure_tls_material() {
+  [ -f "$tls/.complete" ] && return 0
+  command -v openssl >/dev/null || die "openssl is required to make the test broker's TLS certificate"
+  mkdir -p "$tls"
+  (
+    cd "$tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=dfos test CA" \
+      -keyout ca.key -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout broker.key -out broker.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile broker.ext -out broker.pem
+    openssl pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker \
+      -passout "pass:$tls_password" -out broker.p12
+  ) >"$home/tls.log" 2>&1 || { cat "$home/tls.log" >&2; die "making the test TLS certificate failed"; }
+  touch "$tls/.complete"
+}
+
 write_config() {
   local i=$1 dir; dir=$(node_dir "$i")
   mkdir -p "$dir/data"
@@ -97,10 +125,14 @@ write_config() {
 process.roles=broker,controller
 node.id=$i
 $quorum
-listeners=PLAINTEXT://127.0.0.1:$(node_port "$i"),CONTROLLER://127.0.0.1:$(controller_port "$i")
-advertised.listeners=PLAINTEXT://127.0.0.1:$(node_port "$i")
+listeners=PLAINTEXT://127.0.0.1:$(node_port "$i"),CONTROLLER://127.0.0.1:$(controller_port "$i"),SSL://127.0.0.1:$(tls_port "$i")
+advertised.listeners=PLAINTEXT://127.0.0.1:$(node_port "$i"),SSL://127.0.0.1:$(tls_port "$i")
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$tls/broker.p12
+ssl.keystore.password=$tls_password
+ssl.key.password=$tls_password
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$dir/data
 num.partitions=1
@@ -183,11 +215,13 @@ start() {
     return 0
   fi
   mkdir -p "$cluster"
+  ensure_tls_material
   [ -f "$cluster/cluster.id" ] || java_run kafka.tools.StorageTool random-uuid >"$cluster/cluster.id"
   cluster_id=$(cat "$cluster/cluster.id")
   for i in $(seq 1 "$nodes"); do
     running "$i" && continue
     port_open "$(node_port "$i")" && die "port $(node_port "$i") is taken by another process; set DFOS_KAFKA_PORT"
+    port_open "$(tls_port "$i")" && die "port $(tls_port "$i") (TLS) is taken by another process; set DFOS_KAFKA_PORT"
     write_config "$i"
     format_storage "$i"
     launch "$i"
@@ -235,5 +269,6 @@ case "${1:-}" in
   kill-node) stop_node "${2:?node number}" KILL ;;
   start-node) write_log_config; cluster_id=$(cat "$cluster/cluster.id"); launch "${2:?node number}" ;;
   bootstrap) bootstrap ;;
-  *) echo "usage: $0 start|stop|status|ready|fetch|kill-node I|start-node I|bootstrap" >&2; exit 2 ;;
+  tls-ca) echo "$tls/ca.pem" ;;
+  *) echo "usage: $0 start|stop|status|ready|fetch|kill-node I|start-node I|bootstrap|tls-ca" >&2; exit 2 ;;
 esac

@@ -87,12 +87,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let deadline = config.kafka.deadline;
     let brokers = config.kafka.brokers.clone();
+    let hint = config.kafka.unreachable_hint().unwrap_or_default();
     let rpc = runtime.block_on(async {
         let rpc = KafkaRpc::connect(config.kafka.clone(), &config.user).await.map_err(|e| match e {
             RpcError::Timeout => {
-                anyhow::anyhow!("cannot reach Kafka at {brokers} within {deadline:?}")
+                anyhow::anyhow!("cannot reach Kafka at {brokers} within {deadline:?}{hint}")
             }
-            other => anyhow::anyhow!("cannot reach Kafka at {brokers}: {other}"),
+            other => anyhow::anyhow!("cannot reach Kafka at {brokers}: {other}{hint}"),
         })?;
         match rpc.login(&config.password).await {
             Ok(()) => Ok(rpc),

@@ -86,6 +86,14 @@ fn stop_child(child: &mut Child, grace: Duration) {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// The brokers storaged and mountd are given, and librdkafka settings
+/// (`-X key=value`) for both.
+#[derive(Clone, Default)]
+pub struct DaemonKafka {
+    pub brokers: Option<String>,
+    pub settings: Vec<String>,
+}
+
 /// One storage daemon of a deployment: a replica with its own directory.
 struct Node {
     storage: PathBuf,
@@ -99,7 +107,10 @@ pub struct Deployment {
     /// Storage root of node 0.
     pub storage: PathBuf,
     pub credentials: PathBuf,
+    /// What the harness's own Kafka clients use (topics, raw requests).
     pub brokers: String,
+    /// How the daemons reach Kafka, when not as the harness does.
+    daemon_kafka: DaemonKafka,
     replication_factor: u32,
     /// Given to every storaged of the deployment, after the harness's own.
     storaged_flags: Vec<String>,
@@ -123,12 +134,37 @@ impl Deployment {
         Deployment::start_replicated_with(name, replicas, brokers, replication_factor, &[])
     }
 
+    /// Like [`Deployment::start`], with the daemons reaching Kafka through
+    /// `daemon_kafka` (another listener, TLS settings) while the harness
+    /// uses the default brokers.
+    pub fn start_with_daemon_kafka(name: &str, daemon_kafka: DaemonKafka) -> Deployment {
+        Deployment::start_configured(name, 1, &brokers(), 1, &[], daemon_kafka)
+    }
+
     fn start_replicated_with(
         name: &str,
         replicas: usize,
         brokers: &str,
         replication_factor: u32,
         storaged_flags: &[&str],
+    ) -> Deployment {
+        Deployment::start_configured(
+            name,
+            replicas,
+            brokers,
+            replication_factor,
+            storaged_flags,
+            DaemonKafka::default(),
+        )
+    }
+
+    fn start_configured(
+        name: &str,
+        replicas: usize,
+        brokers: &str,
+        replication_factor: u32,
+        storaged_flags: &[&str],
+        daemon_kafka: DaemonKafka,
     ) -> Deployment {
         let dir = tempfile::Builder::new().prefix(&format!("dfos-{name}-")).tempdir().unwrap();
         let namespace =
@@ -139,6 +175,7 @@ impl Deployment {
             dir,
             namespace,
             brokers: brokers.to_owned(),
+            daemon_kafka,
             replication_factor,
             storaged_flags: storaged_flags.iter().map(|f| f.to_string()).collect(),
             nodes: Vec::new(),
@@ -202,7 +239,7 @@ impl Deployment {
     fn storaged_args(&self, node: usize) -> Vec<String> {
         let mut args = vec![
             "--brokers".into(),
-            self.brokers.clone(),
+            self.daemon_brokers().to_owned(),
             "--namespace".into(),
             self.namespace.clone(),
             "--credentials".into(),
@@ -214,8 +251,18 @@ impl Deployment {
             "--replication-factor".into(),
             self.replication_factor.to_string(),
         ];
+        args.extend(self.daemon_settings());
         args.extend(self.storaged_flags.iter().cloned());
         args
+    }
+
+    /// The brokers the daemons are given.
+    pub fn daemon_brokers(&self) -> &str {
+        self.daemon_kafka.brokers.as_deref().unwrap_or(&self.brokers)
+    }
+
+    fn daemon_settings(&self) -> Vec<String> {
+        self.daemon_kafka.settings.iter().flat_map(|setting| ["-X".to_owned(), setting.clone()]).collect()
     }
 
     /// A storaged with node `node`'s flags, logging at info to `log_name`.
@@ -317,6 +364,7 @@ impl Deployment {
         let mut cmd = Command::new(bin("mountd"));
         cmd.args(["--brokers", brokers, "--namespace", &self.namespace, "--user", user])
             .args(["--timeout", &timeout_secs.to_string()])
+            .args(self.daemon_settings())
             .arg(mountpoint)
             .env("RUST_LOG", test_log_level());
         cmd
@@ -339,7 +387,7 @@ impl Deployment {
         let log_path = self.log_path(&format!("mountd-{user}-{n}"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = self
-            .mountd_command(user, &path, timeout_secs, &self.brokers)
+            .mountd_command(user, &path, timeout_secs, self.daemon_brokers())
             .args(args)
             .env("DFOS_PASSWORD", password)
             .stdout(log.try_clone().unwrap())
@@ -368,10 +416,23 @@ impl Deployment {
         brokers_override: Option<&str>,
         timeout_secs: u64,
     ) -> (std::process::ExitStatus, String, PathBuf) {
+        self.mount_fails_with(user, password, brokers_override, timeout_secs, &[])
+    }
+
+    /// Like [`Deployment::mount_fails`], with extra mountd arguments last
+    /// (a later `-X` setting overrides the deployment's).
+    pub fn mount_fails_with(
+        &self,
+        user: &str,
+        password: &str,
+        brokers_override: Option<&str>,
+        timeout_secs: u64,
+        args: &[&str],
+    ) -> (std::process::ExitStatus, String, PathBuf) {
         let path = self.dir.path().join(format!("mnt-fail-{user}"));
         std::fs::create_dir_all(&path).unwrap();
-        let mut cmd = self.mountd_command(user, &path, timeout_secs, brokers_override.unwrap_or(&self.brokers));
-        let out = cmd.env("DFOS_PASSWORD", password).stdin(Stdio::null()).output().unwrap();
+        let mut cmd = self.mountd_command(user, &path, timeout_secs, brokers_override.unwrap_or(self.daemon_brokers()));
+        let out = cmd.args(args).env("DFOS_PASSWORD", password).stdin(Stdio::null()).output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status, text, path)
     }
