@@ -998,7 +998,10 @@ impl<T: Transport> DfosFs<T> {
     pub fn open(&self, ino: u64) -> FsResult<Opened> {
         let path = self.path_of(ino)?;
         let quiet = self.quiet(ino);
-        let attr = self.meta.lock().unwrap().attr(&path);
+        let (attr, uncached) = {
+            let meta = self.meta.lock().unwrap();
+            (meta.attr(&path), meta.has_other_names(&path))
+        };
         let version = attr
             .filter(|attr| quiet && attr.kind == dfos_protocol::FileKind::File)
             .map(|attr| (attr.size, attr.mtime, attr.ctime));
@@ -1008,7 +1011,6 @@ impl<T: Transport> DfosFs<T> {
             self.opened_versions.lock().unwrap().insert(ino, version);
         }
         let keep_cache = version.is_some() && version == previous;
-        let uncached = self.meta.lock().unwrap().has_other_names(&path);
         log::debug!("op=open ino={ino} path={path:?} keep_cache={keep_cache} uncached={uncached}");
         Ok(Opened { handle: self.new_handle(), keep_cache, uncached })
     }
