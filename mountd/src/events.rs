@@ -101,6 +101,9 @@ impl EventListener {
                             continue;
                         }
                     };
+                    if event.origin == own_origin {
+                        continue;
+                    }
                     let change = if event.user == user {
                         event.change
                     } else if followed.contains(&event.user) {
@@ -108,9 +111,6 @@ impl EventListener {
                     } else {
                         continue;
                     };
-                    if event.origin == own_origin {
-                        continue;
-                    }
                     if seen.first((event.origin.clone(), event.request_id)) {
                         log::debug!(
                             "op=event user={user} owner={} req={} change={change:?}",
