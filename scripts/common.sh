@@ -25,6 +25,15 @@ ensure_fuse() {
   fi
 }
 
+# The end-to-end tests set and read extended attributes with the shell's
+# own tools (Debian's attr: setfattr, getfattr).
+ensure_test_tools() {
+  if ! command -v setfattr >/dev/null || ! command -v getfattr >/dev/null; then
+    say "installing attr (setfattr/getfattr missing)"
+    apt_install attr
+  fi
+}
+
 # librdkafka is built with OpenSSL, for TLS and SASL/SCRAM to the brokers:
 # it needs the headers and pkg-config (Debian's libssl-dev, pkg-config).
 ensure_openssl_dev() {

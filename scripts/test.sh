@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every dfos test: unit tests and end-to-end tests on a real Kafka
-# broker and real FUSE mounts. Installs what is missing (fuse3, Kafka into
-# .cache/kafka), starts a broker only if none answers on DFOS_KAFKA_PORT,
+# broker and real FUSE mounts. Installs what is missing (fuse3, attr, Kafka
+# into .cache/kafka), starts a broker only if none answers on DFOS_KAFKA_PORT,
 # and stops only the broker it started.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -9,6 +9,7 @@ cd "$repo"
 
 ensure_toolchain
 ensure_fuse
+ensure_test_tools
 
 started_kafka=0
 cleanup() {

@@ -1,6 +1,6 @@
 //! The randomized model test: a long random sequence of create, write at
 //! offsets, read, truncate, rename, unlink, mkdir, rmdir, hard link, copies
-//! of ranges and fallocate on a dfos mount and on a local directory. Every step's result must match; after every
+//! of ranges, fallocate and extended attributes on a dfos mount and on a local directory. Every step's result must match; after every
 //! step the trees' shapes (names, kinds, modes, sizes) must match, and
 //! every 25 steps and at the end their contents too.
 //!
@@ -22,7 +22,7 @@ fn random_operations_match_a_local_directory() {
     let steps = env_or("DFOS_MODEL_STEPS", 300);
     let seed = env_or("DFOS_MODEL_SEED", 1);
     let d = Deployment::start("model");
-    let m = d.mount(USER1);
+    let m = d.mount_with(USER1, 30, &["--xattrs"]);
     let model = d.local_dir("model");
     let mut workload = Workload::new(seed);
     for step in 1..=steps {

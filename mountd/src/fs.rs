@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use dfos_protocol::limits::{CHUNK_SIZE, MAX_COPY_BYTES};
 use dfos_protocol::{
-    AllocateMode, Change, DirEntry, ErrorCode, FileAttr, FileContent, FsStats, Payload, RenameMode, Request, SetTime,
-    Timestamp,
+    is_user_xattr, AllocateMode, Change, DirEntry, ErrorCode, FileAttr, FileContent, FsStats, Payload, RenameMode,
+    Request, SetTime, Timestamp, XattrMode,
 };
 use tokio::sync::Semaphore;
 
@@ -1221,6 +1221,74 @@ impl<T: Transport> DfosFs<T> {
             Payload::LinkTarget(target) => Ok(target),
             _ => Err(FsError::UnexpectedReply),
         }
+    }
+
+    /// The value of the extended attribute `name`. Names outside the
+    /// `user.` namespace are answered here, as absent: storage nodes keep
+    /// no others, and the kernel asks for some of them on every `ls -l`
+    /// (`security.selinux`, `system.posix_acl_access`) and on writes
+    /// (`security.capability`).
+    pub async fn getxattr(&self, ino: u64, name: &std::ffi::OsStr) -> FsResult<Vec<u8>> {
+        if let Some(done) = self.getxattr_now(name) {
+            return done;
+        }
+        let name = name_str(name)?;
+        let path = self.path_of(ino)?;
+        match self.call(Request::GetXattr { path, name: name.to_owned() }).await? {
+            Payload::Xattr(value) => Ok(value),
+            _ => Err(FsError::UnexpectedReply),
+        }
+    }
+
+    /// The answer to a getxattr that needs no storage node.
+    pub fn getxattr_now(&self, name: &std::ffi::OsStr) -> Option<FsResult<Vec<u8>>> {
+        match name_str(name) {
+            Err(e) => Some(Err(e)),
+            Ok(name) if !is_user_xattr(name) => Some(Err(ErrorCode::NoAttribute.into())),
+            Ok(_) => None,
+        }
+    }
+
+    /// The names of the file's extended attributes, each followed by a NUL,
+    /// as listxattr(2) returns them.
+    pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let path = self.path_of(ino)?;
+        match self.call(Request::ListXattrs { path }).await? {
+            Payload::XattrNames(names) => Ok(names.iter().flat_map(|name| name.bytes().chain([0])).collect()),
+            _ => Err(FsError::UnexpectedReply),
+        }
+    }
+
+    /// Sets an extended attribute, answered once a storage node applied it
+    /// (like every metadata change that can be refused: a full inode, a
+    /// grant). Outside `user.`, EOPNOTSUPP, as for a namespace the
+    /// filesystem lacks.
+    pub async fn setxattr(&self, ino: u64, name: &std::ffi::OsStr, value: &[u8], mode: XattrMode) -> FsResult<()> {
+        let name = name_str(name)?;
+        if !is_user_xattr(name) {
+            return Err(ErrorCode::NotSupported.into());
+        }
+        let path = self.path_of(ino)?;
+        let request = Request::SetXattr { path: path.clone(), name: name.to_owned(), value: value.to_vec(), mode };
+        self.call(request).await?;
+        self.xattrs_changed(&path);
+        Ok(())
+    }
+
+    pub async fn removexattr(&self, ino: u64, name: &std::ffi::OsStr) -> FsResult<()> {
+        let name = name_str(name)?;
+        if !is_user_xattr(name) {
+            return Err(ErrorCode::NoAttribute.into());
+        }
+        let path = self.path_of(ino)?;
+        self.call(Request::RemoveXattr { path: path.clone(), name: name.to_owned() }).await?;
+        self.xattrs_changed(&path);
+        Ok(())
+    }
+
+    /// An attribute change moved the file's ctime; its cached attributes go.
+    fn xattrs_changed(&self, path: &str) {
+        self.meta.lock().unwrap().drop_attr(path);
     }
 
     pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {

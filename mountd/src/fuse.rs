@@ -14,11 +14,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     CopyFileRangeFlags, Errno, FileAttr as KernelAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
-use dfos_protocol::{AllocateMode, ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp};
+use dfos_protocol::{AllocateMode, ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp, XattrMode};
 
 use crate::file_bytes::FileBytes;
 use crate::fs::{AttrChange, DfosFs, Entry, FsError, Opened};
@@ -71,6 +71,7 @@ pub fn errno_of_code(code: ErrorCode) -> Errno {
         ErrorCode::NotPermitted => libc::EPERM,
         ErrorCode::TooLarge => libc::EFBIG,
         ErrorCode::NotSupported => libc::EOPNOTSUPP,
+        ErrorCode::NoAttribute => libc::ENODATA,
     };
     Errno::from_i32(raw)
 }
@@ -116,13 +117,16 @@ pub struct FuseAdapter<T: Transport> {
     runtime: tokio::runtime::Handle,
     attrs: KernelAttrs,
     notifier: NotifierSlot,
+    /// Extended attributes are served; without them every xattr call is
+    /// ENOSYS, after which the kernel stops asking (`Config::xattrs`).
+    xattrs: bool,
 }
 
 impl<T: Transport> FuseAdapter<T> {
-    pub fn new(fs: Arc<DfosFs<T>>, runtime: tokio::runtime::Handle, notifier: NotifierSlot) -> Self {
+    pub fn new(fs: Arc<DfosFs<T>>, runtime: tokio::runtime::Handle, notifier: NotifierSlot, xattrs: bool) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        FuseAdapter { fs, runtime, attrs: KernelAttrs { uid, gid }, notifier }
+        FuseAdapter { fs, runtime, attrs: KernelAttrs { uid, gid }, notifier, xattrs }
     }
 
     /// Runs `work` on the runtime and hands its result to `answer`.
@@ -222,6 +226,27 @@ fn write_only_handle_flags(open_flags: i32) -> FopenFlags {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()
+    }
+}
+
+/// setxattr(2)'s flags (the kernel has refused any other bits).
+fn xattr_mode(flags: i32) -> Option<XattrMode> {
+    match flags {
+        0 => Some(XattrMode::Either),
+        libc::XATTR_CREATE => Some(XattrMode::Create),
+        libc::XATTR_REPLACE => Some(XattrMode::Replace),
+        _ => None,
+    }
+}
+
+/// Answers getxattr and listxattr the way the kernel asks: with the size
+/// alone when `size` is 0, ERANGE when the bytes do not fit in `size`.
+fn answer_xattr(size: u32) -> impl FnOnce(Result<Vec<u8>, FsError>, ReplyXattr) + Send + 'static {
+    move |result, reply| match result {
+        Ok(bytes) if size == 0 => reply.size(bytes.len() as u32),
+        Ok(bytes) if bytes.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(bytes) => reply.data(&bytes),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -676,6 +701,54 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         );
     }
 
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let answer = answer_xattr(size);
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
+        if let Some(done) = self.fs.getxattr_now(name) {
+            return answer(done, reply);
+        }
+        let name = name.to_owned();
+        self.spawn(move |fs| async move { fs.getxattr(ino.0, &name).await }, move |result| answer(result, reply));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
+        let answer = answer_xattr(size);
+        self.spawn(move |fs| async move { fs.listxattr(ino.0).await }, move |result| answer(result, reply));
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
+        let Some(mode) = xattr_mode(flags).filter(|_| position == 0) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (name, value) = (name.to_owned(), value.to_vec());
+        self.spawn(move |fs| async move { fs.setxattr(ino.0, &name, &value, mode).await }, empty(reply));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
+        let name = name.to_owned();
+        self.spawn(move |fs| async move { fs.removexattr(ino.0, &name).await }, empty(reply));
+    }
+
     fn create(
         &self,
         _req: &Request,
@@ -727,6 +800,7 @@ mod tests {
             (ErrorCode::NotPermitted, libc::EPERM),
             (ErrorCode::TooLarge, libc::EFBIG),
             (ErrorCode::NotSupported, libc::EOPNOTSUPP),
+            (ErrorCode::NoAttribute, libc::ENODATA),
         ];
         for (code, raw) in pairs {
             assert_eq!(errno_of_code(code).code(), raw, "{code:?}");

@@ -53,6 +53,10 @@ pub struct Config {
     /// Mount read-only: the kernel refuses every change with EROFS before
     /// it reaches mountd, as for `mount -o ro`.
     pub read_only: bool,
+    /// Serve extended attributes (`user.` names). Off, every xattr call is
+    /// ENOSYS and the kernel stops asking, so `ls -l` and writes cost no
+    /// attribute lookups (JuiceFS likewise needs `--enable-xattr`).
+    pub xattrs: bool,
 }
 
 /// The password for `user`: the first line of `file`, else DFOS_PASSWORD,
@@ -113,7 +117,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let fs = Arc::new(fs::DfosFs::with_cache_ttl(rpc.clone(), config.cache_ttl));
     let notifier_slot = fuse::NotifierSlot::default();
-    let adapter = fuse::FuseAdapter::new(fs.clone(), runtime.handle().clone(), notifier_slot.clone());
+    let adapter = fuse::FuseAdapter::new(fs.clone(), runtime.handle().clone(), notifier_slot.clone(), config.xattrs);
     let mut fuse_config = FuseConfig::default();
     fuse_config.mount_options = vec![
         MountOption::FSName(format!("dfos:{}", config.user)),

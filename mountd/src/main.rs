@@ -30,6 +30,12 @@ struct Cli {
     /// Mount read-only: every change fails with EROFS.
     #[arg(long)]
     read_only: bool,
+    /// Serve extended attributes (`user.` names: setfattr, cp -a, tar
+    /// --xattrs). Off by default, as in JuiceFS: with them on, the kernel
+    /// asks mountd about ACL and security attributes of every file `ls -l`
+    /// lists, which made it about three times slower.
+    #[arg(long)]
+    xattrs: bool,
     /// librdkafka setting passed through, e.g. -X security.protocol=SSL.
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
     kafka: Vec<(String, String)>,
@@ -59,6 +65,7 @@ fn main() {
             allow_other: cli.allow_other,
             cache_ttl: Duration::from_secs(cli.cache_ttl),
             read_only: cli.read_only,
+            xattrs: cli.xattrs,
         })
     });
     if let Err(e) = outcome {

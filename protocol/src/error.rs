@@ -40,4 +40,7 @@ pub enum ErrorCode {
     /// fallocate mode it lacks).
     #[error("operation not supported")]
     NotSupported,
+    /// The file has no extended attribute of the asked name (ENODATA).
+    #[error("no such attribute")]
+    NoAttribute,
 }

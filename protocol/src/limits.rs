@@ -50,3 +50,8 @@ pub const MAX_READ_FILES: usize = 128;
 /// Most file data one answer to `Request::ReadFiles` carries, so it stays
 /// under Kafka's default message limit with its attributes and framing.
 pub const MAX_READ_FILES_BYTES: usize = 768 * 1024;
+/// Longest extended attribute name, prefix included (Linux XATTR_NAME_MAX).
+pub const MAX_XATTR_NAME_BYTES: usize = 255;
+/// Largest extended attribute value (Linux XATTR_SIZE_MAX); a storage
+/// node's filesystem may hold less (ext4: what fits in one block).
+pub const MAX_XATTR_VALUE_BYTES: usize = 64 * 1024;

@@ -57,6 +57,28 @@ pub enum AllocateMode {
     ZeroRangeKeepSize,
 }
 
+/// What a [`Request::SetXattr`] may find: setxattr(2)'s flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum XattrMode {
+    /// No flag: the attribute is made or replaced.
+    Either,
+    /// `XATTR_CREATE`: `Exists` if the attribute is there.
+    Create,
+    /// `XATTR_REPLACE`: `NoAttribute` if it is not.
+    Replace,
+}
+
+/// The one namespace of extended attributes dfos keeps, as NFS does
+/// (RFC 8276): the others belong to the kernel of the machine holding the
+/// file (`security.*`, `system.*` ACLs, `trusted.*`), and would mean
+/// something else on every storage node.
+pub const USER_XATTR_PREFIX: &str = "user.";
+
+/// Whether `name` is an extended attribute dfos keeps.
+pub fn is_user_xattr(name: &str) -> bool {
+    name.len() > USER_XATTR_PREFIX.len() && name.starts_with(USER_XATTR_PREFIX)
+}
+
 /// A time to set, either a given instant or the envelope's time ("now").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SetTime {
@@ -244,6 +266,38 @@ pub enum Request {
         len: u64,
         mode: AllocateMode,
     },
+    /// The value of the extended attribute `name` of `path` (never
+    /// following a symlink there): answered with [`Payload::Xattr`],
+    /// `NoAttribute` when it has none of that name. Only `user.` names
+    /// ([`is_user_xattr`]) are kept; any other is `NotSupported`.
+    GetXattr {
+        path: String,
+        name: String,
+    },
+    /// The names of `path`'s extended attributes (only `user.` ones):
+    /// answered with [`Payload::XattrNames`].
+    ListXattrs {
+        path: String,
+    },
+    /// Sets the extended attribute `name` of `path` to `value` (at most
+    /// [`MAX_XATTR_VALUE_BYTES`]; the name at most [`MAX_XATTR_NAME_BYTES`]).
+    /// Answered with [`Payload::Done`].
+    ///
+    /// [`MAX_XATTR_VALUE_BYTES`]: crate::limits::MAX_XATTR_VALUE_BYTES
+    /// [`MAX_XATTR_NAME_BYTES`]: crate::limits::MAX_XATTR_NAME_BYTES
+    SetXattr {
+        path: String,
+        name: String,
+        #[serde(with = "crate::file_data")]
+        value: Vec<u8>,
+        mode: XattrMode,
+    },
+    /// Removes the extended attribute `name` of `path`: `NoAttribute` if it
+    /// has none. Answered with [`Payload::Done`].
+    RemoveXattr {
+        path: String,
+        name: String,
+    },
 }
 
 /// One request of a [`Request::Batch`].
@@ -275,6 +329,10 @@ macro_rules! single_path {
             | Request::SetAttr { path: $path, .. }
             | Request::Allocate { path: $path, .. }
             | Request::Fsync { path: $path }
+            | Request::GetXattr { path: $path, .. }
+            | Request::ListXattrs { path: $path }
+            | Request::SetXattr { path: $path, .. }
+            | Request::RemoveXattr { path: $path, .. }
     };
 }
 
@@ -307,6 +365,10 @@ impl Request {
             Request::MakeNode { .. } => "mknod",
             Request::Link { .. } => "link",
             Request::Allocate { .. } => "fallocate",
+            Request::GetXattr { .. } => "getxattr",
+            Request::ListXattrs { .. } => "listxattr",
+            Request::SetXattr { .. } => "setxattr",
+            Request::RemoveXattr { .. } => "removexattr",
         }
     }
 
@@ -330,6 +392,8 @@ impl Request {
                 | Request::SetAttr { .. }
                 | Request::CopyRange { .. }
                 | Request::Allocate { .. }
+                | Request::SetXattr { .. }
+                | Request::RemoveXattr { .. }
         ) || matches!(self, Request::Batch { requests } if requests.iter().any(|b| b.request.mutates()))
     }
 
@@ -476,6 +540,10 @@ pub enum Payload {
     Tree(Vec<Listing>),
     /// The answer to [`Request::ReadLink`].
     LinkTarget(String),
+    /// The answer to [`Request::GetXattr`].
+    Xattr(#[serde(with = "crate::file_data")] Vec<u8>),
+    /// The answer to [`Request::ListXattrs`], in the node's order.
+    XattrNames(Vec<String>),
 }
 
 /// One directory of a [`Payload::Tree`], `path` relative to the user's root.
@@ -559,9 +627,11 @@ impl Request {
     /// The change this request makes once applied successfully.
     pub fn change(&self) -> Option<Change> {
         match self {
-            Request::Write { path, .. } | Request::SetAttr { path, .. } | Request::Allocate { path, .. } => {
-                Some(Change::Modified { path: path.clone() })
-            }
+            Request::Write { path, .. }
+            | Request::SetAttr { path, .. }
+            | Request::Allocate { path, .. }
+            | Request::SetXattr { path, .. }
+            | Request::RemoveXattr { path, .. } => Some(Change::Modified { path: path.clone() }),
             Request::Create { path, .. }
             | Request::Mkdir { path, .. }
             | Request::Symlink { path, .. }
@@ -581,7 +651,9 @@ impl Request {
             | Request::Fsync { .. }
             | Request::ReadFiles { .. }
             | Request::ReadTree { .. }
-            | Request::ReadLink { .. } => None,
+            | Request::ReadLink { .. }
+            | Request::GetXattr { .. }
+            | Request::ListXattrs { .. } => None,
             // Each request of a batch makes its own change.
             Request::Batch { .. } => None,
         }
@@ -633,6 +705,10 @@ mod tests {
             Request::MakeNode { path: p(), kind: FileKind::Fifo, mode: 0o644 },
             Request::Link { from: p(), to: p() },
             Request::Allocate { path: p(), offset: 0, len: 1, mode: AllocateMode::PunchHole },
+            Request::GetXattr { path: p(), name: p() },
+            Request::ListXattrs { path: p() },
+            Request::SetXattr { path: p(), name: p(), value: vec![1], mode: XattrMode::Create },
+            Request::RemoveXattr { path: p(), name: p() },
         ];
         for request in all.clone() {
             assert_eq!(request.mutates(), request.change().is_some(), "{}", request.name());

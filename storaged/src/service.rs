@@ -33,7 +33,7 @@ use dfos_protocol::sharing::partition_of;
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
     decode_envelope, encode_event, encode_reply, Batched, Change, DirEntry, Envelope, ErrorCode, Event, Listing,
-    Payload, Reply, Request, Topics, PROTOCOL_VERSION,
+    Payload, Reply, Request, Topics, XattrMode, PROTOCOL_VERSION,
 };
 
 use crate::checkpoint::{read_applied, Checkpoint};
@@ -532,6 +532,8 @@ impl Service {
             Request::ReadTree { path } => {
                 Ok(Payload::Tree(vec![Listing { path: path.clone(), entries: listing(None), more: false }]))
             }
+            Request::ListXattrs { .. } => Ok(Payload::XattrNames(Vec::new())),
+            Request::GetXattr { .. } => Err(ErrorCode::NoAttribute),
             _ => root_attr(&own_root).map(Payload::Attr).ok_or(ErrorCode::Io),
         }
     }
@@ -575,8 +577,9 @@ impl Service {
     /// The first mutation after a restart may have been applied just before
     /// a crash. Its replay then finds its own effect: an exclusive create,
     /// mkdir, symlink or mknod finds the name taken, an unlink, rmdir or rename finds the
-    /// source gone. That outcome means "already done", so it is answered as
-    /// the first application was. Writes and setattrs are idempotent anyway.
+    /// source gone, an attribute's create or removal finds it there or gone.
+    /// That outcome means "already done", so it is answered as the first
+    /// application was. Writes and setattrs are idempotent anyway.
     fn settle_in_doubt(&self, envelope: &Envelope, result: Result<Payload, ErrorCode>) -> Result<Payload, ErrorCode> {
         let attr_of = |path: &str| {
             let getattr = Request::GetAttr { path: path.to_owned() };
@@ -598,7 +601,9 @@ impl Service {
                 );
                 attr_of(path)
             }
-            (Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. }, Err(ErrorCode::NotFound)) => {
+            (Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. }, Err(ErrorCode::NotFound))
+            | (Request::SetXattr { mode: XattrMode::Create, .. }, Err(ErrorCode::Exists))
+            | (Request::RemoveXattr { .. }, Err(ErrorCode::NoAttribute)) => {
                 log::info!(
                     "op=replay user={} path={:?} req={} settled as already applied",
                     envelope.user,

@@ -209,18 +209,22 @@ fn needs(request: &Request) -> Vec<(&str, Need)> {
         Request::Lookup { path }
         | Request::GetAttr { path }
         | Request::ReadDir { path, .. }
-        | Request::ReadTree { path } => {
+        | Request::ReadTree { path }
+        | Request::ListXattrs { path } => {
             vec![(path, Need::See)]
         }
         Request::Read { path, .. }
         | Request::ReadFromLog { path, .. }
         | Request::LocateInLog { path, .. }
         | Request::ReadLink { path }
+        | Request::GetXattr { path, .. }
         | Request::Fsync { path } => vec![(path, Need::Read)],
         Request::ReadFiles { paths } => paths.iter().map(|path| (path.as_str(), Need::Read)).collect(),
-        Request::Write { path, .. } | Request::SetAttr { path, .. } | Request::Allocate { path, .. } => {
-            vec![(path, Need::Write)]
-        }
+        Request::Write { path, .. }
+        | Request::SetAttr { path, .. }
+        | Request::Allocate { path, .. }
+        | Request::SetXattr { path, .. }
+        | Request::RemoveXattr { path, .. } => vec![(path, Need::Write)],
         Request::CopyRange { from, to, .. } => vec![(from, Need::Read), (to, Need::Write)],
         Request::Create { path, .. }
         | Request::Mkdir { path, .. }
@@ -267,9 +271,12 @@ pub fn route(request: &Request) -> Result<Route<'_>, ErrorCode> {
         }
         None if owners.iter().any(Option::is_some) => Err(ErrorCode::CrossDevice),
         None if paths.contains(&SHARED_DIR) => match request {
-            Request::Lookup { .. } | Request::GetAttr { .. } | Request::ReadDir { .. } | Request::ReadTree { .. } => {
-                Ok(Route::SharedList)
-            }
+            Request::Lookup { .. }
+            | Request::GetAttr { .. }
+            | Request::ReadDir { .. }
+            | Request::ReadTree { .. }
+            | Request::ListXattrs { .. }
+            | Request::GetXattr { .. } => Ok(Route::SharedList),
             Request::Read { .. }
             | Request::ReadFromLog { .. }
             | Request::LocateInLog { .. }

@@ -15,12 +15,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dfos_protocol::limits::{
     CHUNK_SIZE, MAX_COPY_BYTES, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_READ_FILES, MAX_READ_FILES_BYTES,
-    MAX_SMALL_FILE_BYTES, READDIR_PAGE_BYTES, READ_BLOCK_SIZE,
+    MAX_SMALL_FILE_BYTES, MAX_XATTR_NAME_BYTES, MAX_XATTR_VALUE_BYTES, READDIR_PAGE_BYTES, READ_BLOCK_SIZE,
 };
 use dfos_protocol::path::{join, split};
 use dfos_protocol::{
-    DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode, Request, SetTime,
-    Timestamp,
+    is_user_xattr, DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode,
+    Request, SetTime, Timestamp, XattrMode,
 };
 
 use crate::direct;
@@ -72,6 +72,8 @@ pub fn io_error_code(e: &io::Error) -> ErrorCode {
         Some(libc::EXDEV) => ErrorCode::CrossDevice,
         Some(libc::EFBIG) => ErrorCode::TooLarge,
         Some(libc::EOPNOTSUPP) => ErrorCode::NotSupported,
+        Some(libc::ENODATA) => ErrorCode::NoAttribute,
+        Some(libc::E2BIG) => ErrorCode::TooLarge,
         _ => ErrorCode::Io,
     }
 }
@@ -439,6 +441,33 @@ impl Store {
                 }
                 Ok(Payload::Files(files))
             }
+            Request::GetXattr { path, name } => {
+                let name = kept_xattr_name(name)?;
+                Ok(Payload::Xattr(sys::get_xattr(&at(path)?, name)?))
+            }
+            Request::ListXattrs { path } => {
+                let mut names = sys::list_xattrs(&at(path)?)?;
+                // Whatever else the node's own kernel keeps there is its own.
+                names.retain(|name| is_user_xattr(name));
+                Ok(Payload::XattrNames(names))
+            }
+            Request::SetXattr { path, name, value, mode } => {
+                let name = kept_xattr_name(name)?;
+                if value.len() > MAX_XATTR_VALUE_BYTES {
+                    return Err(StoreError::TooLarge);
+                }
+                let flags = match mode {
+                    XattrMode::Either => 0,
+                    XattrMode::Create => libc::XATTR_CREATE,
+                    XattrMode::Replace => libc::XATTR_REPLACE,
+                };
+                sys::set_xattr(&at(path)?, name, value, flags)?;
+                Ok(Payload::Done)
+            }
+            Request::RemoveXattr { path, name } => {
+                sys::remove_xattr(&at(path)?, kept_xattr_name(name)?)?;
+                Ok(Payload::Done)
+            }
             Request::StatFs => statfs(&root),
             Request::Fsync { path } => {
                 open_nofollow(&at(path)?, false)?.sync_all()?;
@@ -471,6 +500,19 @@ fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
         RenameMode::NoReplace => sys::rename_no_replace(from, to)?,
     }
     Ok(())
+}
+
+/// `name` if it is an extended attribute dfos keeps: other namespaces are
+/// not supported (EOPNOTSUPP, as Linux answers for a namespace a
+/// filesystem lacks), an overlong name is refused (ERANGE there).
+fn kept_xattr_name(name: &str) -> StoreResult<&str> {
+    if !is_user_xattr(name) {
+        return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
+    }
+    if name.len() > MAX_XATTR_NAME_BYTES {
+        return Err(StoreError::Io(io::Error::from_raw_os_error(libc::ENAMETOOLONG)));
+    }
+    Ok(name)
 }
 
 fn invalid() -> StoreError {
@@ -1067,6 +1109,51 @@ mod tests {
         assert_eq!(fs::read(user.join("d/b")).unwrap(), b"three");
         assert_eq!(attr("d/b").nlink, 1);
         assert!(!user.join(".trash").exists(), "a file with another name is never moved to the trash");
+    }
+
+    #[test]
+    fn user_extended_attributes_are_kept_on_the_file_and_other_namespaces_refused() {
+        let (dir, s) = store();
+        s.apply("u", T, &Request::Create { path: "f".into(), mode: 0o644, exclusive: true }).unwrap();
+        let set = |name: &str, value: &[u8], mode| Request::SetXattr {
+            path: "f".into(),
+            name: name.into(),
+            value: value.to_vec(),
+            mode,
+        };
+        let get = |name: &str| Request::GetXattr { path: "f".into(), name: name.into() };
+        let list = Request::ListXattrs { path: "f".into() };
+        assert_eq!(code(s.apply("u", T, &get("user.k"))), ErrorCode::NoAttribute);
+        assert_eq!(code(s.apply("u", T, &set("user.k", b"v", XattrMode::Replace))), ErrorCode::NoAttribute);
+        s.apply("u", T, &set("user.k", b"v1", XattrMode::Create)).unwrap();
+        assert_eq!(code(s.apply("u", T, &set("user.k", b"v2", XattrMode::Create))), ErrorCode::Exists);
+        s.apply("u", T, &set("user.k", b"v2", XattrMode::Replace)).unwrap();
+        s.apply("u", T, &set("user.empty", b"", XattrMode::Either)).unwrap();
+        assert_eq!(s.apply("u", T, &get("user.k")).unwrap(), Payload::Xattr(b"v2".to_vec()));
+        assert_eq!(s.apply("u", T, &get("user.empty")).unwrap(), Payload::Xattr(Vec::new()));
+        // Kept as real attributes of the user's file, for admins' tools too.
+        assert_eq!(sys::get_xattr(&dir.path().join("u/f"), "user.k").unwrap(), b"v2");
+        let Payload::XattrNames(mut names) = s.apply("u", T, &list).unwrap() else { panic!() };
+        names.sort();
+        assert_eq!(names, ["user.empty", "user.k"]);
+        s.apply("u", T, &Request::RemoveXattr { path: "f".into(), name: "user.k".into() }).unwrap();
+        let remove_again = Request::RemoveXattr { path: "f".into(), name: "user.k".into() };
+        assert_eq!(code(s.apply("u", T, &remove_again)), ErrorCode::NoAttribute);
+        for name in ["security.capability", "trusted.x", "system.posix_acl_access", "user.", "k"] {
+            assert_eq!(code(s.apply("u", T, &set(name, b"v", XattrMode::Either))), ErrorCode::NotSupported, "{name}");
+            assert_eq!(code(s.apply("u", T, &get(name))), ErrorCode::NotSupported, "{name}");
+        }
+        let long = format!("user.{}", "n".repeat(MAX_XATTR_NAME_BYTES));
+        assert_eq!(code(s.apply("u", T, &set(&long, b"v", XattrMode::Either))), ErrorCode::NameTooLong);
+        let huge = vec![0u8; MAX_XATTR_VALUE_BYTES + 1];
+        assert_eq!(code(s.apply("u", T, &set("user.h", &huge, XattrMode::Either))), ErrorCode::TooLarge);
+        assert_eq!(code(s.apply("u", T, &set("user.nul\0", b"v", XattrMode::Either))), ErrorCode::Invalid);
+        let hostile = Request::GetXattr { path: "../v/f".into(), name: "user.k".into() };
+        assert!(s.apply("u", T, &hostile).is_err());
+        // A symlink's own attributes, never its target's.
+        s.apply("u", T, &Request::Symlink { path: "l".into(), target: "f".into() }).unwrap();
+        let via_link = Request::GetXattr { path: "l".into(), name: "user.empty".into() };
+        assert_eq!(code(s.apply("u", T, &via_link)), ErrorCode::NoAttribute);
     }
 
     #[test]

@@ -65,3 +65,63 @@ pub fn allocate(file: &File, mode: AllocateMode, offset: u64, len: u64) -> io::R
     // SAFETY: the descriptor is open for the call's duration.
     check(unsafe { libc::fallocate(file.as_raw_fd(), flags, offset, len) })
 }
+
+fn c_name(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Calls `get` (a size-returning xattr call taking a buffer) with a buffer
+/// large enough, asking again if the value grew between the two calls.
+fn read_sized(get: impl Fn(*mut libc::c_void, usize) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    loop {
+        let size = get(std::ptr::null_mut(), 0);
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buffer = vec![0u8; size as usize];
+        let got = get(buffer.as_mut_ptr().cast(), buffer.len());
+        if got >= 0 {
+            buffer.truncate(got as usize);
+            return Ok(buffer);
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ERANGE) {
+            return Err(error);
+        }
+    }
+}
+
+/// `lgetxattr(2)`: the value of `name`, ENODATA when there is none.
+pub fn get_xattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let (path, name) = (c_path(path)?, c_name(name)?);
+    // SAFETY: both strings are NUL-terminated and outlive the call; the
+    // buffer is valid for `len` bytes (or null with `len` 0).
+    read_sized(|buffer, len| unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buffer, len) })
+}
+
+/// `llistxattr(2)`: every attribute name, in the filesystem's order.
+pub fn list_xattrs(path: &Path) -> io::Result<Vec<String>> {
+    let path = c_path(path)?;
+    // SAFETY: as in get_xattr.
+    let names = read_sized(|buffer, len| unsafe { libc::llistxattr(path.as_ptr(), buffer.cast(), len) })?;
+    Ok(names
+        .split(|b| *b == 0)
+        .filter(|name| !name.is_empty())
+        .filter_map(|name| std::str::from_utf8(name).ok().map(str::to_owned))
+        .collect())
+}
+
+/// `lsetxattr(2)` with `flags` (0, `XATTR_CREATE` or `XATTR_REPLACE`).
+pub fn set_xattr(path: &Path, name: &str, value: &[u8], flags: libc::c_int) -> io::Result<()> {
+    let (path, name) = (c_path(path)?, c_name(name)?);
+    // SAFETY: the strings are NUL-terminated and `value` is valid for its
+    // length; all outlive the call.
+    check(unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) })
+}
+
+/// `lremovexattr(2)`: ENODATA when there is no such attribute.
+pub fn remove_xattr(path: &Path, name: &str) -> io::Result<()> {
+    let (path, name) = (c_path(path)?, c_name(name)?);
+    // SAFETY: both strings are NUL-terminated and outlive the call.
+    check(unsafe { libc::lremovexattr(path.as_ptr(), name.as_ptr()) })
+}

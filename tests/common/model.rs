@@ -138,6 +138,14 @@ impl Workload {
                     outcome(copy(&l, &model.join(&to))),
                 )
             }
+            98 => {
+                let name = ["user.a", "user.b"][self.rng.gen_range(0..2)];
+                let mut value = vec![0u8; self.rng.gen_range(0..64)];
+                self.rng.fill(&mut value[..]);
+                let call = self.rng.gen_range(0..4);
+                let xattr = |p: &Path| xattr_call(p, call, name, &value);
+                (format!("xattr call {call} {path} {name} +{}", value.len()), outcome(xattr(&m)), outcome(xattr(&l)))
+            }
             _ => {
                 let stat = |p: &Path| -> io::Result<Vec<u8>> {
                     let meta = fs::metadata(p)?;
@@ -156,6 +164,34 @@ impl Workload {
         );
         what
     }
+}
+
+/// One extended-attribute call on `path`: 0 sets `name` to `value`, 1
+/// reads it, 2 removes it, 3 lists the names (sorted).
+fn xattr_call(path: &Path, call: u32, name: &str, value: &[u8]) -> io::Result<Vec<u8>> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let name = CString::new(name).unwrap();
+    let mut buffer = vec![0u8; 4096];
+    // SAFETY: NUL-terminated strings and buffers valid for the lengths
+    // given, all outliving the calls.
+    let rc = unsafe {
+        match call {
+            0 => libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) as isize,
+            1 => libc::getxattr(path.as_ptr(), name.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()),
+            2 => libc::removexattr(path.as_ptr(), name.as_ptr()) as isize,
+            _ => libc::listxattr(path.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()),
+        }
+    };
+    let len = usize::try_from(rc).map_err(|_| io::Error::last_os_error())?;
+    buffer.truncate(if call == 1 || call == 3 { len } else { 0 });
+    if call == 3 {
+        let mut names: Vec<&[u8]> = buffer.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
+        names.sort();
+        return Ok(names.join(&0));
+    }
+    Ok(buffer)
 }
 
 /// One `fallocate(2)` call.
