@@ -3,7 +3,8 @@
 //! signed by a test CA. Both daemons reach Kafka only through it, verify
 //! the broker's certificate, and a mount works with ordinary tools; a
 //! mount that does not trust the certificate, or speaks plaintext to the
-//! TLS port, fails with a clear error and mounts nothing.
+//! TLS port, fails with a clear error and mounts nothing; a storage daemon
+//! that does not trust it exits with a clear error.
 
 mod common;
 
@@ -62,6 +63,18 @@ fn a_mount_over_tls_works_and_a_broker_it_cannot_verify_mounts_nothing() {
     assert!(!status.success());
     assert!(output.contains("cannot reach Kafka") && output.contains("ssl.ca.location"), "{output}");
     assert!(!is_mounted(&path));
+
+    // A storage daemon that does not trust it exits with the same hint.
+    let storage = d.dir.path().join("untrusting-storage");
+    let storaged = Command::new(bin("storaged"))
+        .args(["--brokers", &tls, "--namespace", "tls-untrusting", "--timeout", "3", "--storage"])
+        .arg(&storage)
+        .args(["-X", "security.protocol=ssl", "-X", &untrusting])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&storaged.stderr);
+    assert!(!storaged.status.success());
+    assert!(printed.contains("cannot prepare Kafka topics") && printed.contains("ssl.ca.location"), "{printed}");
 
     // Plaintext to the TLS port: refused as well, never a half-mounted folder.
     let (status, output, path) = d.mount_fails_with("User1", "1234", None, 3, &["-X", "security.protocol=plaintext"]);

@@ -125,16 +125,9 @@ pub struct KafkaSettings {
 }
 
 impl KafkaSettings {
-    /// What to check when the brokers do not answer over TLS. librdkafka
-    /// reports a failed handshake only on a queue that the admin client
-    /// probing the brokers never polls, so its reason cannot be quoted.
-    pub fn unreachable_hint(&self) -> Option<String> {
-        let (_, protocol) = self.options.iter().rev().find(|(key, _)| key == "security.protocol")?;
-        protocol.to_ascii_lowercase().contains("ssl").then(|| {
-            "; over TLS, check that --brokers names the brokers' TLS listener and that ssl.ca.location holds \
-             the CA that signed their certificate"
-                .to_owned()
-        })
+    /// What to check when the brokers do not answer over TLS.
+    pub fn unreachable_hint(&self) -> Option<&'static str> {
+        dfos_protocol::topics::tls_unreachable_hint(&self.options)
     }
 
     /// A client with `tuning` applied first and the user's `-X` settings

@@ -83,7 +83,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let topics = dfos_protocol::Topics::new(&config.namespace);
     log::info!("op=init node={} brokers={} preparing topics", config.node_id, config.brokers);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(service::ensure_topics(&config, &topics)).context("cannot prepare Kafka topics")?;
+    let hint = dfos_protocol::topics::tls_unreachable_hint(&config.kafka_options).unwrap_or_default();
+    runtime
+        .block_on(service::ensure_topics(&config, &topics))
+        .with_context(|| format!("cannot prepare Kafka topics at {}{hint}", config.brokers))?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
