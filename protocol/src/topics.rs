@@ -41,6 +41,19 @@ impl Topics {
     }
 }
 
+/// What to check when brokers reached over TLS do not answer, for the
+/// daemons' errors: `options` are the librdkafka settings a daemon was
+/// given (the last `security.protocol` wins, as in librdkafka). The
+/// handshake's own failure is reported on a queue that the admin clients
+/// probing the brokers never poll, so its reason cannot be quoted.
+pub fn tls_unreachable_hint(options: &[(String, String)]) -> Option<&'static str> {
+    let (_, protocol) = options.iter().rev().find(|(key, _)| key == "security.protocol")?;
+    protocol.to_ascii_lowercase().contains("ssl").then_some(
+        "; over TLS, check that --brokers names the brokers' TLS listener and that ssl.ca.location holds the CA \
+         that signed their certificate",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,17 +77,4 @@ mod tests {
         assert!(!t.is_reply_topic("ns.dfos.reply.a/b"));
         assert!(!t.is_reply_topic("ns.dfos.reply.a.b"));
     }
-}
-
-/// What to check when brokers reached over TLS do not answer, for the
-/// daemons' errors: `options` are the librdkafka settings a daemon was
-/// given (the last `security.protocol` wins, as in librdkafka). The
-/// handshake's own failure is reported on a queue that the admin clients
-/// probing the brokers never poll, so its reason cannot be quoted.
-pub fn tls_unreachable_hint(options: &[(String, String)]) -> Option<&'static str> {
-    let (_, protocol) = options.iter().rev().find(|(key, _)| key == "security.protocol")?;
-    protocol.to_ascii_lowercase().contains("ssl").then_some(
-        "; over TLS, check that --brokers names the brokers' TLS listener and that ssl.ca.location holds the CA \
-         that signed their certificate",
-    )
 }
