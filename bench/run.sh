@@ -156,18 +156,18 @@ row "ls -l of a $tree_files-entry directory, caches dropped" "$dfos_ls" "$local_
 # Files another machine wrote: a second mount of the same user, started
 # afresh for each sample, knows nothing of them (no listings, no copies).
 say "reads on a fresh mount of what the first one wrote"
-start_fresh() {
-  DFOS_PASSWORD=1234 target/release/mountd --brokers "$DFOS_BROKERS" --namespace "$ns" --user User1 "$fresh" \
+start_fresh() { # [mountd flags]
+  DFOS_PASSWORD=1234 target/release/mountd --brokers "$DFOS_BROKERS" --namespace "$ns" --user User1 "$@" "$fresh" \
     >"$work/fresh.log" 2>&1 &
   fresh_pid=$!
   for _ in $(seq 1 600); do grep -q " $fresh " /proc/mounts && return; sleep 0.05; done
   cat "$work/fresh.log"; die "the fresh mount did not appear"
 }
 stop_fresh() { kill "$fresh_pid"; wait "$fresh_pid" 2>/dev/null || true; fresh_pid=""; }
-fresh_pair() { # amount command (run in the fresh mount, then in the local directory)
+fresh_pair() { # amount command [mountd flags] (run in the fresh mount, then in the local directory)
   local on_dfos=() on_local=() secs
   for _ in $(seq 1 $runs); do
-    start_fresh; drop_caches
+    start_fresh "${@:3}"; drop_caches
     secs=$(cd "$fresh" && timed "$2"); on_dfos+=("$(rate "$1" "$secs")")
     stop_fresh
     drop_caches
@@ -178,6 +178,10 @@ fresh_pair() { # amount command (run in the fresh mount, then in the local direc
 cp -r "$src" "$mnt/walk"; cp -r "$src" "$work/local/walk"
 read -r dfos_walk local_walk < <(fresh_pair "$files" "find walk -type f -exec md5sum {} +")
 read -r dfos_fresh_cat local_fresh_cat < <(fresh_pair "$tree_files" "cat small/* > /dev/null")
+# What --xattrs costs: the kernel then asks the mount about each listed
+# file's ACL and security attributes.
+read -r dfos_fresh_ls local_fresh_ls < <(fresh_pair "$tree_files" "ls -l small")
+read -r dfos_xattr_ls local_xattr_ls < <(fresh_pair "$tree_files" "ls -l small" --xattrs)
 rm -rf "$mnt/walk" "$work/local/walk"
 
 say "ls of a $wide-entry directory"
@@ -208,6 +212,8 @@ Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 $(printf '%s\n' "${rows[@]}")
 | fresh mount: find -exec md5sum of the $files-file tree the first mount wrote (no target) | $(fmt "$dfos_walk") files/s | $(fmt "$local_walk") files/s | $(printf '%.2f' "$(calc "$dfos_walk / $local_walk")")× | report |
 | fresh mount: cat of the $tree_files files of 4 KiB the first mount wrote (no target; the row above it reads through the mount that wrote them) | $(fmt "$dfos_fresh_cat") files/s | $(fmt "$local_fresh_cat") files/s | $(printf '%.2f' "$(calc "$dfos_fresh_cat / $local_fresh_cat")")× | report |
+| fresh mount: ls -l of the $tree_files-entry directory (no target) | $(fmt "$dfos_fresh_ls") entries/s | $(fmt "$local_fresh_ls") entries/s | $(printf '%.2f' "$(calc "$dfos_fresh_ls / $local_fresh_ls")")× | report |
+| fresh mount with --xattrs: ls -l of the $tree_files-entry directory (no target) | $(fmt "$dfos_xattr_ls") entries/s | $(fmt "$local_xattr_ls") entries/s | $(printf '%.2f' "$(calc "$dfos_xattr_ls / $local_xattr_ls")")× | report |
 | ls of a $wide-entry directory, caches dropped | $(printf '%.3f' "$wide_secs") s | — | — | < 1 s $( [ "$(calc "$wide_secs < 1")" = 1 ] && echo ok || echo MISSED) |
 | cp of the ${seq_mb} MiB file within the directory, caches dropped (no target) | $(fmt "$dfos_copy") MB/s | $(fmt "$local_copy") MB/s | $(printf '%.2f' "$(calc "$dfos_copy / $local_copy")")× | report |
 | raw Kafka consume with the broker's page cache warm (for reference) | — | $(fmt "$kafka_hot") MB/s | — | report |

@@ -1,6 +1,7 @@
 //! End-to-end: extended attributes through a real mount (`--xattrs`), set
 //! and read with setfattr, getfattr, `cp -a` and the system calls
-//! themselves, compared with what a local directory answers.
+//! themselves, compared with what a local directory answers; kept through
+//! renames, emptying, other mounts and read-only shares.
 
 mod common;
 
@@ -68,7 +69,9 @@ fn same_answers(on_mount: &Path, local: &Path) {
 
 #[test]
 fn extended_attributes_are_kept_follow_renames_reach_other_mounts_and_survive_cp_a() {
-    let d = Deployment::start("xattrs");
+    // With a trash: emptying a file (`>`) keeps its old bytes there, and
+    // the emptied file keeps its attributes.
+    let d = Deployment::start_with_storaged_flags("xattrs", &["--trash-hours", "1"]);
     let m = mount_with_xattrs(&d, USER1);
     let other = mount_with_xattrs(&d, USER1);
     ok(&format!("echo hello > {}", m.p("notes.txt")));
@@ -91,6 +94,9 @@ fn extended_attributes_are_kept_follow_renames_reach_other_mounts_and_survive_cp
     assert_eq!(dumped(&m.p("dir/renamed.txt")), expected, "a rename keeps them");
     assert_eq!(ok(&format!("getfattr -n user.kind --only-values {}", m.p("dir"))), "folder");
 
+    ok(&format!("echo rewritten > {}", m.p("dir/renamed.txt")));
+    assert_eq!(dumped(&m.p("dir/renamed.txt")), expected, "emptying a file keeps them");
+    assert_eq!(ok(&format!("cat {}", m.p("dir/renamed.txt"))), "rewritten\n");
     ok(&format!("setfattr -x user.color {}", m.p("dir/renamed.txt")));
     let gone = fails(&format!("getfattr -n user.color {}", m.p("dir/renamed.txt")));
     assert!(gone.contains("No such attribute"), "{gone}");
@@ -121,6 +127,12 @@ fn without_xattrs_a_mount_refuses_them_and_the_kernel_stops_asking() {
     assert!(refused.contains("Operation not supported"), "{refused}");
     assert!(fails(&format!("getfattr -n user.color {}", m.p("f"))).contains("Operation not supported"));
     assert!(ok(&format!("ls -l {}", m.p(""))).contains(" f\n"));
+    // cp -a of a file that has attributes still copies it, without them.
+    let local = d.local_dir("src");
+    std::fs::write(local.join("tagged"), "data").unwrap();
+    ok(&format!("setfattr -n user.tag -v x '{}'", local.join("tagged").display()));
+    ok(&format!("cp -a '{}' {}", local.join("tagged").display(), m.p("tagged")));
+    assert_eq!(std::fs::read_to_string(m.join("tagged")).unwrap(), "data");
     assert_eq!(
         ok(&format!("getfattr -d --absolute-names '{}'", d.storage.join("User1/f").display())),
         "",

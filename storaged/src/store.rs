@@ -212,13 +212,23 @@ impl Store {
     /// with the same mode takes their place, to be written anew.
     fn keep_before_emptying(&self, root: &Path, rel: &str, target: &Path, now: Timestamp) -> StoreResult<()> {
         let old = fs::symlink_metadata(target)?;
-        if old.len() == 0 || !self.kept_in_trash(root, rel, target, now) {
+        if old.len() == 0 {
+            return Ok(());
+        }
+        // The emptied file is a new one: it keeps the old one's attributes.
+        let attributes = user_xattrs(target);
+        if !self.kept_in_trash(root, rel, target, now) {
             return Ok(());
         }
         let mode = old.mode() & 0o7777;
         let fresh =
             OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(mode).open(target)?;
         fresh.set_permissions(Permissions::from_mode(mode))?;
+        for (name, value) in attributes {
+            if let Err(e) = sys::set_xattr(target, &name, &value, 0) {
+                log::warn!("op=trash path={rel:?} attribute {name:?} not kept on the emptied file: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -500,6 +510,17 @@ fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
         RenameMode::NoReplace => sys::rename_no_replace(from, to)?,
     }
     Ok(())
+}
+
+/// The `user.` extended attributes of `path` with their values (none if
+/// they cannot be read).
+fn user_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let names = sys::list_xattrs(path).unwrap_or_default();
+    names
+        .into_iter()
+        .filter(|name| is_user_xattr(name))
+        .filter_map(|name| sys::get_xattr(path, &name).ok().map(|value| (name, value)))
+        .collect()
 }
 
 /// `name` if it is an extended attribute dfos keeps: other namespaces are
@@ -1005,8 +1026,17 @@ mod tests {
             atime: None,
             mtime: Some(SetTime::At(at(secs))),
         };
+        let tag = Request::SetXattr {
+            path: "d/f".into(),
+            name: "user.tag".into(),
+            value: b"kept".to_vec(),
+            mode: XattrMode::Either,
+        };
+        s.apply("u", at(7), &tag).unwrap();
         let Payload::Attr(attr) = s.apply("u", at(7), &empty(7)).unwrap() else { panic!() };
         assert_eq!((attr.size, attr.mode, attr.mtime), (0, 0o640, at(7)), "an empty file with the old mode");
+        assert_eq!(sys::get_xattr(&user.join("d/f"), "user.tag").unwrap(), b"kept", "and the old attributes");
+        assert_eq!(sys::get_xattr(&bucket.join("f@19.55.08.000000007"), "user.tag").unwrap(), b"kept");
         assert_eq!(fs::read(bucket.join("f@19.55.08.000000007")).unwrap(), b"third", "emptying keeps the old bytes");
         s.apply("u", at(8), &empty(8)).unwrap();
         assert!(!bucket.join("f@19.55.09.000000007").exists(), "an empty file leaves no version");
