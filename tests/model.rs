@@ -22,7 +22,7 @@ fn random_operations_match_a_local_directory() {
     let steps = env_or("DFOS_MODEL_STEPS", 300);
     let seed = env_or("DFOS_MODEL_SEED", 1);
     let d = Deployment::start("model");
-    let m = d.mount_with(USER1, 30, &["--xattrs"]);
+    let m = d.mount_with_xattrs(USER1);
     let model = d.local_dir("model");
     let mut workload = Workload::new(seed);
     for step in 1..=steps {

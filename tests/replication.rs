@@ -58,7 +58,7 @@ fn a_replica_killed_mid_copy_loses_nothing_and_converges() {
 #[test]
 fn random_workload_with_crashing_replicas_converges_to_the_model() {
     let mut d = Deployment::start_replicated("crashing-replicas", 2, &brokers(), 1);
-    let m = d.mount(USER1);
+    let m = d.mount_with_xattrs(USER1);
     let model = d.local_dir("model");
     let mut workload = Workload::new(2024);
     for round in 0..6 {
@@ -86,7 +86,7 @@ fn random_workload_with_crashing_replicas_converges_to_the_model() {
 #[test]
 fn a_fresh_replica_catches_up_then_serves_alone() {
     let mut d = Deployment::start_replicated("fresh-replica", 2, &brokers(), 1);
-    let m = d.mount(USER1);
+    let m = d.mount_with_xattrs(USER1);
     let model = d.local_dir("model");
     let mut workload = Workload::new(99);
     for _ in 0..60 {

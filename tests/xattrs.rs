@@ -46,10 +46,6 @@ fn get_into(path: &Path, name: &str, size: usize) -> Result<usize, i32> {
     }
 }
 
-fn mount_with_xattrs(d: &Deployment, credentials: (&str, &str)) -> Mount {
-    d.mount_with(credentials, 30, &["--xattrs"])
-}
-
 /// The same calls on a file of the mount and on a local file answer alike.
 fn same_answers(on_mount: &Path, local: &Path) {
     for path in [on_mount, local] {
@@ -72,8 +68,8 @@ fn extended_attributes_are_kept_follow_renames_reach_other_mounts_and_survive_cp
     // With a trash: emptying a file (`>`) keeps its old bytes there, and
     // the emptied file keeps its attributes.
     let d = Deployment::start_with_storaged_flags("xattrs", &["--trash-hours", "1"]);
-    let m = mount_with_xattrs(&d, USER1);
-    let other = mount_with_xattrs(&d, USER1);
+    let m = d.mount_with_xattrs(USER1);
+    let other = d.mount_with_xattrs(USER1);
     ok(&format!("echo hello > {}", m.p("notes.txt")));
     ok(&format!("setfattr -n user.color -v blue {}", m.p("notes.txt")));
     ok(&format!("setfattr -n user.bytes -v 0x00ff0a01 {}", m.p("notes.txt")));
@@ -143,8 +139,8 @@ fn without_xattrs_a_mount_refuses_them_and_the_kernel_stops_asking() {
 #[test]
 fn through_a_read_only_share_attributes_are_read_but_never_changed() {
     let d = Deployment::start("xattrs-shared");
-    let owner = mount_with_xattrs(&d, USER1);
-    let grantee = mount_with_xattrs(&d, USER2);
+    let owner = d.mount_with_xattrs(USER1);
+    let grantee = d.mount_with_xattrs(USER2);
     ok(&format!("mkdir {0}/ro {0}/rw && echo a > {0}/ro/f && echo b > {0}/rw/f", owner.p("")));
     ok(&format!("setfattr -n user.tag -v mine {}", owner.p("ro/f")));
     ok(&format!("printf 'ro User2 ro\\nrw User2 rw\\n' > {}", owner.p(".shares")));

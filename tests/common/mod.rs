@@ -375,6 +375,12 @@ impl Deployment {
         self.mount_with_timeout((user, password), 30)
     }
 
+    /// A mount serving extended attributes (`--xattrs`), as the random
+    /// workload of `model.rs` needs.
+    pub fn mount_with_xattrs(&self, credentials: (&str, &str)) -> Mount {
+        self.mount_with(credentials, 30, &["--xattrs"])
+    }
+
     pub fn mount_with_timeout(&self, credentials: (&str, &str), timeout_secs: u64) -> Mount {
         self.mount_with(credentials, timeout_secs, &[])
     }

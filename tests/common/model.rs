@@ -194,6 +194,20 @@ fn xattr_call(path: &Path, call: u32, name: &str, value: &[u8]) -> io::Result<Ve
     Ok(buffer)
 }
 
+/// The `user.` extended attributes of `path` as " name=hex..." in name
+/// order; nothing where they cannot be listed (a mount without them).
+fn user_xattrs(path: &Path) -> String {
+    let Ok(names) = xattr_call(path, 3, "", &[]) else { return String::new() };
+    let mut out = String::new();
+    for name in names.split(|b| *b == 0).filter(|name| name.starts_with(b"user.")) {
+        let name = String::from_utf8_lossy(name);
+        let value = xattr_call(path, 1, &name, &[]).unwrap_or_default();
+        let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
+        out.push_str(&format!(" {name}={hex}"));
+    }
+    out
+}
+
 /// One `fallocate(2)` call.
 fn fallocate(file: &fs::File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -222,7 +236,8 @@ pub fn tree_shape(root: &Path) -> Vec<String> {
 }
 
 /// One line per entry below `root` (".dfos" excluded): path, kind, mode,
-/// size, a file's link count and SHA-256 of the bytes, sorted. Equal listings mean equal trees.
+/// size, a file's link count, SHA-256 of the bytes and extended
+/// attributes, sorted. Equal listings mean equal trees.
 pub fn tree_listing(root: &Path) -> Vec<String> {
     listing(root, true)
 }
@@ -239,15 +254,16 @@ fn listing(root: &Path, with_contents: bool) -> Vec<String> {
             let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
             let meta = fs::symlink_metadata(root.join(&path)).unwrap();
             let mode = meta.permissions().mode() & 0o7777;
+            let xattrs = if with_contents { user_xattrs(&root.join(&path)) } else { String::new() };
             if meta.is_dir() {
-                out.push(format!("{path} dir {mode:o}"));
+                out.push(format!("{path} dir {mode:o}{xattrs}"));
                 walk(root, &path, with_contents, out);
             } else if !with_contents {
-                out.push(format!("{path} file {mode:o} {} names {}", meta.len(), meta.nlink()));
+                out.push(format!("{path} file {mode:o} {} names {}{xattrs}", meta.len(), meta.nlink()));
             } else {
                 let digest = Sha256::digest(fs::read(root.join(&path)).unwrap());
                 let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-                out.push(format!("{path} file {mode:o} {} names {} {hex}", meta.len(), meta.nlink()));
+                out.push(format!("{path} file {mode:o} {} names {} {hex}{xattrs}", meta.len(), meta.nlink()));
             }
         }
     }
