@@ -142,7 +142,7 @@ impl Workload {
                 let name = ["user.a", "user.b"][self.rng.gen_range(0..2)];
                 let mut value = vec![0u8; self.rng.gen_range(0..64)];
                 self.rng.fill(&mut value[..]);
-                let call = self.rng.gen_range(0..4);
+                let call = self.rng.gen_range(0..6);
                 let xattr = |p: &Path| xattr_call(p, call, name, &value);
                 (format!("xattr call {call} {path} {name} +{}", value.len()), outcome(xattr(&m)), outcome(xattr(&l)))
             }
@@ -167,7 +167,8 @@ impl Workload {
 }
 
 /// One extended-attribute call on `path`: 0 sets `name` to `value`, 1
-/// reads it, 2 removes it, 3 lists the names (sorted).
+/// reads it, 2 removes it, 3 lists the names (sorted), 4 creates it
+/// (`XATTR_CREATE`), 5 replaces it (`XATTR_REPLACE`).
 fn xattr_call(path: &Path, call: u32, name: &str, value: &[u8]) -> io::Result<Vec<u8>> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
@@ -178,10 +179,18 @@ fn xattr_call(path: &Path, call: u32, name: &str, value: &[u8]) -> io::Result<Ve
     // given, all outliving the calls.
     let rc = unsafe {
         match call {
-            0 => libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) as isize,
+            0 | 4 | 5 => {
+                let flags = match call {
+                    4 => libc::XATTR_CREATE,
+                    5 => libc::XATTR_REPLACE,
+                    _ => 0,
+                };
+                libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) as isize
+            }
             1 => libc::getxattr(path.as_ptr(), name.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()),
             2 => libc::removexattr(path.as_ptr(), name.as_ptr()) as isize,
-            _ => libc::listxattr(path.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()),
+            3 => libc::listxattr(path.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()),
+            _ => unreachable!("no such call {call}"),
         }
     };
     let len = usize::try_from(rc).map_err(|_| io::Error::last_os_error())?;
