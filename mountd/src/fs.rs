@@ -479,6 +479,18 @@ fn name_str(name: &std::ffi::OsStr) -> FsResult<&str> {
     name.to_str().ok_or(FsError::BadName)
 }
 
+/// `name` if storage nodes keep such an extended attribute (`user.`);
+/// `otherwise` if not: an attribute of another namespace is absent to
+/// readers and unsupported to writers, as on a filesystem without it.
+fn kept_xattr_name(name: &std::ffi::OsStr, otherwise: ErrorCode) -> FsResult<&str> {
+    let name = name_str(name)?;
+    if is_user_xattr(name) {
+        Ok(name)
+    } else {
+        Err(otherwise.into())
+    }
+}
+
 /// How long this mount trusts what it cached about names and attributes
 /// when no event says otherwise (see `metacache.rs`).
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(10);
@@ -1229,10 +1241,7 @@ impl<T: Transport> DfosFs<T> {
     /// (`security.selinux`, `system.posix_acl_access`) and on writes
     /// (`security.capability`).
     pub async fn getxattr(&self, ino: u64, name: &std::ffi::OsStr) -> FsResult<Vec<u8>> {
-        if let Some(done) = self.getxattr_now(name) {
-            return done;
-        }
-        let name = name_str(name)?;
+        let name = kept_xattr_name(name, ErrorCode::NoAttribute)?;
         let path = self.path_of(ino)?;
         match self.call(Request::GetXattr { path, name: name.to_owned() }).await? {
             Payload::Xattr(value) => Ok(value),
@@ -1242,11 +1251,7 @@ impl<T: Transport> DfosFs<T> {
 
     /// The answer to a getxattr that needs no storage node.
     pub fn getxattr_now(&self, name: &std::ffi::OsStr) -> Option<FsResult<Vec<u8>>> {
-        match name_str(name) {
-            Err(e) => Some(Err(e)),
-            Ok(name) if !is_user_xattr(name) => Some(Err(ErrorCode::NoAttribute.into())),
-            Ok(_) => None,
-        }
+        kept_xattr_name(name, ErrorCode::NoAttribute).err().map(Err)
     }
 
     /// The names of the file's extended attributes, each followed by a NUL,
@@ -1264,10 +1269,7 @@ impl<T: Transport> DfosFs<T> {
     /// grant). Outside `user.`, EOPNOTSUPP, as for a namespace the
     /// filesystem lacks.
     pub async fn setxattr(&self, ino: u64, name: &std::ffi::OsStr, value: &[u8], mode: XattrMode) -> FsResult<()> {
-        let name = name_str(name)?;
-        if !is_user_xattr(name) {
-            return Err(ErrorCode::NotSupported.into());
-        }
+        let name = kept_xattr_name(name, ErrorCode::NotSupported)?;
         let path = self.path_of(ino)?;
         let request = Request::SetXattr { path: path.clone(), name: name.to_owned(), value: value.to_vec(), mode };
         self.call(request).await?;
@@ -1276,10 +1278,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     pub async fn removexattr(&self, ino: u64, name: &std::ffi::OsStr) -> FsResult<()> {
-        let name = name_str(name)?;
-        if !is_user_xattr(name) {
-            return Err(ErrorCode::NoAttribute.into());
-        }
+        let name = kept_xattr_name(name, ErrorCode::NoAttribute)?;
         let path = self.path_of(ino)?;
         self.call(Request::RemoveXattr { path: path.clone(), name: name.to_owned() }).await?;
         self.xattrs_changed(&path);
@@ -1562,6 +1561,28 @@ mod tests {
             assert!(!fs.transport.applied().contains(&"create"), "the create went behind and is held");
             within_a_minute(fs.flush(f.ino)).await.unwrap();
             assert!(dir.path().join("u/d/empty").is_file());
+        });
+    }
+
+    #[test]
+    fn extended_attributes_land_after_a_held_create_and_other_namespaces_never_leave_the_mount() {
+        rt().block_on(async {
+            let (dir, fs, d) = gated_core_with_dir("d").await;
+            let (f, _) = fs.create(d.ino, OsStr::new("f"), 0o644, true).await.unwrap();
+            let name = OsStr::new("user.tag");
+            within_a_minute(fs.setxattr(f.ino, name, b"v", XattrMode::Create)).await.unwrap();
+            assert!(dir.path().join("u/d/f").is_file(), "the held create went first");
+            assert_eq!(within_a_minute(fs.getxattr(f.ino, name)).await.unwrap(), b"v");
+            assert_eq!(within_a_minute(fs.listxattr(f.ino)).await.unwrap(), b"user.tag\0");
+            let before = fs.transport.applied().len();
+            let security = OsStr::new("security.selinux");
+            assert_eq!(fs.getxattr_now(security), Some(Err(ErrorCode::NoAttribute.into())));
+            let set_security = fs.setxattr(f.ino, security, b"x", XattrMode::Either).await;
+            assert_eq!(set_security, Err(ErrorCode::NotSupported.into()));
+            assert_eq!(fs.transport.applied().len(), before, "answered by the mount");
+            assert_eq!(fs.getxattr_now(name), None, "user. names ask a storage node");
+            within_a_minute(fs.removexattr(f.ino, name)).await.unwrap();
+            assert_eq!(within_a_minute(fs.getxattr(f.ino, name)).await, Err(ErrorCode::NoAttribute.into()));
         });
     }
 

@@ -702,10 +702,10 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let answer = answer_xattr(size);
         if !self.xattrs {
             return reply.error(Errno::ENOSYS);
         }
+        let answer = answer_xattr(size);
         if let Some(done) = self.fs.getxattr_now(name) {
             return answer(done, reply);
         }
