@@ -43,6 +43,19 @@ fn two_users_mounted_at_once_see_only_their_own_files() {
     assert!(
         matches!(raw.call("User2", &token2, read("mine.txt")), Ok(dfos_protocol::Payload::Data(d)) if d == b"mine\n")
     );
+    // Nor set attributes on them, through a path, a planted link or a name
+    // outside the one namespace kept.
+    let tag = |path: &str, name: &str| Request::SetXattr {
+        path: path.into(),
+        name: name.into(),
+        value: b"x".to_vec(),
+        mode: dfos_protocol::XattrMode::Either,
+    };
+    assert_eq!(raw.call("User2", &token2, tag("../User1/secret.txt", "user.t")), Err(ErrorCode::Invalid));
+    assert_eq!(raw.call("User2", &token2, tag("leak", "user.t")), Err(ErrorCode::NotPermitted));
+    assert_eq!(raw.call("User2", &token2, tag("mine.txt", "trusted.t")), Err(ErrorCode::NotSupported));
+    assert_eq!(raw.call("User2", &token2, tag("mine.txt", "user.nul\0")), Err(ErrorCode::Invalid));
+    assert!(ok(&format!("getfattr -d -m - '{}'", d.storage.join("User1/secret.txt").display())).is_empty());
 }
 
 #[test]
