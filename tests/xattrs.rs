@@ -1,5 +1,5 @@
 //! End-to-end: extended attributes through a real mount (`--xattrs`), set
-//! and read with setfattr, getfattr, `cp -a` and the system calls
+//! and read with setfattr, getfattr, `cp -a`, `tar --xattrs` and the system calls
 //! themselves, compared with what a local directory answers; kept through
 //! renames, emptying, other mounts and read-only shares.
 
@@ -64,7 +64,7 @@ fn same_answers(on_mount: &Path, local: &Path) {
 }
 
 #[test]
-fn extended_attributes_are_kept_follow_renames_reach_other_mounts_and_survive_cp_a() {
+fn extended_attributes_are_kept_follow_renames_reach_other_mounts_and_survive_cp_a_and_tar() {
     // With a trash: emptying a file (`>`) keeps its old bytes there, and
     // the emptied file keeps its attributes.
     let d = Deployment::start_with_storaged_flags("xattrs", &["--trash-hours", "1"]);
@@ -110,6 +110,18 @@ fn extended_attributes_are_kept_follow_renames_reach_other_mounts_and_survive_cp
     ok(&format!("cp -a '{}' {}", local_dir.display(), m.p("back")));
     assert_eq!(dumped(&m.p("back/renamed.txt")), "user.bytes=0x00ff0a01\nuser.empty=0x\nuser.origin=0x6c6f63616c\n\n");
     assert_eq!(ok(&format!("getfattr -n user.kind --only-values {}", m.p("back"))), "folder");
+
+    // tar --xattrs makes each file with mknod(2), sets its attributes,
+    // then writes it: out of the mount and back in.
+    let archive = d.dir.path().join("x.tar");
+    ok(&format!("tar --xattrs -cf '{}' -C {} back", archive.display(), m.p("")));
+    let extracted = d.local_dir("extracted");
+    ok(&format!("tar --xattrs -xf '{}' -C '{}'", archive.display(), extracted.display()));
+    let from_tar = extracted.join("back/renamed.txt");
+    assert_eq!(ok(&format!("getfattr -n user.origin --only-values '{}'", from_tar.display())), "local");
+    ok(&format!("mkdir {} && tar --xattrs -xf '{}' -C {}", m.p("untarred"), archive.display(), m.p("untarred")));
+    assert_eq!(dumped(&m.p("untarred/back/renamed.txt")), dumped(&m.p("back/renamed.txt")));
+    assert_eq!(ok(&format!("cat {}", m.p("untarred/back/renamed.txt"))), "rewritten\n");
 
     same_answers(&m.join("calls"), &local.join("calls"));
 }

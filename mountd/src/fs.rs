@@ -818,19 +818,15 @@ impl<T: Transport> DfosFs<T> {
         let path = self.path_of(ino)?;
         self.meta.lock().unwrap().drop_attr(&path);
         let attr = expect_attr(self.call(Request::SetAttr { path: path.clone(), size, mode, atime, mtime }).await?)?;
-        if let Some(stream) = self.stream(ino) {
-            stream.predicted.lock().unwrap().take();
-        }
         self.small.forget(&path);
         if let Some(size) = size {
             self.stream_or_new(ino).truncate_shadow(size);
         }
-        let mut meta = self.meta.lock().unwrap();
         if size == Some(0) {
             // The node may have kept the old bytes in the trash.
-            meta.trash_changed();
+            self.meta.lock().unwrap().trash_changed();
         }
-        meta.put_attr(&path, attr.clone());
+        self.settled_attr(ino, &path, attr.clone());
         Ok(attr)
     }
 
@@ -1206,6 +1202,13 @@ impl<T: Transport> DfosFs<T> {
         self.make_entry(&path, Request::MakeNode { path: path.clone(), kind, mode }).await
     }
 
+    /// mknod(2) of a regular file, as `tar --xattrs` makes files (to set
+    /// their attributes before their bytes): an exclusive create whose
+    /// handle is not kept (a handle is a number, nothing to release).
+    pub async fn mknod_file(&self, parent: u64, name: &std::ffi::OsStr, mode: u32) -> FsResult<Entry> {
+        self.create(parent, name, mode, true).await.map(|(entry, _handle)| entry)
+    }
+
     /// A hard link. The file's pending writes and its create land first,
     /// so the node links what this mount has written; what is cached of
     /// it by its old name no longer holds (its link count changed, and a
@@ -1272,22 +1275,33 @@ impl<T: Transport> DfosFs<T> {
         let name = kept_xattr_name(name, ErrorCode::NotSupported)?;
         let path = self.path_of(ino)?;
         let request = Request::SetXattr { path: path.clone(), name: name.to_owned(), value: value.to_vec(), mode };
-        self.call(request).await?;
-        self.xattrs_changed(&path);
-        Ok(())
+        self.change_attributes(ino, &path, request).await
     }
 
     pub async fn removexattr(&self, ino: u64, name: &std::ffi::OsStr) -> FsResult<()> {
         let name = kept_xattr_name(name, ErrorCode::NoAttribute)?;
         let path = self.path_of(ino)?;
-        self.call(Request::RemoveXattr { path: path.clone(), name: name.to_owned() }).await?;
-        self.xattrs_changed(&path);
+        let request = Request::RemoveXattr { path: path.clone(), name: name.to_owned() };
+        self.change_attributes(ino, &path, request).await
+    }
+
+    /// Applies an attribute change after the file's buffered writes, and
+    /// keeps the attributes the node answered with (the ctime moved): the
+    /// cache, and with it the parent's listing, stays whole.
+    async fn change_attributes(&self, ino: u64, path: &str, request: Request) -> FsResult<()> {
+        self.flush(ino).await?;
+        let attr = expect_attr(self.call(request).await?)?;
+        self.settled_attr(ino, path, attr);
         Ok(())
     }
 
-    /// An attribute change moved the file's ctime; its cached attributes go.
-    fn xattrs_changed(&self, path: &str) {
-        self.meta.lock().unwrap().drop_attr(path);
+    /// What the node answered once every change of `ino` so far was
+    /// applied: it replaces anything foreseen.
+    fn settled_attr(&self, ino: u64, path: &str, attr: FileAttr) {
+        if let Some(stream) = self.stream(ino) {
+            stream.predicted.lock().unwrap().take();
+        }
+        self.meta.lock().unwrap().put_attr(path, attr);
     }
 
     pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {

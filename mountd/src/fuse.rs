@@ -390,13 +390,17 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         reply: ReplyEntry,
     ) {
         let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG => FileKind::File,
             libc::S_IFIFO => FileKind::Fifo,
             libc::S_IFSOCK => FileKind::Socket,
             _ => FileKind::Other,
         };
-        let name = name.to_owned();
+        let (name, mode) = (name.to_owned(), mode & !umask & 0o7777);
         let answer = self.reply_entry(reply);
-        self.spawn(move |fs| async move { fs.mknod(parent.0, &name, kind, mode & !umask & 0o7777).await }, answer);
+        if kind == FileKind::File {
+            return self.spawn(move |fs| async move { fs.mknod_file(parent.0, &name, mode).await }, answer);
+        }
+        self.spawn(move |fs| async move { fs.mknod(parent.0, &name, kind, mode).await }, answer);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {

@@ -281,7 +281,7 @@ pub enum Request {
     },
     /// Sets the extended attribute `name` of `path` to `value` (at most
     /// [`MAX_XATTR_VALUE_BYTES`]; the name at most [`MAX_XATTR_NAME_BYTES`]).
-    /// Answered with [`Payload::Done`].
+    /// Answered with the file's [`Payload::Attr`] after it (its ctime moved).
     ///
     /// [`MAX_XATTR_VALUE_BYTES`]: crate::limits::MAX_XATTR_VALUE_BYTES
     /// [`MAX_XATTR_NAME_BYTES`]: crate::limits::MAX_XATTR_NAME_BYTES
@@ -293,7 +293,7 @@ pub enum Request {
         mode: XattrMode,
     },
     /// Removes the extended attribute `name` of `path`: `NoAttribute` if it
-    /// has none. Answered with [`Payload::Done`].
+    /// has none. Answered with the file's [`Payload::Attr`] after it.
     RemoveXattr {
         path: String,
         name: String,

@@ -591,9 +591,11 @@ impl Service {
                 | Request::Mkdir { path, .. }
                 | Request::Symlink { path, .. }
                 | Request::MakeNode { path, .. }
-                | Request::Link { to: path, .. },
+                | Request::Link { to: path, .. }
+                | Request::SetXattr { path, mode: XattrMode::Create, .. },
                 Err(ErrorCode::Exists),
-            ) => {
+            )
+            | (Request::RemoveXattr { path, .. }, Err(ErrorCode::NoAttribute)) => {
                 log::info!(
                     "op=replay user={} path={path:?} req={} settled as already applied",
                     envelope.user,
@@ -601,9 +603,7 @@ impl Service {
                 );
                 attr_of(path)
             }
-            (Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. }, Err(ErrorCode::NotFound))
-            | (Request::SetXattr { mode: XattrMode::Create, .. }, Err(ErrorCode::Exists))
-            | (Request::RemoveXattr { .. }, Err(ErrorCode::NoAttribute)) => {
+            (Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. }, Err(ErrorCode::NotFound)) => {
                 log::info!(
                     "op=replay user={} path={:?} req={} settled as already applied",
                     envelope.user,

@@ -471,12 +471,14 @@ impl Store {
                     XattrMode::Create => libc::XATTR_CREATE,
                     XattrMode::Replace => libc::XATTR_REPLACE,
                 };
-                sys::set_xattr(&at(path)?, name, value, flags)?;
-                Ok(Payload::Done)
+                let target = at(path)?;
+                sys::set_xattr(&target, name, value, flags)?;
+                Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&target)?)))
             }
             Request::RemoveXattr { path, name } => {
-                sys::remove_xattr(&at(path)?, kept_xattr_name(name)?)?;
-                Ok(Payload::Done)
+                let target = at(path)?;
+                sys::remove_xattr(&target, kept_xattr_name(name)?)?;
+                Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&target)?)))
             }
             Request::StatFs => statfs(&root),
             Request::Fsync { path } => {
