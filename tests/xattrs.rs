@@ -168,3 +168,16 @@ fn through_a_read_only_share_attributes_are_read_but_never_changed() {
     assert_eq!(ok(&format!("getfattr -n user.by --only-values {}", owner.p("rw/f"))), "grantee");
     assert_eq!(ok(&format!("getfattr -d --absolute-names {}", grantee.p(".shared"))), "");
 }
+
+#[test]
+fn tar_right_after_changes_sees_no_file_change_as_it_reads() {
+    // A directory made here carries the ctime this mount foresaw until the
+    // node's is read; the node's listing arriving mid-tar once moved it,
+    // and tar exited 1 with "file changed as we read it".
+    let d = Deployment::start("xattrs-tar-c");
+    let m = d.mount_with_xattrs(USER1);
+    ok(&format!("mkdir {0} && echo a > {0}/f && setfattr -n user.k -v v {0}/f", m.p("t")));
+    let archive = d.dir.path().join("t.tar");
+    let out = sh(&format!("tar --xattrs -cf '{}' -C {} t", archive.display(), m.p("")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

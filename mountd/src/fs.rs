@@ -1296,12 +1296,12 @@ impl<T: Transport> DfosFs<T> {
     }
 
     /// What the node answered once every change of `ino` so far was
-    /// applied: it replaces anything foreseen.
+    /// applied: it replaces anything foreseen, its ctime too.
     fn settled_attr(&self, ino: u64, path: &str, attr: FileAttr) {
         if let Some(stream) = self.stream(ino) {
             stream.predicted.lock().unwrap().take();
         }
-        self.meta.lock().unwrap().put_attr(path, attr);
+        self.meta.lock().unwrap().replace_attr(path, attr);
     }
 
     pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<()> {

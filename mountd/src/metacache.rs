@@ -165,7 +165,27 @@ impl MetaCache {
         }
     }
 
+    /// Stores attributes a storage node answered with, or this mount
+    /// foresaw. One that differs from the fresh entry only in its ctime
+    /// leaves the entry as it is: that ctime was foreseen by this mount
+    /// (its own clock, for a change that went behind) or came from another
+    /// replica (each node stamps ctime with its own clock), and a ctime
+    /// that moves while nothing else did makes `tar` report "file changed
+    /// as we read it". The entry keeps its age, so the node's ctime is
+    /// read when it expires.
     pub fn put_attr(&mut self, path: &str, attr: FileAttr) {
+        let ttl = self.ttl;
+        let only_ctime_moved =
+            |entry: &Stamped<FileAttr>| FileAttr { ctime: entry.value.ctime, ..attr.clone() } == entry.value;
+        if self.attrs.get(path).is_some_and(|entry| entry.at.elapsed() < ttl && only_ctime_moved(entry)) {
+            return;
+        }
+        self.replace_attr(path, attr);
+    }
+
+    /// Stores attributes as they are, ctime included: the node's answer to
+    /// this mount's own change of them.
+    pub fn replace_attr(&mut self, path: &str, attr: FileAttr) {
         self.attrs.insert(path.to_owned(), Stamped { value: attr, at: Instant::now() });
     }
 
@@ -416,6 +436,23 @@ mod tests {
         assert_eq!(walked(&c, "a", 2), ["a/x", "a/y"], "stops once the entries reach the bound");
         c.invalidate("a/q");
         assert_eq!(walked(&c, "a/x", 100), Vec::<String>::new(), "a's listing is gone: the walk cannot go on from x");
+    }
+
+    #[test]
+    fn an_answer_that_moves_only_the_ctime_keeps_the_ctime_known_until_it_expires() {
+        let mut c = MetaCache::new(Duration::from_millis(200));
+        let at = |nanos| Timestamp { secs: 1, nanos };
+        let with = |mtime, ctime| FileAttr { mtime: at(mtime), ctime: at(ctime), ..attr(FileKind::Directory) };
+        c.created("d", with(5, 5));
+        c.put_attr("d", with(5, 9));
+        assert_eq!(c.attr("d").unwrap().ctime, at(5), "foreseen here, another clock's answer");
+        c.put_attr("d", with(6, 9));
+        assert_eq!(c.attr("d").unwrap().ctime, at(9), "the mtime moved: the node's answer holds");
+        c.replace_attr("d", with(6, 11));
+        assert_eq!(c.attr("d").unwrap().ctime, at(11), "the node's answer to this mount's own change");
+        std::thread::sleep(Duration::from_millis(250));
+        c.put_attr("d", with(6, 12));
+        assert_eq!(c.attr("d").unwrap().ctime, at(12), "once expired, the node's ctime is read");
     }
 
     #[test]
