@@ -431,14 +431,32 @@ impl Request {
 
     /// Every path the request names, its main one ([`Request::path`]) first.
     pub fn paths(&self) -> Vec<&str> {
+        let mut paths = Vec::new();
+        self.for_each_path(&mut |path| paths.push(path));
+        paths
+    }
+
+    /// Whether any path the request names passes `check`, without
+    /// collecting them: the storage node asks this of every request.
+    pub fn any_path(&self, check: impl Fn(&str) -> bool) -> bool {
+        let mut found = false;
+        self.for_each_path(&mut |path| found = found || check(path));
+        found
+    }
+
+    /// Calls `f` with every path the request names, in [`Request::paths`] order.
+    fn for_each_path<'a>(&'a self, f: &mut impl FnMut(&'a str)) {
         match self {
             Request::Rename { from: first, to: second, .. }
             | Request::CopyRange { to: first, from: second, .. }
-            | Request::Link { to: first, from: second } => vec![first, second],
-            Request::ReadFiles { paths } => paths.iter().map(String::as_str).collect(),
-            Request::Batch { requests } => requests.iter().flat_map(|b| b.request.paths()).collect(),
-            Request::Login { .. } | Request::StatFs => Vec::new(),
-            other => vec![other.path()],
+            | Request::Link { to: first, from: second } => {
+                f(first);
+                f(second);
+            }
+            Request::ReadFiles { paths } => paths.iter().for_each(|path| f(path)),
+            Request::Batch { requests } => requests.iter().for_each(|b| b.request.for_each_path(f)),
+            Request::Login { .. } | Request::StatFs => {}
+            other => f(other.path()),
         }
     }
 }
@@ -715,6 +733,8 @@ mod tests {
             let moved = request.map_paths(&|path| format!("d/{path}"));
             assert!(moved.paths().iter().all(|path| *path == "d/p"), "{}", request.name());
             assert_eq!(moved.paths().len(), request.paths().len(), "{}", request.name());
+            assert_eq!(moved.any_path(|path| path == "d/p"), !moved.paths().is_empty(), "{}", request.name());
+            assert!(!moved.any_path(|path| path == "p"), "{}", request.name());
             assert_eq!(moved.paths().first(), Some(&moved.path()).filter(|p| !p.is_empty()), "{}", request.name());
         }
         for request in all {

@@ -254,6 +254,10 @@ pub enum Route<'a> {
 /// (as a rename between two mounts is), and an entry named `.shared` at
 /// the caller's own root cannot be made.
 pub fn route(request: &Request) -> Result<Route<'_>, ErrorCode> {
+    // Almost every request stays in the caller's tree: nothing to collect.
+    if !request.any_path(|path| path.starts_with(SHARED_DIR)) {
+        return Ok(Route::Own);
+    }
     let paths = request.paths();
     let owners: Vec<Option<&str>> = paths.iter().map(|path| split_shared(path).map(|(owner, _)| owner)).collect();
     match owners.first().copied().flatten() {
