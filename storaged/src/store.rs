@@ -215,8 +215,9 @@ impl Store {
         if old.len() == 0 {
             return Ok(());
         }
-        // The emptied file is a new one: it keeps the old one's attributes.
-        let attributes = user_xattrs(target);
+        // The emptied file is a new one: it keeps the old one's attributes
+        // (read only when a trash may take the old one away).
+        let attributes = if self.trash.is_some() { user_xattrs(target) } else { Vec::new() };
         if !self.kept_in_trash(root, rel, target, now) {
             return Ok(());
         }
@@ -527,7 +528,8 @@ fn user_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// `name` if it is an extended attribute dfos keeps: other namespaces are
 /// not supported (EOPNOTSUPP, as Linux answers for a namespace a
-/// filesystem lacks), an overlong name is refused (ERANGE there).
+/// filesystem lacks), an overlong name is refused (a mount's kernel
+/// refuses one with ERANGE before it travels).
 fn kept_xattr_name(name: &str) -> StoreResult<&str> {
     if !is_user_xattr(name) {
         return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
