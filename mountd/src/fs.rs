@@ -1191,6 +1191,9 @@ impl<T: Transport> DfosFs<T> {
         self.make_entry(&path, Request::Symlink { path: path.clone(), target }).await
     }
 
+    /// mknod(2). A regular file, as `tar --xattrs` makes files (to set
+    /// their attributes before their bytes), is an exclusive create whose
+    /// handle is not kept (a handle is a number, nothing to release).
     pub async fn mknod(
         &self,
         parent: u64,
@@ -1198,15 +1201,11 @@ impl<T: Transport> DfosFs<T> {
         kind: dfos_protocol::FileKind,
         mode: u32,
     ) -> FsResult<Entry> {
+        if kind == dfos_protocol::FileKind::File {
+            return self.create(parent, name, mode, true).await.map(|(entry, _handle)| entry);
+        }
         let path = self.child_path(parent, name)?;
         self.make_entry(&path, Request::MakeNode { path: path.clone(), kind, mode }).await
-    }
-
-    /// mknod(2) of a regular file, as `tar --xattrs` makes files (to set
-    /// their attributes before their bytes): an exclusive create whose
-    /// handle is not kept (a handle is a number, nothing to release).
-    pub async fn mknod_file(&self, parent: u64, name: &std::ffi::OsStr, mode: u32) -> FsResult<Entry> {
-        self.create(parent, name, mode, true).await.map(|(entry, _handle)| entry)
     }
 
     /// A hard link. The file's pending writes and its create land first,

@@ -397,9 +397,6 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         };
         let (name, mode) = (name.to_owned(), mode & !umask & 0o7777);
         let answer = self.reply_entry(reply);
-        if kind == FileKind::File {
-            return self.spawn(move |fs| async move { fs.mknod_file(parent.0, &name, mode).await }, answer);
-        }
         self.spawn(move |fs| async move { fs.mknod(parent.0, &name, kind, mode).await }, answer);
     }
 
