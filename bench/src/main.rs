@@ -18,7 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use dfos_protocol::limits::{CHUNK_SIZE, KAFKA_MAX_MESSAGE_BYTES};
 use dfos_protocol::Request;
-use mountd::fs::MAX_WRITES_IN_FLIGHT;
+use mountd::fs::MAX_CHUNKS_IN_FLIGHT;
 use mountd::rpc::{KafkaRpc, KafkaSettings, Transport};
 
 #[derive(Parser)]
@@ -91,10 +91,10 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
     let warm_up = FutureRecord::<(), [u8]>::to(&topic).payload(&chunk);
     producer.send(warm_up, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
     let start = Instant::now();
-    // As many chunks in flight as mountd allows per file.
+    // As many chunks in flight as a mount allows.
     let mut in_flight = std::collections::VecDeque::new();
     for _ in 0..messages {
-        if in_flight.len() >= MAX_WRITES_IN_FLIGHT as usize {
+        if in_flight.len() >= MAX_CHUNKS_IN_FLIGHT as usize {
             let delivery: rdkafka::producer::DeliveryFuture = in_flight.pop_front().unwrap();
             delivery.await?.map_err(|(e, _)| e)?;
         }
