@@ -179,6 +179,47 @@ fn a_create_refused_after_it_was_answered_fails_the_close() {
     assert!(fs::read_to_string("/etc/passwd").unwrap().contains("root"));
 }
 
+/// Two mounts racing for one new name: the other mount's file appeared
+/// on the node after this mount listed the directory and answered its own
+/// exclusive create. However the loser's bytes travel (with the create,
+/// in a large write of their own, or long after it), none land in the
+/// winner's file, and the loser's tool hears EEXIST.
+#[test]
+fn a_lost_exclusive_create_leaves_the_other_mounts_file_as_it_was() {
+    let d = Deployment::start("lost-create");
+    let m = d.mount(USER1);
+    let src = d.local_dir("src");
+    fs::write(src.join("small"), "loser").unwrap();
+    fs::write(src.join("large"), vec![b'L'; 1 << 20]).unwrap();
+    // One directory each: a refusal makes the mount drop what it believed
+    // of the directory, and a later `cp` would then see the file and
+    // overwrite it, as it should.
+    let losers = [
+        ("small", format!("cp '{}' {}", src.join("small").display(), m.p("small/x"))),
+        ("large", format!("cp '{}' {}", src.join("large").display(), m.p("large/x"))),
+        // noclobber: an O_EXCL open, and the bytes 200 ms later.
+        ("late", format!("set -C; {{ sleep 0.2; echo late; }} > {}", m.p("late/x"))),
+    ];
+    for (dir, _) in &losers {
+        fs::create_dir(m.join(dir)).unwrap();
+        assert_eq!(ok(&format!("ls -A {}", m.p(dir))), "");
+        // Out of band, so no event tells the mount: it still believes the name free.
+        fs::write(d.storage.join("User1").join(dir).join("x"), format!("the winner's {dir}")).unwrap();
+    }
+    for (dir, loser) in &losers {
+        let err = fails(loser);
+        assert!(err.contains("exists"), "{dir}: {err}");
+        let on_node = fs::read_to_string(d.storage.join("User1").join(dir).join("x")).unwrap();
+        assert_eq!(on_node, format!("the winner's {dir}"));
+    }
+    // The mount drops what it believed of the names: after the kernel's
+    // entry timeout (1 s) they read as the winner's files.
+    std::thread::sleep(Duration::from_millis(1100));
+    for (dir, _) in &losers {
+        assert_eq!(ok(&format!("cat {}", m.p(&format!("{dir}/x")))), format!("the winner's {dir}"));
+    }
+}
+
 #[test]
 fn sigint_and_sigterm_unmount_cleanly() {
     let d = Deployment::start("signals");

@@ -39,9 +39,28 @@ impl Batch {
     /// passing the batch's bounds. Requests into different trees (own or
     /// shared) belong in different partitions, so never in one batch.
     pub fn fits(&self, request: &Request, key: &str) -> bool {
-        self.requests.len() < MAX_BATCH_REQUESTS
-            && self.bytes + weight(request) <= MAX_BATCH_BYTES
-            && self.key.as_ref().is_none_or(|batch_key| batch_key == key)
+        self.fits_all([(request, key)])
+    }
+
+    /// Whether all of `requests` (each with its record key, as for
+    /// [`Batch::fits`]) may join, one after another.
+    pub fn fits_all<'a>(&self, requests: impl IntoIterator<Item = (&'a Request, &'a str)>) -> bool {
+        let (mut count, mut bytes, mut batch_key) = (self.requests.len(), self.bytes, self.key.as_deref());
+        for (request, key) in requests {
+            let joins = count < MAX_BATCH_REQUESTS
+                && bytes + weight(request) <= MAX_BATCH_BYTES
+                && batch_key.is_none_or(|batch_key| batch_key == key);
+            if !joins {
+                return false;
+            }
+            (count, bytes, batch_key) = (count + 1, bytes + weight(request), Some(batch_key.unwrap_or(key)));
+        }
+        true
+    }
+
+    /// Whether the request `request_id` waits in this batch.
+    pub fn holds(&self, request_id: u64) -> bool {
+        self.requests.iter().any(|(id, _)| *id == request_id)
     }
 
     /// `key`: as given to [`Batch::fits`].
@@ -73,6 +92,22 @@ pub fn batchable(request: &Request) -> bool {
         | Request::ReadFiles { .. } => false,
         Request::Write { data, .. } => data.len() <= MAX_BATCHED_DATA_BYTES,
         _ => true,
+    }
+}
+
+/// The largest write that may join the batch of the exclusive create it
+/// follows: the whole of a file up to this size then travels with its
+/// create, and a node that refuses the create refuses it too, without the
+/// round trip a larger file pays to wait for the create's answer first.
+/// (Reads of it are plain reads, not served from the request log: fine at
+/// this size.)
+pub const MAX_WRITE_WITH_CREATE_BYTES: usize = 256 * 1024;
+
+/// Whether `request` may join the batch of an exclusive create it follows.
+pub fn may_follow_create(request: &Request) -> bool {
+    match request {
+        Request::Write { data, .. } => data.len() <= MAX_WRITE_WITH_CREATE_BYTES,
+        other => batchable(other),
     }
 }
 

@@ -66,6 +66,12 @@ impl Chunk {
         }
     }
 
+    /// A write's data as a chunk again (given back by a batch it could
+    /// not join). Sent as it is, it is copied into its message.
+    pub fn plain(data: Vec<u8>) -> Chunk {
+        Chunk { buffer: data, framed: false }
+    }
+
     /// Just the data.
     pub fn into_data(self) -> Vec<u8> {
         match self.into_gathered() {

@@ -33,6 +33,7 @@ use dfos_protocol::{
 };
 use tokio::sync::Semaphore;
 
+use crate::batch::MAX_WRITE_WITH_CREATE_BYTES;
 use crate::chunk::Chunk;
 use crate::file_bytes::FileBytes;
 use crate::inodes::{self, InodeTable};
@@ -154,6 +155,9 @@ struct WriteStream {
     /// The mount's budget of full chunks in flight, shared by every stream.
     chunks_in_flight: Arc<Semaphore>,
     error: Arc<Mutex<Option<FsError>>>,
+    /// The exclusive create this mount answered before the node did, until
+    /// the node's answer is read ([`WriteStream::confirm_create`]).
+    create: Mutex<Option<UnconfirmedCreate>>,
     /// Sequence number of the last chunk sent, and the file's attributes
     /// as that chunk's reply reported them: the state after every write.
     sent: Arc<std::sync::atomic::AtomicU64>,
@@ -191,6 +195,39 @@ struct Predicted {
     mtime_exact: bool,
 }
 
+/// An exclusive create that went behind. Until its answer comes, the
+/// stream's requests travel only in the create's message (whose later
+/// requests the node refuses if it refuses the create) or wait for that
+/// answer: if another mount made the name first, nothing of this one's
+/// lands in that mount's file.
+struct UnconfirmedCreate {
+    leader: crate::rpc::Leader,
+    /// `None` until the answer: `Ok` made, `Err` refused.
+    outcome: tokio::sync::watch::Receiver<Option<FsResult<()>>>,
+}
+
+/// Where a stream stands with its exclusive create.
+enum CreateGate {
+    /// Made, or none was pending: requests go as they come.
+    Open,
+    /// Not answered yet: requests join its message or wait.
+    Held(crate::rpc::Leader),
+    /// Refused: nothing more of this stream may be sent.
+    Refused(FsError),
+}
+
+/// What [`WriteStream::join_create`] did with a stream's next requests.
+enum Joining {
+    /// No create to wait for: send them as usual (`then` given back).
+    Free(Option<Request>),
+    /// In the create's message: the replies of the buffered bytes and of
+    /// `then`, for those there were.
+    Joined { write: Option<PendingReply>, then: Option<PendingReply> },
+    /// The create's answer must come first (`then` given back, the buffer
+    /// as it was).
+    Wait(Option<Request>),
+}
+
 /// Holds a place in a stream's in-flight requests (and, for a full chunk,
 /// in the mount's chunk budget) until the request's reply.
 struct Slot {
@@ -205,6 +242,7 @@ impl WriteStream {
             in_flight: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT as usize)),
             chunks_in_flight,
             error: Arc::new(Mutex::new(None)),
+            create: Mutex::new(None),
             sent: Arc::new(AtomicU64::new(0)),
             last_attr: Arc::new(Mutex::new(None)),
             shadow: Mutex::new(None),
@@ -252,6 +290,67 @@ impl WriteStream {
         });
     }
 
+    /// Like [`WriteStream::track`], for the exclusive create that went
+    /// behind as `leader`: until its reply the stream's requests join its
+    /// message or wait (see [`UnconfirmedCreate`]). `refused` runs once if
+    /// the node refuses it.
+    fn track_create(
+        &self,
+        slot: Slot,
+        leader: crate::rpc::Leader,
+        reply: PendingReply,
+        refused: impl FnOnce() + Send + 'static,
+    ) {
+        let (outcome, watch) = tokio::sync::watch::channel(None);
+        *self.create.lock().unwrap() = Some(UnconfirmedCreate { leader, outcome: watch });
+        let error = self.error.clone();
+        tokio::spawn(async move {
+            let result = reply.await.map(|_| ()).map_err(FsError::from);
+            if let Err(e) = &result {
+                *error.lock().unwrap() = Some(e.clone());
+                refused();
+            }
+            outcome.send_replace(Some(result));
+            drop(slot);
+        });
+    }
+
+    fn create_gate(&self) -> CreateGate {
+        let mut create = self.create.lock().unwrap();
+        let Some(pending) = create.as_ref() else {
+            return CreateGate::Open;
+        };
+        let outcome = pending.outcome.borrow().clone();
+        match outcome {
+            None => CreateGate::Held(pending.leader),
+            Some(Ok(())) => {
+                *create = None;
+                CreateGate::Open
+            }
+            Some(Err(e)) => CreateGate::Refused(e),
+        }
+    }
+
+    /// Waits, if the stream's exclusive create is not answered yet, for
+    /// that answer (sending it at once); its refusal is this stream's
+    /// error from then on.
+    async fn confirm_create<T: Transport>(&self, transport: &T) -> FsResult<()> {
+        loop {
+            let mut outcome = match self.create_gate() {
+                CreateGate::Open => return Ok(()),
+                CreateGate::Refused(e) => return Err(e),
+                CreateGate::Held(_) => {
+                    let create = self.create.lock().unwrap();
+                    create.as_ref().expect("held until answered").outcome.clone()
+                }
+            };
+            transport.send_held();
+            if outcome.wait_for(Option::is_some).await.is_err() {
+                return Err(FsError::Rpc(RpcError::Timeout));
+            }
+        }
+    }
+
     /// An in-flight slot, once one is free.
     async fn slot(&self) -> Slot {
         let stream = self.in_flight.clone().acquire_owned().await.expect("semaphore never closed");
@@ -285,6 +384,13 @@ impl WriteStream {
             Travel::Now => transport.submit_write(path, offset, data)?,
             Travel::Behind => transport.submit_write_behind(path, offset, data)?,
         };
+        self.watch_write(slot, reply);
+        Ok(())
+    }
+
+    /// Holds `slot` until the reply of a write this stream sent, and keeps
+    /// what it reports.
+    fn watch_write(&self, slot: Slot, reply: PendingReply) {
         let seq = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
         let (error, sent, last_attr) = (self.error.clone(), self.sent.clone(), self.last_attr.clone());
         tokio::spawn(async move {
@@ -302,7 +408,48 @@ impl WriteStream {
             }
             drop(slot);
         });
-        Ok(())
+    }
+
+    /// While the stream's exclusive create may be unanswered, enqueues the
+    /// buffered bytes (when small) and `then` in the create's message,
+    /// sent at once when `now`. The buffer is emptied only when they went.
+    fn join_create<T: Transport>(
+        &self,
+        transport: &T,
+        path: &str,
+        buffer: &mut WriteBuffer,
+        then: Option<Request>,
+        now: bool,
+    ) -> FsResult<Joining> {
+        let leader = match self.create_gate() {
+            CreateGate::Open => return Ok(Joining::Free(then)),
+            CreateGate::Refused(e) => return Err(e),
+            CreateGate::Held(leader) => leader,
+        };
+        if buffer.data.len() > MAX_WRITE_WITH_CREATE_BYTES {
+            return Ok(Joining::Wait(then));
+        }
+        let write = (!buffer.data.is_empty()).then(|| Request::Write {
+            path: path.to_owned(),
+            offset: buffer.offset,
+            data: std::mem::take(&mut buffer.data).into_data(),
+        });
+        let with_write = write.is_some();
+        let requests: Vec<Request> = write.into_iter().chain(then).collect();
+        let count = requests.len();
+        match transport.submit_with(leader, requests, now) {
+            Ok(mut replies) => {
+                let then = if count > usize::from(with_write) { replies.pop() } else { None };
+                Ok(Joining::Joined { write: replies.pop(), then })
+            }
+            Err(mut requests) => {
+                let then = if count > usize::from(with_write) { requests.pop() } else { None };
+                if let Some(Request::Write { data, .. }) = requests.pop() {
+                    buffer.data = Chunk::plain(data);
+                }
+                Ok(Joining::Wait(then))
+            }
+        }
     }
 
     fn shadow_write(&self, offset: u64, data: &[u8]) {
@@ -337,6 +484,9 @@ impl WriteStream {
             return None;
         }
         let chunks = (buffer.data.len() + data.len()) / CHUNK_SIZE;
+        if chunks > 0 && !matches!(self.create_gate(), CreateGate::Open) {
+            return None;
+        }
         let slots = self.try_chunk_slots(chunks)?;
         if let Err(e) = self.take_error() {
             return Some(Err(e));
@@ -365,6 +515,7 @@ impl WriteStream {
         let mut buffer = self.buffer.lock().await;
         let contiguous = buffer.offset + buffer.data.len() as u64 == offset;
         if !buffer.data.is_empty() && !contiguous {
+            self.confirm_create(transport).await?;
             let pending = std::mem::take(&mut buffer.data);
             self.send(self.slot().await, transport, path, buffer.offset, pending, Travel::Now)?;
         }
@@ -376,6 +527,8 @@ impl WriteStream {
             let full;
             (rest, full) = buffer.fill(rest);
             if let Some((chunk_offset, chunk)) = full {
+                // A full chunk travels alone, never in the create's message.
+                self.confirm_create(transport).await?;
                 self.send(self.chunk_slot().await, transport, path, chunk_offset, chunk, Travel::Now)?;
             }
         }
@@ -394,12 +547,24 @@ impl WriteStream {
         then: Option<Request>,
     ) -> FsResult<(Option<FileAttr>, Option<PendingReply>)> {
         let mut buffer = self.buffer.lock().await;
-        if !buffer.data.is_empty() {
-            let pending = std::mem::take(&mut buffer.data);
-            let travel = if then.is_some() { Travel::Behind } else { Travel::Now };
-            self.send(self.slot().await, transport, path, buffer.offset, pending, travel)?;
-        }
-        let then = then.map(|request| transport.submit(request)).transpose()?;
+        let slot = if buffer.data.is_empty() { None } else { Some(self.slot().await) };
+        let then = match self.join_create(transport, path, &mut buffer, then, true)? {
+            Joining::Joined { write, then } => {
+                if let (Some(slot), Some(write)) = (slot, write) {
+                    self.watch_write(slot, write);
+                }
+                then
+            }
+            Joining::Free(then) | Joining::Wait(then) => {
+                self.confirm_create(transport).await?;
+                if let Some(slot) = slot {
+                    let pending = std::mem::take(&mut buffer.data);
+                    let travel = if then.is_some() { Travel::Behind } else { Travel::Now };
+                    self.send(slot, transport, path, buffer.offset, pending, travel)?;
+                }
+                then.map(|request| transport.submit(request)).transpose()?
+            }
+        };
         if self.in_flight.available_permits() < MAX_WRITES_IN_FLIGHT as usize {
             // A create that went behind may still be held back for a batch.
             transport.send_held();
@@ -433,6 +598,19 @@ impl WriteStream {
         if let Err(e) = self.take_error() {
             return Some(Err(e));
         }
+        let request = match self.join_create(transport, path, &mut buffer, Some(request), false) {
+            Err(e) => return Some(Err(e)),
+            Ok(Joining::Wait(_)) => return None,
+            Ok(Joining::Joined { write, then }) => {
+                if let Some(write) = write {
+                    self.watch_write(slots.pop().expect("a slot for the buffered bytes"), write);
+                }
+                self.after_chunks();
+                self.track(slots.pop().expect("a slot for the request"), then.expect("the request joined"));
+                return Some(Ok(()));
+            }
+            Ok(Joining::Free(request)) => request.expect("given back"),
+        };
         if !buffer.data.is_empty() {
             let pending = std::mem::take(&mut buffer.data);
             let slot = slots.pop().expect("a slot for the buffered bytes");
@@ -440,13 +618,7 @@ impl WriteStream {
                 return Some(Err(e));
             }
         }
-        {
-            // `request`'s effect comes after every chunk's answer: none of
-            // those may stand for the file's attributes any more.
-            let mut last = self.last_attr.lock().unwrap();
-            self.sent.fetch_add(1, Ordering::SeqCst);
-            *last = None;
-        }
+        self.after_chunks();
         match transport.submit_behind(request) {
             Ok(reply) => {
                 self.track(slots.pop().expect("a slot for the request"), reply);
@@ -454,6 +626,14 @@ impl WriteStream {
             }
             Err(e) => Some(Err(e.into())),
         }
+    }
+
+    /// A request that changes the file follows the chunks sent so far:
+    /// none of their answers may stand for the file's attributes any more.
+    fn after_chunks(&self) {
+        let mut last = self.last_attr.lock().unwrap();
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        *last = None;
     }
 
     /// Nothing buffered, in flight, failed or unreported: operations that
@@ -474,7 +654,7 @@ impl WriteStream {
 
 pub struct DfosFs<T: Transport> {
     transport: T,
-    inodes: Mutex<InodeTable>,
+    inodes: Arc<Mutex<InodeTable>>,
     writes: Mutex<HashMap<u64, Arc<WriteStream>>>,
     chunks_in_flight: Arc<Semaphore>,
     reads: ReadCache,
@@ -548,7 +728,7 @@ impl<T: Transport> DfosFs<T> {
         DfosFs {
             meta: Arc::new(Mutex::new(MetaCache::new(cache_ttl))),
             transport,
-            inodes: Mutex::default(),
+            inodes: Arc::default(),
             writes: Mutex::default(),
             chunks_in_flight: Arc::new(Semaphore::new(MAX_CHUNKS_IN_FLIGHT as usize)),
             reads: ReadCache::default(),
@@ -580,6 +760,24 @@ impl<T: Transport> DfosFs<T> {
         self.next_handle.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// What a refused exclusive create that went behind leaves undone:
+    /// the name is someone else's file, so this mount's inode for it is
+    /// detached (its operations fail from then on, a new lookup finds that
+    /// file) and nothing cached of the path stands.
+    fn forget_refused_create(&self, path: &str, ino: u64) -> impl FnOnce() + Send + 'static {
+        let (inodes, meta, small, path) = (self.inodes.clone(), self.meta.clone(), self.small.clone(), path.to_owned());
+        move || {
+            log::info!("op=create path={path:?} ino={ino} refused after it was answered: the inode is detached");
+            let mut inodes = inodes.lock().unwrap();
+            if inodes.ino_of(&path) == Some(ino) {
+                inodes.detach(&path);
+            }
+            drop(inodes);
+            meta.lock().unwrap().invalidate(&path);
+            small.forget(&path);
+        }
+    }
+
     fn stream_or_new(&self, ino: u64) -> Arc<WriteStream> {
         self.writes
             .lock()
@@ -604,8 +802,18 @@ impl<T: Transport> DfosFs<T> {
         let Some(stream) = self.stream(ino) else {
             return Ok(());
         };
+        self.refused_create(ino)?;
         let path = self.path_of(ino)?;
         self.flush_stream(&stream, &path, None).await.map(drop)
+    }
+
+    /// The node's refusal of the exclusive create that made `ino`, which
+    /// detached it: what its writes and closes report, rather than ENOENT.
+    fn refused_create(&self, ino: u64) -> FsResult<()> {
+        match self.stream(ino).map(|stream| stream.create_gate()) {
+            Some(CreateGate::Refused(e)) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Flushes `stream`, with `then` queued behind its last chunk (see
@@ -1009,8 +1217,10 @@ impl<T: Transport> DfosFs<T> {
             self.forget(entry.ino, 1);
             return None;
         };
-        match self.transport.submit_behind(Request::Create { path: path.clone(), mode, exclusive }) {
-            Ok(reply) => stream.track(slot, reply),
+        match self.transport.submit_behind_leading(Request::Create { path: path.clone(), mode, exclusive }) {
+            Ok((leader, reply)) => {
+                stream.track_create(slot, leader, reply, self.forget_refused_create(&path, entry.ino))
+            }
             Err(e) => {
                 self.forget(entry.ino, 1);
                 return Some(Err(e.into()));
@@ -1126,6 +1336,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.refused_create(ino)?;
         let path = self.path_of(ino)?;
         self.before_write(ino, &path);
         let stream = self.stream_or_new(ino);
@@ -1139,6 +1350,9 @@ impl<T: Transport> DfosFs<T> {
     /// Takes a write on the caller's thread when that needs no waiting
     /// (see `WriteStream::write_now`). Needs a tokio runtime context.
     pub fn write_now(&self, ino: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
+        if let Err(e) = self.refused_create(ino) {
+            return Some(Err(e));
+        }
         let path = self.path_of(ino).ok()?;
         self.before_write(ino, &path);
         let done = self.stream_or_new(ino).write_now(&self.transport, &path, offset, data)?;
@@ -1502,7 +1716,7 @@ mod tests {
     //! no Kafka. The transport applies requests in submission order, as
     //! one Kafka partition does.
     use super::*;
-    use crate::rpc::{now, PendingReply};
+    use crate::rpc::{now, Joined, Leader, PendingReply};
     use dfos_protocol::limits::READ_BLOCK_SIZE;
     use proptest::prelude::*;
     use std::ffi::OsStr;
@@ -1544,7 +1758,9 @@ mod tests {
     /// order in which requests reached the store.
     struct GatedTransport {
         store: storaged::store::Store,
-        held: Mutex<Vec<(Request, ReplySender)>>,
+        /// With the ids `submit_behind_leading` names them by.
+        held: Mutex<Vec<(u64, Request, ReplySender)>>,
+        next_id: AtomicU64,
         applied: Mutex<Vec<&'static str>>,
         gate: tokio::sync::watch::Sender<bool>,
     }
@@ -1577,18 +1793,44 @@ mod tests {
         }
 
         fn submit_behind(&self, request: Request) -> Result<PendingReply, RpcError> {
+            Ok(self.submit_behind_leading(request)?.1)
+        }
+
+        fn submit_behind_leading(&self, request: Request) -> Result<(Leader, PendingReply), RpcError> {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            self.held.lock().unwrap().push((request, tx));
-            Ok(self.gated(rx))
+            let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+            self.held.lock().unwrap().push((id, request, tx));
+            Ok((Leader(id), self.gated(rx)))
+        }
+
+        fn submit_with(&self, leader: Leader, requests: Vec<Request>, now: bool) -> Joined {
+            if !self.held.lock().unwrap().iter().any(|(id, ..)| *id == leader.0) {
+                return Err(requests);
+            }
+            let replies = requests.into_iter().map(|request| self.submit_behind(request).unwrap()).collect();
+            if now {
+                self.send_held();
+            }
+            Ok(replies)
         }
 
         fn submit_write_behind(&self, path: &str, offset: u64, chunk: Chunk) -> Result<PendingReply, RpcError> {
             self.submit_behind(Request::Write { path: path.to_owned(), offset, data: chunk.into_data() })
         }
 
+        /// As one batch: what follows a refused exclusive create of its
+        /// path is refused too, as a storage node does.
         fn send_held(&self) {
-            for (request, tx) in std::mem::take(&mut *self.held.lock().unwrap()) {
-                let _ = tx.send(self.apply(&request));
+            let mut refused: Vec<(String, RpcError)> = Vec::new();
+            for (_, request, tx) in std::mem::take(&mut *self.held.lock().unwrap()) {
+                let result = match refused.iter().find(|(path, _)| request.any_path(|p| p == path)) {
+                    Some((_, error)) => Err(error.clone()),
+                    None => self.apply(&request),
+                };
+                if let (Request::Create { path, exclusive: true, .. }, Err(e)) = (&request, &result) {
+                    refused.push((path.clone(), e.clone()));
+                }
+                let _ = tx.send(result);
             }
         }
     }
@@ -1597,7 +1839,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = storaged::store::Store::new(dir.path()).unwrap();
         let (gate, _) = tokio::sync::watch::channel(gate_open);
-        let transport = GatedTransport { store, held: Mutex::new(Vec::new()), applied: Mutex::new(Vec::new()), gate };
+        let transport = GatedTransport {
+            store,
+            held: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            applied: Mutex::new(Vec::new()),
+            gate,
+        };
         (dir, DfosFs::new(Arc::new(transport)))
     }
 
@@ -1642,6 +1890,46 @@ mod tests {
                 assert_eq!(std::fs::read(dir.path().join("u/d").join(name)).unwrap(), three_chunks);
             }
         });
+    }
+
+    /// Another mount made `d/x` after this one answered its exclusive
+    /// create and before the node applied it: `between` runs in that
+    /// window, then `write` of this mount's bytes and a close.
+    fn lose_an_exclusive_create_race(between: impl FnOnce(&DfosFs<Arc<GatedTransport>>), write: &[u8]) {
+        rt().block_on(async {
+            let (dir, fs, d) = gated_core_with_dir("d").await;
+            let (x, _) = fs.create(d.ino, OsStr::new("x"), 0o644, true).await.unwrap();
+            std::fs::write(dir.path().join("u/d/x"), b"the other mount's").unwrap();
+            between(&fs);
+            let written = within_a_minute(fs.write(x.ino, 0, write)).await;
+            let closed = within_a_minute(fs.flush(x.ino)).await;
+            assert_eq!(written.and(closed), Err(ErrorCode::Exists.into()));
+            assert_eq!(std::fs::read(dir.path().join("u/d/x")).unwrap(), b"the other mount's");
+            assert!(!fs.transport.applied().contains(&"write"), "{:?}", fs.transport.applied());
+            assert_eq!(fs.path_of(x.ino), Err(FsError::Stale(x.ino)), "this mount's inode is detached");
+            let found = within_a_minute(fs.lookup(d.ino, OsStr::new("x"))).await.unwrap();
+            assert_eq!(found.attr.size, 17, "a new lookup finds the other mount's file");
+        });
+    }
+
+    #[test]
+    fn a_small_write_behind_a_refused_exclusive_create_is_refused_with_it() {
+        lose_an_exclusive_create_race(|_| {}, b"mine");
+    }
+
+    #[test]
+    fn a_whole_file_of_100_kib_travels_with_its_exclusive_create_and_is_refused_with_it() {
+        lose_an_exclusive_create_race(|_| {}, &vec![7; 100 * 1024]);
+    }
+
+    #[test]
+    fn a_large_write_waits_for_the_exclusive_create_and_is_never_sent_when_it_is_refused() {
+        lose_an_exclusive_create_race(|_| {}, &vec![7; CHUNK_SIZE + 100]);
+    }
+
+    #[test]
+    fn a_write_after_its_exclusive_create_left_alone_waits_for_the_answer() {
+        lose_an_exclusive_create_race(|fs| fs.transport.send_held(), b"mine");
     }
 
     #[test]

@@ -37,7 +37,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
-use crate::batch::{batchable, Batch, BATCH_DELAY};
+use crate::batch::{batchable, may_follow_create, Batch, BATCH_DELAY};
 use crate::chunk::{Chunk, Gathered};
 use crate::file_bytes::FileBytes;
 use crate::logread::{LogReadError, LogReader};
@@ -61,6 +61,14 @@ pub enum RpcError {
 }
 
 pub type PendingReply = Pin<Box<dyn Future<Output = Result<Payload, RpcError>> + Send>>;
+
+/// The replies of requests that joined a leader's message, or the
+/// requests given back ([`Transport::submit_with`]).
+pub type Joined = Result<Vec<PendingReply>, Vec<Request>>;
+
+/// A request submitted behind, as later requests name it to travel with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leader(pub u64);
 
 /// File bytes as fetched: shared out of a logged write, or in a node's reply.
 pub enum Fetched {
@@ -99,6 +107,23 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// waits for one of those replies, and nothing else may follow to carry
     /// it along.
     fn send_held(&self) {}
+
+    /// Like `submit_behind`, and names the request so that later ones can
+    /// ask to travel in its message ([`Transport::submit_with`]).
+    fn submit_behind_leading(&self, request: Request) -> Result<(Leader, PendingReply), RpcError> {
+        Ok((Leader(0), self.submit_behind(request)?))
+    }
+
+    /// Enqueues `requests`, in order, in the same message as `leader`, all
+    /// or none: only while `leader` is still held back and only if they
+    /// all may join it. `now`: that message goes out at once. `Err` gives
+    /// them back, none enqueued (the caller must wait for `leader`'s reply
+    /// instead). A node applies a message's requests in order, and refuses
+    /// those behind a refused exclusive create of their path.
+    fn submit_with(&self, leader: Leader, requests: Vec<Request>, now: bool) -> Joined {
+        let _ = (leader, now);
+        Err(requests)
+    }
 
     /// The bytes at `location` in the request log; when they cannot be
     /// fetched from there, the reply to `plain_read` (a read of the same
@@ -410,6 +435,39 @@ impl Transport for Arc<KafkaRpc> {
         self.enqueue_write(path, offset, chunk, false)
     }
 
+    fn submit_behind_leading(&self, request: Request) -> Result<(Leader, PendingReply), RpcError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Ok((Leader(request_id), self.enqueue_as(request_id, request.into(), false)?))
+    }
+
+    fn submit_with(&self, leader: Leader, requests: Vec<Request>, now: bool) -> Joined {
+        let mut batch = self.batch.lock().unwrap();
+        let keys: Vec<String> = requests.iter().map(|request| routing_key(&self.user, request).to_owned()).collect();
+        let joins = batch.holds(leader.0)
+            && requests.iter().all(may_follow_create)
+            && batch.fits_all(requests.iter().zip(keys.iter().map(String::as_str)));
+        if !joins {
+            return Err(requests);
+        }
+        let mut replies = Vec::with_capacity(requests.len());
+        for (request, key) in requests.into_iter().zip(keys) {
+            let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            replies.push(self.awaiting(request_id, request.name(), request.path().to_owned()));
+            log::debug!(
+                "op={} user={} path={:?} req={request_id} submitted with req={}",
+                request.name(),
+                self.user,
+                request.path(),
+                leader.0
+            );
+            batch.push(request_id, request, &key);
+        }
+        if now {
+            self.send_batch(&mut batch);
+        }
+        Ok(replies)
+    }
+
     /// The fetch, and the plain read after a failed one, share one deadline.
     fn read_logged(&self, location: LogLocation, plain_read: Request) -> Result<PendingFetch, RpcError> {
         let rpc = self.clone();
@@ -455,13 +513,16 @@ impl KafkaRpc {
     /// (someone waits for this reply); otherwise within [`BATCH_DELAY`].
     fn enqueue(self: &Arc<Self>, outgoing: impl Into<Outgoing>, now: bool) -> Result<PendingReply, RpcError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let outgoing = outgoing.into();
+        self.enqueue_as(request_id, outgoing.into(), now)
+    }
+
+    /// [`KafkaRpc::enqueue`] under a request id already taken.
+    fn enqueue_as(self: &Arc<Self>, request_id: u64, outgoing: Outgoing, now: bool) -> Result<PendingReply, RpcError> {
         let (op, path) = match &outgoing {
             Outgoing::Request(request) => (request.name(), request.path().to_owned()),
             Outgoing::Write { path, .. } => ("write", path.clone()),
         };
-        let (tx, rx) = oneshot::channel();
-        self.waiting.replies.insert(request_id, tx);
+        let reply = self.awaiting(request_id, op, path.clone());
         {
             let mut batch = self.batch.lock().unwrap();
             match outgoing {
@@ -489,8 +550,16 @@ impl KafkaRpc {
             }
         }
         log::debug!("op={op} user={} path={path:?} req={request_id} submitted", self.user);
+        Ok(reply)
+    }
+
+    /// Registers a waiter for `request_id`'s reply and returns the future
+    /// that gives it, within the deadline.
+    fn awaiting(&self, request_id: u64, op: &'static str, path: String) -> PendingReply {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.replies.insert(request_id, tx);
         let (waiting, deadline, user) = (self.waiting.clone(), self.settings.deadline, self.user.clone());
-        let reply: PendingReply = Box::pin(async move {
+        Box::pin(async move {
             let outcome = match tokio::time::timeout(deadline, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(RpcError::Kafka("reply channel closed".into())),
@@ -506,8 +575,7 @@ impl KafkaRpc {
                 }
             }
             outcome
-        });
-        Ok(reply)
+        })
     }
 
     /// Sends what is queued: one request as itself, several as a batch.

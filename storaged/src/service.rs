@@ -538,7 +538,13 @@ impl Service {
         }
     }
 
-    /// Applies a batch's requests in order, each as if it had come alone.
+    /// Applies a batch's requests in order, each as if it had come alone,
+    /// but for one rule: once an exclusive create is refused, the batch's
+    /// later requests naming that path are refused with the same error,
+    /// unapplied. A mount sends a file's first bytes (and modes and times)
+    /// in the batch of the create it answered before the node did, so
+    /// when another mount made the name first, the loser's bytes never
+    /// land in the winner's file.
     /// A batch replayed after a crash is in doubt as a whole: any of its
     /// mutations may have been applied, so each is settled on its own.
     /// Its writes are not locatable in the log (the message is no `Write`).
@@ -567,9 +573,25 @@ impl Service {
             request: Request::StatFs,
         };
         let mut results = Vec::with_capacity(requests.len());
+        let mut refused_creates: Vec<(&str, ErrorCode)> = Vec::new();
         for batched in requests {
+            let refused = refused_creates.iter().find(|(path, _)| batched.request.any_path(|p| p == *path));
+            if let Some(&(path, code)) = refused {
+                log::info!(
+                    "op={} user={} path={path:?} req={} refused: follows a refused exclusive create",
+                    batched.request.name(),
+                    envelope.user,
+                    batched.request_id
+                );
+                results.push(Err(code));
+                continue;
+            }
             (one.request_id, one.request) = (batched.request_id, batched.request.clone());
-            results.push(self.apply_one(&one, None, in_doubt, at));
+            let result = self.apply_one(&one, None, in_doubt, at);
+            if let (Request::Create { path, exclusive: true, .. }, Err(code)) = (&batched.request, &result) {
+                refused_creates.push((path, *code));
+            }
+            results.push(result);
         }
         Ok(Payload::Batch(results))
     }
@@ -795,7 +817,8 @@ pub fn status(config: &Config) -> Result<String, ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dfos_protocol::{encode_envelope, RenameMode, Timestamp};
+    use dfos_protocol::{encode_envelope, RenameMode, SetTime, Timestamp};
+    use std::os::unix::fs::PermissionsExt;
 
     /// A service plus a fake partition log: each message gets the next offset.
     struct Harness {
@@ -999,6 +1022,40 @@ mod tests {
         let Some(Ok(Payload::Batch(again))) = &replayed[0] else { panic!("{replayed:?}") };
         assert!(again[..3].iter().all(Result::is_ok), "{again:?}");
         assert_eq!(std::fs::read(h.user_file("d/f")).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn requests_behind_a_refused_exclusive_create_in_its_batch_are_refused_unapplied() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        h.call("alice", &token, Request::Mkdir { path: "d".into(), mode: 0o755 }).unwrap();
+        h.call("alice", &token, Request::Create { path: "d/x".into(), mode: 0o600, exclusive: true }).unwrap();
+        h.call("alice", &token, Request::Write { path: "d/x".into(), offset: 0, data: b"winner".to_vec() }).unwrap();
+        let at = Timestamp { secs: 1_000_000, nanos: 0 };
+        let requests = [
+            Request::Create { path: "d/x".into(), mode: 0o644, exclusive: true },
+            Request::Write { path: "d/x".into(), offset: 0, data: b"loser".to_vec() },
+            Request::SetAttr {
+                path: "d/x".into(),
+                size: None,
+                mode: Some(0o644),
+                atime: None,
+                mtime: Some(SetTime::At(at)),
+            },
+            Request::Create { path: "d/y".into(), mode: 0o644, exclusive: true },
+            Request::Write { path: "d/y".into(), offset: 0, data: b"other file".to_vec() },
+        ];
+        let requests = (10..).zip(requests).map(|(request_id, request)| Batched { request_id, request }).collect();
+        let results = match h.call("alice", &token, Request::Batch { requests }) {
+            Ok(Payload::Batch(results)) => results,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(results[..3], [Err(ErrorCode::Exists), Err(ErrorCode::Exists), Err(ErrorCode::Exists)]);
+        assert!(results[3..].iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(std::fs::read(h.user_file("d/x")).unwrap(), b"winner");
+        let mode = std::fs::metadata(h.user_file("d/x")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the loser's chmod did not land either");
+        assert_eq!(std::fs::read(h.user_file("d/y")).unwrap(), b"other file");
     }
 
     #[test]
