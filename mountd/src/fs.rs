@@ -308,9 +308,14 @@ impl WriteStream {
             let result = reply.await.map(|_| ()).map_err(FsError::from);
             if let Err(e) = &result {
                 *error.lock().unwrap() = Some(e.clone());
+            }
+            let was_refused = result.is_err();
+            // First the refusal, then the detaching: an operation between
+            // the two hears of the refusal either way.
+            outcome.send_replace(Some(result));
+            if was_refused {
                 refused();
             }
-            outcome.send_replace(Some(result));
             drop(slot);
         });
     }
@@ -744,8 +749,17 @@ impl<T: Transport> DfosFs<T> {
         Ok(self.transport.submit(request)?.await?)
     }
 
+    /// The current path of `ino`. A detached inode answers ENOENT, or
+    /// the refusal of the exclusive create that made it.
     pub fn path_of(&self, ino: u64) -> FsResult<String> {
-        self.inodes.lock().unwrap().path(ino).map(str::to_owned).ok_or(FsError::Stale(ino))
+        let path = self.inodes.lock().unwrap().path(ino).map(str::to_owned);
+        match path {
+            Some(path) => Ok(path),
+            None => match self.stream(ino).map(|stream| stream.create_gate()) {
+                Some(CreateGate::Refused(e)) => Err(e),
+                _ => Err(FsError::Stale(ino)),
+            },
+        }
     }
 
     fn child_path(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<String> {
@@ -802,18 +816,8 @@ impl<T: Transport> DfosFs<T> {
         let Some(stream) = self.stream(ino) else {
             return Ok(());
         };
-        self.refused_create(ino)?;
         let path = self.path_of(ino)?;
         self.flush_stream(&stream, &path, None).await.map(drop)
-    }
-
-    /// The node's refusal of the exclusive create that made `ino`, which
-    /// detached it: what its writes and closes report, rather than ENOENT.
-    fn refused_create(&self, ino: u64) -> FsResult<()> {
-        match self.stream(ino).map(|stream| stream.create_gate()) {
-            Some(CreateGate::Refused(e)) => Err(e),
-            _ => Ok(()),
-        }
     }
 
     /// Flushes `stream`, with `then` queued behind its last chunk (see
@@ -1336,7 +1340,6 @@ impl<T: Transport> DfosFs<T> {
     }
 
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.refused_create(ino)?;
         let path = self.path_of(ino)?;
         self.before_write(ino, &path);
         let stream = self.stream_or_new(ino);
@@ -1350,9 +1353,6 @@ impl<T: Transport> DfosFs<T> {
     /// Takes a write on the caller's thread when that needs no waiting
     /// (see `WriteStream::write_now`). Needs a tokio runtime context.
     pub fn write_now(&self, ino: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
-        if let Err(e) = self.refused_create(ino) {
-            return Some(Err(e));
-        }
         let path = self.path_of(ino).ok()?;
         self.before_write(ino, &path);
         let done = self.stream_or_new(ino).write_now(&self.transport, &path, offset, data)?;
@@ -1906,7 +1906,8 @@ mod tests {
             assert_eq!(written.and(closed), Err(ErrorCode::Exists.into()));
             assert_eq!(std::fs::read(dir.path().join("u/d/x")).unwrap(), b"the other mount's");
             assert!(!fs.transport.applied().contains(&"write"), "{:?}", fs.transport.applied());
-            assert_eq!(fs.path_of(x.ino), Err(FsError::Stale(x.ino)), "this mount's inode is detached");
+            assert_eq!(fs.path_of(x.ino), Err(ErrorCode::Exists.into()), "detached, and its operations say why");
+            assert!(fs.inodes.lock().unwrap().path(x.ino).is_none());
             let found = within_a_minute(fs.lookup(d.ino, OsStr::new("x"))).await.unwrap();
             assert_eq!(found.attr.size, 17, "a new lookup finds the other mount's file");
         });
