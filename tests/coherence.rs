@@ -55,6 +55,36 @@ fn changes_through_one_mount_reach_another_of_the_same_user() {
     soon("a create from B", || fs::read_to_string(a.join("e/from-b")).ok().as_deref() == Some("b"));
 }
 
+/// Appends through two mounts, one right after the other (a log file
+/// shared by two machines): each `open(O_APPEND)` asks a storage node
+/// where the file ends, so no append lands on another's, though the
+/// change event of the one before may not have arrived yet. Before, the
+/// second mount appended at the end it had cached and overwrote the first
+/// mount's line every time. A truncate through the appending mount moves
+/// its end back.
+#[test]
+fn appends_through_two_mounts_in_turn_keep_every_line() {
+    let d = Deployment::start("appends");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    fs::write(a.join("log"), "").unwrap();
+    soon("a create", || b.join("log").exists());
+    let mut script = String::new();
+    for i in 1..=20 {
+        script += &format!("echo a{i} >> {}; echo b{i} >> {}; ", a.p("log"), b.p("log"));
+    }
+    ok(&script);
+    let expected: String = (1..=20).map(|i| format!("a{i}\nb{i}\n")).collect();
+    assert_eq!(fs::read_to_string(d.storage.join("User1/log")).unwrap(), expected);
+    assert_eq!(fs::read_to_string(b.join("log")).unwrap(), expected, "the last appender reads it all at once");
+    soon("the appends", || fs::read_to_string(a.join("log")).ok().as_deref() == Some(expected.as_str()));
+
+    let truncated = "import os; fd = os.open(os.sys.argv[1], os.O_WRONLY | os.O_APPEND); \
+        os.write(fd, b'12345'); os.ftruncate(fd, 2); os.write(fd, b'xy'); os.close(fd)";
+    ok(&format!("python3 -c \"{truncated}\" {}", b.p("log")));
+    assert_eq!(fs::read_to_string(b.join("log")).unwrap(), "a1xy", "appended at the truncated end");
+}
+
 /// Bytes one mount wrote are read by the other straight from the request
 /// log (the same user's writes), and a later overwrite of a piece through
 /// the first mount shows in the second.

@@ -165,6 +165,9 @@ struct WriteStream {
     /// The whole file as written, while it is known: from a create or a
     /// truncate to zero, through writes within the first 64 KiB.
     shadow: Mutex<Option<Vec<u8>>>,
+    /// The end of the file for appends, as a storage node told it at the
+    /// last `open(O_APPEND)` and this mount's writes moved it since.
+    append_end: Mutex<Option<u64>>,
     /// What the node will report of the file once everything sent through
     /// this stream is applied, while this mount can tell: from the create
     /// of an empty file to the close after it.
@@ -246,6 +249,7 @@ impl WriteStream {
             sent: Arc::new(AtomicU64::new(0)),
             last_attr: Arc::new(Mutex::new(None)),
             shadow: Mutex::new(None),
+            append_end: Mutex::new(None),
             predicted: Mutex::new(None),
         }
     }
@@ -581,6 +585,9 @@ impl WriteStream {
     }
 
     fn truncate_shadow(&self, size: u64) {
+        if let Some(end) = self.append_end.lock().unwrap().as_mut() {
+            *end = size;
+        }
         let mut shadow = self.shadow.lock().unwrap();
         match shadow.as_mut() {
             _ if size == 0 => *shadow = Some(Vec::new()),
@@ -1075,6 +1082,17 @@ impl<T: Transport> DfosFs<T> {
         if change.is_empty() {
             return self.getattr(ino).await;
         }
+        // A change that could not go behind only because the file's
+        // exclusive create left without it goes behind once that create
+        // is answered (`tar x` setting times and modes as it extracts).
+        if let Some(stream) = self.stream(ino) {
+            if matches!(stream.create_gate(), CreateGate::Held(_)) {
+                stream.confirm_create(&self.transport).await?;
+                if let Some(done) = self.setattr_now(ino, change) {
+                    return done;
+                }
+            }
+        }
         self.flush(ino).await?;
         self.drop_cached_data(ino);
         let path = self.path_of(ino)?;
@@ -1285,6 +1303,41 @@ impl<T: Transport> DfosFs<T> {
         let keep_cache = version.is_some() && version == previous;
         log::debug!("op=open ino={ino} path={path:?} keep_cache={keep_cache} uncached={uncached}");
         Ok(Opened { handle: self.new_handle(), keep_cache, uncached })
+    }
+
+    /// Opens `ino` for appending. The end of the file is asked of a storage
+    /// node, never taken from a cache, and this mount's appends land there
+    /// and after ([`DfosFs::append_offset`]) even where the kernel saw an
+    /// older end: another mount's appends, closed just before, are not
+    /// overwritten (NFS's close-to-open gives as much). The handle bypasses
+    /// the kernel's page cache, which would keep appended bytes where the
+    /// kernel believed the end was.
+    pub async fn open_append(&self, ino: u64) -> FsResult<Opened> {
+        self.flush(ino).await?;
+        let path = self.path_of(ino)?;
+        let attr = expect_attr(self.call(Request::GetAttr { path: path.clone() }).await?)?;
+        self.meta.lock().unwrap().replace_attr(&path, attr.clone());
+        *self.stream_or_new(ino).append_end.lock().unwrap() = Some(attr.size);
+        let opened = self.open(ino)?;
+        Ok(Opened { uncached: true, ..opened })
+    }
+
+    /// Where an append of `len` bytes through a handle opened with
+    /// [`DfosFs::open_append`] lands: at `kernel_offset` (the end the kernel
+    /// knows), or at the end this mount knows when that is further.
+    pub fn append_offset(&self, ino: u64, kernel_offset: u64, len: usize) -> u64 {
+        let Some(stream) = self.stream(ino) else {
+            return kernel_offset;
+        };
+        let mut end = stream.append_end.lock().unwrap();
+        match end.as_mut() {
+            Some(end) => {
+                let offset = kernel_offset.max(*end);
+                *end = offset + len as u64;
+                offset
+            }
+            None => kernel_offset,
+        }
     }
 
     /// Reads up to `size` bytes; shorter only at end of file.

@@ -464,10 +464,18 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
             }
             Err(e) => reply.error(errno(&e)),
         };
-        if opens_for_writing(flags.0) && self.fs.is_shared(ino.0) {
+        let shared_write = opens_for_writing(flags.0) && self.fs.is_shared(ino.0);
+        let append = flags.0 & libc::O_APPEND != 0;
+        if shared_write || append {
             let work = move |fs: Arc<DfosFs<T>>| async move {
-                fs.refuse_read_only_share(ino.0).await?;
-                fs.open(ino.0)
+                if shared_write {
+                    fs.refuse_read_only_share(ino.0).await?;
+                }
+                if append {
+                    fs.open_append(ino.0).await
+                } else {
+                    fs.open(ino.0)
+                }
             };
             return self.spawn(work, answer);
         }
@@ -506,25 +514,33 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _runtime = self.runtime.enter();
-        if let Some(done) = self.fs.write_now(ino.0, offset, data) {
-            return match done {
+        let kernel_offset = offset;
+        let offset = match flags.0 & libc::O_APPEND {
+            0 => offset,
+            _ => self.fs.append_offset(ino.0, offset, data.len()),
+        };
+        // The kernel believed the file ended before where the append went:
+        // its size for the file is stale once the write is answered.
+        let notifier = (offset != kernel_offset).then(|| self.notifier.clone());
+        let answer = move |result: Result<u32, FsError>| {
+            match result {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
-            };
+            }
+            if let Some(notifier) = notifier.as_ref().and_then(|slot| slot.get()) {
+                let _ = notifier.inval_inode(ino, -1, 0);
+            }
+        };
+        if let Some(done) = self.fs.write_now(ino.0, offset, data) {
+            return answer(done);
         }
         let data = data.to_vec();
-        self.spawn(
-            move |fs| async move { fs.write(ino.0, offset, &data).await },
-            move |result| match result {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.spawn(move |fs| async move { fs.write(ino.0, offset, &data).await }, answer);
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
