@@ -85,6 +85,36 @@ fn appends_through_two_mounts_in_turn_keep_every_line() {
     assert_eq!(fs::read_to_string(b.join("log")).unwrap(), "a1xy", "appended at the truncated end");
 }
 
+/// A file open for writing on one mount follows a rename made through
+/// another, as it would on a local disk or NFS: its later writes land in
+/// the renamed file. Before, they named the old path and failed (ENOENT).
+/// A file open on the first mount that the rename replaced is detached:
+/// its reads fail rather than return the new file's bytes.
+#[test]
+fn an_open_file_follows_a_rename_made_through_another_mount() {
+    use std::io::{Read, Write};
+    let d = Deployment::start("rename-open");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    fs::write(a.join("old"), "replaced").unwrap();
+    let mut writer = fs::File::create(a.join("f")).unwrap();
+    writer.write_all(b"part one, ").unwrap();
+    writer.sync_all().unwrap();
+    let mut replaced = fs::File::open(a.join("old")).unwrap();
+    soon("a create", || b.join("f").exists() && b.join("old").exists());
+    fs::rename(b.join("f"), b.join("old")).unwrap();
+    soon("a rename", || !a.join("f").exists() && fs::read_to_string(a.join("old")).is_ok_and(|s| s == "part one, "));
+    writer.write_all(b"part two").unwrap();
+    writer.sync_all().unwrap();
+    drop(writer);
+    assert_eq!(fs::read_to_string(d.storage.join("User1/old")).unwrap(), "part one, part two");
+    assert!(!d.storage.join("User1/f").exists());
+    let mut bytes = Vec::new();
+    if replaced.read_to_end(&mut bytes).is_ok() {
+        assert_eq!(String::from_utf8_lossy(&bytes), "replaced", "never the bytes of the file that replaced it");
+    }
+}
+
 /// Bytes one mount wrote are read by the other straight from the request
 /// log (the same user's writes), and a later overwrite of a piece through
 /// the first mount shows in the second.

@@ -1685,7 +1685,7 @@ impl<T: Transport> DfosFs<T> {
     /// it, and say what the kernel must drop.
     pub fn remote_change(&self, change: &Change) -> Vec<Invalidation> {
         let mut meta = self.meta.lock().unwrap();
-        let inodes = self.inodes.lock().unwrap();
+        let mut inodes = self.inodes.lock().unwrap();
         let mut out = Vec::new();
         let entry = |path: &str, out: &mut Vec<Invalidation>| {
             let name = dfos_protocol::path::split(path).1;
@@ -1751,6 +1751,13 @@ impl<T: Transport> DfosFs<T> {
                 // inside it keeps its working directory.
                 None => out.push(Invalidation::Entry { parent: inodes::ROOT_INO, name: trash.to_owned() }),
             }
+        }
+        // Open files follow a rename made elsewhere, as on a local disk or
+        // NFS: their later writes and reads name the new path. A file the
+        // rename replaced is detached (its operations fail with ENOENT,
+        // never touch the file now at its name).
+        if let Change::Renamed { from, to } = change {
+            inodes.rename(from, to);
         }
         out
     }
