@@ -67,6 +67,51 @@ fn tar_extracts_contents_modes_and_times_in_about_one_message_per_file() {
     assert!(messages < 10, "reading back 30 files just extracted took {messages} messages");
 }
 
+/// Names that are not UTF-8 (Latin-1, as in old tar archives) work as any
+/// other: created, listed, read, renamed, linked to, seen by another
+/// mount and archived, with the bytes they were given. A name holding one
+/// of the characters that stand for such bytes on the wire is refused.
+#[test]
+fn names_that_are_not_utf8_keep_their_bytes() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let d = Deployment::start("latin1");
+    let m = d.mount(USER1);
+    let name = |bytes: &[u8]| OsStr::from_bytes(bytes).to_owned();
+    let names = [name(b"caf\xe9.txt"), name(b"\xff\xfe"), name(b"mixed-\xe9-\xc3\xa9")];
+    for n in &names {
+        fs::write(m.path.join(n), n.as_bytes()).unwrap();
+    }
+    fs::create_dir(m.path.join(name(b"dir-\xe8"))).unwrap();
+    fs::write(m.path.join(name(b"dir-\xe8")).join(name(b"inner-\xe9")), "inner").unwrap();
+    fs::rename(m.path.join(&names[0]), m.path.join(name(b"renamed-\xe0"))).unwrap();
+    std::os::unix::fs::symlink(name(b"target-\xe9"), m.path.join(name(b"link-\xe9"))).unwrap();
+    let mut listed: Vec<_> = fs::read_dir(&m.path).unwrap().map(|e| e.unwrap().file_name()).collect();
+    listed.sort();
+    let mut expected =
+        vec![name(b"dir-\xe8"), name(b"link-\xe9"), names[2].clone(), name(b"renamed-\xe0"), names[1].clone()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(fs::read(m.path.join(name(b"renamed-\xe0"))).unwrap(), names[0].as_bytes());
+    assert_eq!(fs::read_link(m.path.join(name(b"link-\xe9"))).unwrap().as_os_str(), name(b"target-\xe9"));
+
+    let other = d.mount(USER1);
+    assert_eq!(fs::read(other.path.join(&names[1])).unwrap(), names[1].as_bytes());
+    let archive = d.dir.path().join("names.tar");
+    ok(&format!("tar cf '{}' -C {} .", archive.display(), m.p("")));
+    let local = d.local_dir("extracted");
+    ok(&format!("tar xf '{}' -C '{}'", archive.display(), local.display()));
+    let back = d.local_dir("back");
+    fs::create_dir(m.path.join("x")).unwrap();
+    ok(&format!("tar xf '{}' -C {}", archive.display(), m.p("x")));
+    ok(&format!("tar cf - -C {} . | tar xf - -C '{}'", m.p("x"), back.display()));
+    ok(&format!("diff -r --no-dereference '{}' '{}'", local.display(), back.display()));
+    assert_eq!(fs::read(local.join(name(b"dir-\xe8")).join(name(b"inner-\xe9"))).unwrap(), b"inner");
+
+    let reserved = "a\u{10FFE9}";
+    assert_eq!(fs::write(m.path.join(reserved), "x").unwrap_err().raw_os_error(), Some(libc::EINVAL));
+}
+
 #[test]
 fn random_offset_writes_then_truncate_match_a_local_file() {
     let d = Deployment::start("random-writes");

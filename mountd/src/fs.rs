@@ -711,15 +711,16 @@ fn new_attr(kind: dfos_protocol::FileKind, mode: u32) -> FileAttr {
     }
 }
 
-fn name_str(name: &std::ffi::OsStr) -> FsResult<&str> {
-    name.to_str().ok_or(FsError::BadName)
+/// `name` as the protocol carries it (see `names.rs`).
+fn wire_name(name: &std::ffi::OsStr) -> FsResult<std::borrow::Cow<'_, str>> {
+    crate::names::to_wire(name).ok_or(FsError::BadName)
 }
 
 /// `name` if storage nodes keep such an extended attribute (`user.`);
 /// `otherwise` if not: an attribute of another namespace is absent to
 /// readers and unsupported to writers, as on a filesystem without it.
 fn kept_xattr_name(name: &std::ffi::OsStr, otherwise: ErrorCode) -> FsResult<&str> {
-    let name = name_str(name)?;
+    let name = name.to_str().ok_or(FsError::BadName)?;
     if is_user_xattr(name) {
         Ok(name)
     } else {
@@ -770,7 +771,7 @@ impl<T: Transport> DfosFs<T> {
     }
 
     fn child_path(&self, parent: u64, name: &std::ffi::OsStr) -> FsResult<String> {
-        Ok(inodes::join(&self.path_of(parent)?, name_str(name)?))
+        Ok(inodes::join(&self.path_of(parent)?, &wire_name(name)?))
     }
 
     fn remember(&self, path: &str, attr: FileAttr) -> Entry {
@@ -1504,7 +1505,7 @@ impl<T: Transport> DfosFs<T> {
 
     pub async fn symlink(&self, parent: u64, name: &std::ffi::OsStr, target: &std::ffi::OsStr) -> FsResult<Entry> {
         let path = self.child_path(parent, name)?;
-        let target = name_str(target)?.to_owned();
+        let target = wire_name(target)?.into_owned();
         self.make_entry(&path, Request::Symlink { path: path.clone(), target }).await
     }
 

@@ -402,7 +402,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let answer = move |result: Result<String, FsError>| match result {
-            Ok(target) => reply.data(target.as_bytes()),
+            Ok(target) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(&*crate::names::from_wire(&target))),
             Err(e) => reply.error(errno(&e)),
         };
         self.spawn(move |fs| async move { fs.readlink(ino.0).await }, answer);
@@ -629,7 +629,8 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
             } else {
                 let entry = &entries[index - dots.len()];
                 // Plain readdir does not count lookups; the number is a hint.
-                reply.add(INodeNo(u64::MAX), index as u64 + 1, file_type(entry.attr.kind), &entry.name)
+                let name = crate::names::from_wire(&entry.name);
+                reply.add(INodeNo(u64::MAX), index as u64 + 1, file_type(entry.attr.kind), name)
             };
             if full {
                 break;
@@ -681,7 +682,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
             if reply.add(
                 INodeNo(child),
                 next,
-                &entry.name,
+                crate::names::from_wire(&entry.name),
                 ttl_of(&entry.attr),
                 &maker.kernel_attr(child, &entry.attr),
                 Generation(0),

@@ -24,6 +24,7 @@ pub mod fuse;
 pub mod inodes;
 pub mod logread;
 pub mod metacache;
+pub mod names;
 pub mod prefetch;
 pub mod readahead;
 pub mod rpc;
@@ -149,7 +150,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         for invalidation in fs.remote_change(change) {
             // ENOENT only means the kernel had nothing cached.
             let _ = match invalidation {
-                fs::Invalidation::Entry { parent, name } => notifier.inval_entry(fuser::INodeNo(parent), name.as_ref()),
+                fs::Invalidation::Entry { parent, name } => {
+                    notifier.inval_entry(fuser::INodeNo(parent), &names::from_wire(&name))
+                }
                 fs::Invalidation::Inode(ino) => notifier.inval_inode(fuser::INodeNo(ino), 0, 0),
             };
         }
