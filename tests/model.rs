@@ -1,6 +1,7 @@
 //! The randomized model test: a long random sequence of create, write at
-//! offsets, read, truncate, rename, unlink, mkdir, rmdir, hard link, copies
-//! of ranges, fallocate and extended attributes on a dfos mount and on a local directory. Every step's result must match; after every
+//! offsets, appends, exclusive creates, read, truncate, rename, unlink,
+//! mkdir, rmdir, hard link, copies of ranges, fallocate and extended
+//! attributes on a dfos mount and on a local directory. Every step's result must match; after every
 //! step the trees' shapes (names, kinds, modes, sizes) must match, and
 //! every 25 steps and at the end their contents too.
 //!

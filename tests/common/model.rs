@@ -5,7 +5,7 @@
 //! the same outcome: the same data (or bytes copied), or the same errno.
 
 use std::fs::{self, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -65,13 +65,24 @@ impl Workload {
                 let len = if small { self.rng.gen_range(1..8192) } else { self.rng.gen_range(1..MAX_WRITE) };
                 let mut data = vec![0u8; len];
                 self.rng.fill(&mut data[..]);
+                // Some writes append (O_APPEND), some make their file
+                // (O_EXCL, refused where it exists), the rest write at an offset.
+                let how = self.rng.gen_range(0..10);
                 let write = |p: &Path| -> io::Result<Vec<u8>> {
-                    let f = OpenOptions::new().create(true).truncate(false).write(true).open(p)?;
-                    f.write_all_at(&data, offset)?;
+                    let mut f = match how {
+                        0 => OpenOptions::new().append(true).open(p)?,
+                        1 => OpenOptions::new().write(true).create_new(true).open(p)?,
+                        _ => OpenOptions::new().create(true).truncate(false).write(true).open(p)?,
+                    };
+                    match how {
+                        0 | 1 => f.write_all(&data)?,
+                        _ => f.write_all_at(&data, offset)?,
+                    }
                     f.sync_all()?;
                     Ok(Vec::new())
                 };
-                (format!("write {path} @{offset} +{len}"), outcome(write(&m)), outcome(write(&l)))
+                let kind = ["append to", "create and write", "write"][how.min(2)];
+                (format!("{kind} {path} @{offset} +{len}"), outcome(write(&m)), outcome(write(&l)))
             }
             35..=44 => {
                 let size = self.rng.gen_range(0..MAX_OFFSET);
