@@ -85,6 +85,25 @@ fn appends_through_two_mounts_in_turn_keep_every_line() {
     assert_eq!(fs::read_to_string(b.join("log")).unwrap(), "a1xy", "appended at the truncated end");
 }
 
+/// With `--close-to-open`, every open asks a storage node, so what another
+/// mount closed is read at once, without waiting for its change event
+/// (without the flag, the first such read in this loop already saw the
+/// version before).
+#[test]
+fn close_to_open_reads_what_another_mount_just_closed() {
+    let d = Deployment::start("close-to-open");
+    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60", "--close-to-open"]);
+    fs::write(a.join("f"), "version 0").unwrap();
+    soon("a create", || fs::read_to_string(b.join("f")).is_ok_and(|s| s == "version 0"));
+    for i in 1..=50 {
+        // Growing, so the kernel's cached size would cut a stale read short.
+        let version = format!("version {i}{}", "+".repeat(i));
+        fs::write(a.join("f"), &version).unwrap();
+        assert_eq!(fs::read_to_string(b.join("f")).unwrap(), version, "round {i}");
+    }
+}
+
 /// A file open for writing on one mount follows a rename made through
 /// another, as it would on a local disk or NFS: its later writes land in
 /// the renamed file. Before, they named the old path and failed (ENOENT).

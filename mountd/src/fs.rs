@@ -1306,25 +1306,30 @@ impl<T: Transport> DfosFs<T> {
         Ok(Opened { handle: self.new_handle(), keep_cache, uncached })
     }
 
-    /// Opens `ino` for appending. The end of the file is asked of a storage
-    /// node, never taken from a cache, and this mount's appends land there
-    /// and after ([`DfosFs::append_offset`]) even where the kernel saw an
-    /// older end: another mount's appends, closed just before, are not
-    /// overwritten (NFS's close-to-open gives as much). The handle bypasses
-    /// the kernel's page cache, which would keep appended bytes where the
-    /// kernel believed the end was.
-    pub async fn open_append(&self, ino: u64) -> FsResult<Opened> {
+    /// Opens `ino` with its attributes asked of a storage node, never taken
+    /// from a cache (NFS's close-to-open): a change another mount closed
+    /// just before is seen, whether or not its event has arrived, and pages
+    /// the kernel kept of an older version are dropped. With `append`, this
+    /// mount's appends land at the end the node reported and after
+    /// ([`DfosFs::append_offset`]) even where the kernel saw an older end,
+    /// so another mount's appends are not overwritten; the handle then
+    /// bypasses the kernel's page cache, which would keep appended bytes
+    /// where the kernel believed the end was. The caller must make the
+    /// kernel drop its attributes of `ino` too.
+    pub async fn open_fresh(&self, ino: u64, append: bool) -> FsResult<Opened> {
         self.flush(ino).await?;
         let path = self.path_of(ino)?;
         let attr = expect_attr(self.call(Request::GetAttr { path: path.clone() }).await?)?;
         self.meta.lock().unwrap().replace_attr(&path, attr.clone());
-        *self.stream_or_new(ino).append_end.lock().unwrap() = Some(attr.size);
+        if append {
+            *self.stream_or_new(ino).append_end.lock().unwrap() = Some(attr.size);
+        }
         let opened = self.open(ino)?;
-        Ok(Opened { uncached: true, ..opened })
+        Ok(Opened { uncached: opened.uncached || append, ..opened })
     }
 
     /// Where an append of `len` bytes through a handle opened with
-    /// [`DfosFs::open_append`] lands: at `kernel_offset` (the end the kernel
+    /// [`DfosFs::open_fresh`] lands: at `kernel_offset` (the end the kernel
     /// knows), or at the end this mount knows when that is further.
     pub fn append_offset(&self, ino: u64, kernel_offset: u64, len: usize) -> u64 {
         let Some(stream) = self.stream(ino) else {

@@ -112,21 +112,30 @@ fn file_type(kind: FileKind) -> FileType {
 /// adapter is made).
 pub type NotifierSlot = Arc<std::sync::OnceLock<fuser::Notifier>>;
 
+/// What a mount serves beyond the defaults (`Config`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Serving {
+    /// Extended attributes are served; without them every xattr call is
+    /// ENOSYS, after which the kernel stops asking (`Config::xattrs`).
+    pub xattrs: bool,
+    /// Every open asks a storage node for the file's attributes
+    /// (`Config::close_to_open`).
+    pub close_to_open: bool,
+}
+
 pub struct FuseAdapter<T: Transport> {
     fs: Arc<DfosFs<T>>,
     runtime: tokio::runtime::Handle,
     attrs: KernelAttrs,
     notifier: NotifierSlot,
-    /// Extended attributes are served; without them every xattr call is
-    /// ENOSYS, after which the kernel stops asking (`Config::xattrs`).
-    xattrs: bool,
+    serving: Serving,
 }
 
 impl<T: Transport> FuseAdapter<T> {
-    pub fn new(fs: Arc<DfosFs<T>>, runtime: tokio::runtime::Handle, notifier: NotifierSlot, xattrs: bool) -> Self {
+    pub fn new(fs: Arc<DfosFs<T>>, runtime: tokio::runtime::Handle, notifier: NotifierSlot, serving: Serving) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        FuseAdapter { fs, runtime, attrs: KernelAttrs { uid, gid }, notifier, xattrs }
+        FuseAdapter { fs, runtime, attrs: KernelAttrs { uid, gid }, notifier, serving }
     }
 
     /// Runs `work` on the runtime and hands its result to `answer`.
@@ -466,16 +475,23 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         };
         let shared_write = opens_for_writing(flags.0) && self.fs.is_shared(ino.0);
         let append = flags.0 & libc::O_APPEND != 0;
-        if shared_write || append {
+        let fresh = append || self.serving.close_to_open;
+        if shared_write || fresh {
+            let notifier = self.notifier.clone();
             let work = move |fs: Arc<DfosFs<T>>| async move {
                 if shared_write {
                     fs.refuse_read_only_share(ino.0).await?;
                 }
-                if append {
-                    fs.open_append(ino.0).await
-                } else {
-                    fs.open(ino.0)
+                if !fresh {
+                    return fs.open(ino.0);
                 }
+                let opened = fs.open_fresh(ino.0, append).await?;
+                // The kernel's size of the file may be older than the
+                // node's: reads past it and appends must not trust it.
+                if let Some(notifier) = notifier.get() {
+                    let _ = notifier.inval_inode(ino, -1, 0);
+                }
+                Ok(opened)
             };
             return self.spawn(work, answer);
         }
@@ -720,7 +736,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if !self.xattrs {
+        if !self.serving.xattrs {
             return reply.error(Errno::ENOSYS);
         }
         let answer = answer_xattr(size);
@@ -732,7 +748,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if !self.xattrs {
+        if !self.serving.xattrs {
             return reply.error(Errno::ENOSYS);
         }
         let answer = answer_xattr(size);
@@ -749,7 +765,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         position: u32,
         reply: ReplyEmpty,
     ) {
-        if !self.xattrs {
+        if !self.serving.xattrs {
             return reply.error(Errno::ENOSYS);
         }
         let Some(mode) = xattr_mode(flags).filter(|_| position == 0) else {
@@ -760,7 +776,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if !self.xattrs {
+        if !self.serving.xattrs {
             return reply.error(Errno::ENOSYS);
         }
         let name = name.to_owned();

@@ -58,6 +58,10 @@ pub struct Config {
     /// ENOSYS and the kernel stops asking, so `ls -l` and writes cost no
     /// attribute lookups (JuiceFS likewise needs `--enable-xattr`).
     pub xattrs: bool,
+    /// Every `open()` asks a storage node for the file's attributes, as
+    /// NFS's close-to-open does: one round trip per open, and a change
+    /// another mount closed is seen at once, not when its event arrives.
+    pub close_to_open: bool,
 }
 
 /// The password for `user`: the first line of `file`, else DFOS_PASSWORD,
@@ -118,7 +122,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let fs = Arc::new(fs::DfosFs::with_cache_ttl(rpc.clone(), config.cache_ttl));
     let notifier_slot = fuse::NotifierSlot::default();
-    let adapter = fuse::FuseAdapter::new(fs.clone(), runtime.handle().clone(), notifier_slot.clone(), config.xattrs);
+    let serving = fuse::Serving { xattrs: config.xattrs, close_to_open: config.close_to_open };
+    let adapter = fuse::FuseAdapter::new(fs.clone(), runtime.handle().clone(), notifier_slot.clone(), serving);
     let mut fuse_config = FuseConfig::default();
     fuse_config.mount_options = vec![
         MountOption::FSName(format!("dfos:{}", config.user)),

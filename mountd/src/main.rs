@@ -36,6 +36,12 @@ struct Cli {
     /// lists, which made it about three times slower.
     #[arg(long)]
     xattrs: bool,
+    /// Ask a storage node for a file's attributes at every open, as NFS's
+    /// close-to-open does: what another mount closed is seen at once, not
+    /// milliseconds later when its change event arrives, at the cost of a
+    /// round trip per open (appends always do this).
+    #[arg(long)]
+    close_to_open: bool,
     /// librdkafka setting passed through, e.g. -X security.protocol=SSL.
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
     kafka: Vec<(String, String)>,
@@ -66,6 +72,7 @@ fn main() {
             cache_ttl: Duration::from_secs(cli.cache_ttl),
             read_only: cli.read_only,
             xattrs: cli.xattrs,
+            close_to_open: cli.close_to_open,
         })
     });
     if let Err(e) = outcome {
