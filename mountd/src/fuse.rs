@@ -7,6 +7,7 @@
 
 use std::ffi::OsStr;
 use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -111,6 +112,14 @@ fn file_type(kind: FileKind) -> FileType {
 /// The session's notifier, known once the session exists (after the
 /// adapter is made).
 pub type NotifierSlot = Arc<std::sync::OnceLock<fuser::Notifier>>;
+
+/// Makes the kernel drop its attributes of `ino` (not its pages): the size
+/// it holds is older than a storage node's.
+fn drop_kernel_attrs(notifier: &NotifierSlot, ino: INodeNo) {
+    if let Some(notifier) = notifier.get() {
+        let _ = notifier.inval_inode(ino, -1, 0);
+    }
+}
 
 /// What a mount serves beyond the defaults (`Config`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -411,7 +420,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let answer = move |result: Result<String, FsError>| match result {
-            Ok(target) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(&*crate::names::from_wire(&target))),
+            Ok(target) => reply.data(crate::names::from_wire(&target).as_bytes()),
             Err(e) => reply.error(errno(&e)),
         };
         self.spawn(move |fs| async move { fs.readlink(ino.0).await }, answer);
@@ -486,11 +495,8 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
                     return fs.open(ino.0);
                 }
                 let opened = fs.open_fresh(ino.0, append).await?;
-                // The kernel's size of the file may be older than the
-                // node's: reads past it and appends must not trust it.
-                if let Some(notifier) = notifier.get() {
-                    let _ = notifier.inval_inode(ino, -1, 0);
-                }
+                // Reads past the kernel's size, and appends, must not trust it.
+                drop_kernel_attrs(&notifier, ino);
                 Ok(opened)
             };
             return self.spawn(work, answer);
@@ -548,8 +554,8 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
             }
-            if let Some(notifier) = notifier.as_ref().and_then(|slot| slot.get()) {
-                let _ = notifier.inval_inode(ino, -1, 0);
+            if let Some(notifier) = &notifier {
+                drop_kernel_attrs(notifier, ino);
             }
         };
         if let Some(done) = self.fs.write_now(ino.0, offset, data) {
