@@ -213,8 +213,9 @@ struct UnconfirmedCreate {
 enum CreateGate {
     /// Made, or none was pending: requests go as they come.
     Open,
-    /// Not answered yet: requests join its message or wait.
-    Held(crate::rpc::Leader),
+    /// Not answered yet: requests join its message, or wait for the
+    /// answer on this receiver.
+    Held(crate::rpc::Leader, tokio::sync::watch::Receiver<Option<FsResult<()>>>),
     /// Refused: nothing more of this stream may be sent.
     Refused(FsError),
 }
@@ -331,7 +332,7 @@ impl WriteStream {
         };
         let outcome = pending.outcome.borrow().clone();
         match outcome {
-            None => CreateGate::Held(pending.leader),
+            None => CreateGate::Held(pending.leader, pending.outcome.clone()),
             Some(Ok(())) => {
                 *create = None;
                 CreateGate::Open
@@ -348,10 +349,7 @@ impl WriteStream {
             let mut outcome = match self.create_gate() {
                 CreateGate::Open => return Ok(()),
                 CreateGate::Refused(e) => return Err(e),
-                CreateGate::Held(_) => {
-                    let create = self.create.lock().unwrap();
-                    create.as_ref().expect("held until answered").outcome.clone()
-                }
+                CreateGate::Held(_, outcome) => outcome,
             };
             transport.send_held();
             if outcome.wait_for(Option::is_some).await.is_err() {
@@ -433,7 +431,7 @@ impl WriteStream {
         let leader = match self.create_gate() {
             CreateGate::Open => return Ok(Joining::Free(then)),
             CreateGate::Refused(e) => return Err(e),
-            CreateGate::Held(leader) => leader,
+            CreateGate::Held(leader, _) => leader,
         };
         if buffer.data.len() > MAX_WRITE_WITH_CREATE_BYTES {
             return Ok(Joining::Wait(then));
@@ -1087,7 +1085,7 @@ impl<T: Transport> DfosFs<T> {
         // exclusive create left without it goes behind once that create
         // is answered (`tar x` setting times and modes as it extracts).
         if let Some(stream) = self.stream(ino) {
-            if matches!(stream.create_gate(), CreateGate::Held(_)) {
+            if matches!(stream.create_gate(), CreateGate::Held(..)) {
                 stream.confirm_create(&self.transport).await?;
                 if let Some(done) = self.setattr_now(ino, change) {
                     return done;
@@ -1762,8 +1760,12 @@ impl<T: Transport> DfosFs<T> {
         // NFS: their later writes and reads name the new path. A file the
         // rename replaced is detached (its operations fail with ENOENT,
         // never touch the file now at its name).
-        if let Change::Renamed { from, to } = change {
-            inodes.rename(from, to);
+        match change {
+            Change::Renamed { from, to } => inodes.rename(from, to),
+            Change::Created { path } | Change::Removed { path } | Change::Linked { to: path, .. } => {
+                inodes.changed_elsewhere(path)
+            }
+            Change::Modified { .. } => {}
         }
         out
     }

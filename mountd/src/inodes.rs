@@ -8,6 +8,13 @@
 //! An inode whose name was unlinked or replaced is detached: it keeps its
 //! number until forgotten, but has no path, so operations on it fail with
 //! ENOENT instead of touching whatever now lives at its old name.
+//!
+//! A path keeps its number when the kernel forgets it (its inode cache
+//! evicted, `drop_caches`) and looks it up again, as long as nothing this
+//! mount hears of removed, replaced or renamed it in between: `st_ino` is
+//! stable as on a local disk, which `tar` (its delayed symlinks are made
+//! only if the placeholder's inode number is unchanged), `find -samefile`
+//! and git's index rely on.
 
 use std::collections::HashMap;
 
@@ -21,12 +28,24 @@ struct Node {
 pub struct InodeTable {
     nodes: HashMap<u64, Node>,
     by_path: HashMap<String, u64>,
+    /// Numbers of paths the kernel forgot, handed out again when it looks
+    /// them up.
+    forgotten: HashMap<String, u64>,
     next: u64,
 }
 
+/// At most this many forgotten paths keep their numbers (~100 bytes each);
+/// past it, all are dropped at once.
+const MAX_FORGOTTEN: usize = 1 << 16;
+
 impl Default for InodeTable {
     fn default() -> Self {
-        let mut table = InodeTable { nodes: HashMap::new(), by_path: HashMap::new(), next: ROOT_INO + 1 };
+        let mut table = InodeTable {
+            nodes: HashMap::new(),
+            by_path: HashMap::new(),
+            forgotten: HashMap::new(),
+            next: ROOT_INO + 1,
+        };
         table.nodes.insert(ROOT_INO, Node { path: Some(String::new()), lookups: 1 });
         table.by_path.insert(String::new(), ROOT_INO);
         table
@@ -34,6 +53,11 @@ impl Default for InodeTable {
 }
 
 pub use dfos_protocol::path::join;
+
+/// Whether `path` is `root` or below it (every path is below the root, "").
+pub fn inside(path: &str, root: &str) -> bool {
+    root.is_empty() || path == root || (path.starts_with(root) && path.as_bytes().get(root.len()) == Some(&b'/'))
+}
 
 /// The parent path of a non-root path.
 pub fn parent_of(path: &str) -> &str {
@@ -56,8 +80,10 @@ impl InodeTable {
             self.nodes.get_mut(&ino).expect("by_path and nodes agree").lookups += 1;
             return ino;
         }
-        let ino = self.next;
-        self.next += 1;
+        let ino = self.forgotten.remove(path).unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
         self.nodes.insert(ino, Node { path: Some(path.to_owned()), lookups: 1 });
         self.by_path.insert(path.to_owned(), ino);
         ino
@@ -77,12 +103,24 @@ impl InodeTable {
         }
         if let Some(path) = self.nodes.remove(&ino).and_then(|n| n.path) {
             self.by_path.remove(&path);
+            if self.forgotten.len() >= MAX_FORGOTTEN {
+                self.forgotten.clear();
+            }
+            self.forgotten.insert(path, ino);
         }
         true
     }
 
+    /// Something at `path` or below it changed elsewhere (another mount's
+    /// removal, creation or rename): a number the kernel forgot there may
+    /// stand for a file that is gone.
+    pub fn changed_elsewhere(&mut self, path: &str) {
+        self.forgotten.retain(|p, _| !inside(p, path));
+    }
+
     /// `path` no longer names its inode (unlink, rmdir, replaced by rename).
     pub fn detach(&mut self, path: &str) {
+        self.forgotten.remove(path);
         if let Some(ino) = self.by_path.remove(path) {
             if let Some(node) = self.nodes.get_mut(&ino) {
                 node.path = None;
@@ -93,6 +131,7 @@ impl InodeTable {
     /// Applies a successful rename to `from` and everything below it.
     pub fn rename(&mut self, from: &str, to: &str) {
         self.detach(to);
+        self.forgotten.retain(|p, _| !inside(p, from) && !inside(p, to));
         let prefix = format!("{from}/");
         let moved: Vec<(String, u64)> = self
             .by_path
@@ -142,7 +181,18 @@ mod tests {
         assert_eq!(t.remember("a"), a);
         assert!(!t.forget(a, 1));
         assert!(t.forget(a, 1));
-        assert_ne!(t.remember("a"), a, "numbers are not reused");
+        assert_eq!(t.remember("a"), a, "a forgotten path gets its number back");
+        assert!(t.forget(a, 1));
+        t.detach("a");
+        assert_ne!(t.remember("a"), a, "a removed path gets a new number");
+        let b = t.remember("d/b");
+        assert!(t.forget(b, 1));
+        t.changed_elsewhere("d");
+        assert_ne!(t.remember("d/b"), b, "nor one changed through another mount");
+        let c = t.remember("e/c");
+        assert!(t.forget(c, 1));
+        t.rename("e", "f");
+        assert_ne!(t.remember("e/c"), c, "nor one renamed away");
         assert!(!t.forget(ROOT_INO, 100));
         assert_eq!(join("", "n"), "n");
         assert_eq!(parent_of("a/b/c"), "a/b");

@@ -37,9 +37,7 @@ pub struct MetaCache {
     listings: HashMap<String, Stamped<HashSet<String>>>,
 }
 
-fn inside(path: &str, root: &str) -> bool {
-    root.is_empty() || path == root || (path.starts_with(root) && path.as_bytes().get(root.len()) == Some(&b'/'))
-}
+use crate::inodes::inside;
 
 impl MetaCache {
     pub fn new(ttl: Duration) -> Self {
