@@ -115,17 +115,17 @@ read_cmd="dd if=seq.bin of=/dev/null bs=1M status=none"
 mb=$(calc "$seq_mb * 1.048576")
 # Each round writes and reads on both directories and then produces and
 # consumes the same bytes raw, so the three are measured side by side.
-dw=(); lw=(); dr=(); lr=(); kw=(); kr=(); kh=()
+dw=(); lw=(); dr=(); lr=(); kw=(); kr=(); kh=(); kt=()
 for _ in $(seq 1 $runs); do
   dw+=("$(sample_rate "$mnt" "$mb" "rm -f seq.bin" "$write_cmd" ":")")
   lw+=("$(sample_rate "$work/local" "$mb" "rm -f seq.bin" "$write_cmd" ":")")
   dr+=("$(sample_rate "$mnt" "$mb" ":" "$read_cmd" ":")")
   lr+=("$(sample_rate "$work/local" "$mb" ":" "$read_cmd" ":")")
-  read -r w r h < <(target/release/dfos-bench --brokers "$DFOS_BROKERS" kafka-baseline --bytes $((seq_mb << 20)))
-  kw+=("$w"); kr+=("$r"); kh+=("$h")
+  read -r w r h t < <(target/release/dfos-bench --brokers "$DFOS_BROKERS" kafka-baseline --bytes $((seq_mb << 20)))
+  kw+=("$w"); kr+=("$r"); kh+=("$h"); kt+=("$t")
 done
 dfos_w=$(med "${dw[@]}"); local_w=$(med "${lw[@]}"); dfos_r=$(med "${dr[@]}"); local_r=$(med "${lr[@]}")
-kafka_w=$(med "${kw[@]}"); kafka_r=$(med "${kr[@]}"); kafka_hot=$(med "${kh[@]}")
+kafka_w=$(med "${kw[@]}"); kafka_r=$(med "${kr[@]}"); kafka_hot=$(med "${kh[@]}"); kafka_tailed=$(med "${kt[@]}")
 row "sequential write ${seq_mb} MiB (dd bs=1M conv=fsync)" "$dfos_w" "$local_w" MB/s 0.4
 row "sequential read ${seq_mb} MiB, caches dropped" "$dfos_r" "$local_r" MB/s 0.4
 row "write ${seq_mb} MiB vs raw Kafka produce" "$dfos_w" "$kafka_w" MB/s 0.6
@@ -216,6 +216,7 @@ $(printf '%s\n' "${rows[@]}")
 | fresh mount with --xattrs: ls -l of the $tree_files-entry directory (no target) | $(fmt "$dfos_xattr_ls") entries/s | $(fmt "$local_xattr_ls") entries/s | $(printf '%.2f' "$(calc "$dfos_xattr_ls / $local_xattr_ls")")× | report |
 | ls of a $wide-entry directory, caches dropped | $(printf '%.3f' "$wide_secs") s | — | — | < 1 s $( [ "$(calc "$wide_secs < 1")" = 1 ] && echo ok || echo MISSED) |
 | cp of the ${seq_mb} MiB file within the directory, caches dropped (no target) | $(fmt "$dfos_copy") MB/s | $(fmt "$local_copy") MB/s | $(printf '%.2f' "$(calc "$dfos_copy / $local_copy")")× | report |
+| write ${seq_mb} MiB vs raw Kafka produce with a consumer tailing the topic, done when the tail has it all, as a storage node tails the request log (no target) | $(fmt "$dfos_w") MB/s | $(fmt "$kafka_tailed") MB/s | $(printf '%.2f' "$(calc "$dfos_w / $kafka_tailed")")× | report |
 | raw Kafka consume with the broker's page cache warm (for reference) | — | $(fmt "$kafka_hot") MB/s | — | report |
 | getattr round trip through Kafka, vs raw Kafka produce-echo-consume | median $rtt_med µs, p99 $rtt_p99 µs | median $ping_med µs, p99 $ping_p99 µs | $(printf '%.2f' "$(calc "$rtt_med / $ping_med")")× (median) | report |
 | peak RSS copying ${big_mb} MiB | mountd $rss_mountd MiB, storaged $rss_storaged MiB | — | — | ≤ 256 MiB each $( [ "$rss_mountd" -le 256 ] && [ "$rss_storaged" -le 256 ] && echo ok || echo MISSED) |

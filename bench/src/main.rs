@@ -32,8 +32,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Produce BYTES in mountd-sized chunks to a fresh topic, then consume
-    /// them back with the page cache dropped and again warm; prints
-    /// "write_MBps cold_read_MBps warm_read_MBps".
+    /// them back with the page cache dropped and again warm, then produce
+    /// them again to a topic a consumer tails, as a storage node tails the
+    /// request log; prints "write_MBps cold_read_MBps warm_read_MBps
+    /// tailed_write_MBps".
     KafkaBaseline {
         #[arg(long)]
         bytes: u64,
@@ -73,32 +75,83 @@ fn config(brokers: &str) -> ClientConfig {
 }
 
 async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
-    let topic = format!("dfos-bench-baseline-{:08x}", rand::random::<u32>());
     let admin: AdminClient<DefaultClientContext> = config(brokers).create()?;
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
-    admin
-        .create_topics(
-            [&NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
-                .set("max.message.bytes", &KAFKA_MAX_MESSAGE_BYTES.to_string())],
-            &options,
-        )
-        .await?;
     let producer: FutureProducer = mount_settings(brokers).request_producer_config().create()?;
     let chunk = vec![0x5a_u8; CHUNK_SIZE];
     let messages = bytes.div_ceil(CHUNK_SIZE as u64);
-    // A warm-up message: connection, metadata and producer id are set up
-    // before the clock starts, as they are for a mount that is already up.
-    let warm_up = FutureRecord::<(), [u8]>::to(&topic).payload(&chunk);
-    producer.send(warm_up, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+
+    let topic = chunk_topic(&admin, &options, "baseline").await?;
+    warm_up(&producer, &topic, &chunk).await?;
+    let write_secs = produce_chunks(&producer, &topic, &chunk, messages).await?;
+    // Cold first, like dfos's read after drop_caches: the broker must read
+    // its log from disk. Then warm, from the broker's page cache.
+    drop_caches()?;
+    let cold_secs = consume_all(brokers, &topic, messages + 1)?;
+    let warm_secs = consume_all(brokers, &topic, messages + 1)?;
+    let _ = admin.delete_topics(&[&topic], &options).await;
+
+    // What a storage node adds: a consumer reading the topic while it is
+    // produced. The clock stops when the tail has every message, as a
+    // mount's fsync waits until the node has applied every chunk.
+    let tailed = chunk_topic(&admin, &options, "tailed").await?;
+    let tail = {
+        let consumer = long_poll_consumer(brokers, &tailed)?;
+        std::thread::spawn(move || consume_count(&consumer, messages + 1))
+    };
+    warm_up(&producer, &tailed, &chunk).await?;
+    drop_caches()?;
+    let tail_start = Instant::now();
+    produce_chunks(&producer, &tailed, &chunk, messages).await?;
+    tail.join().map_err(|_| anyhow::anyhow!("tail thread panicked"))??;
+    let tailed_secs = tail_start.elapsed().as_secs_f64();
+    let _ = admin.delete_topics(&[&tailed], &options).await;
+
+    let (written_mb, read_mb) = (bytes as f64 / 1e6, (bytes + CHUNK_SIZE as u64) as f64 / 1e6);
+    println!(
+        "{:.1} {:.1} {:.1} {:.1}",
+        written_mb / write_secs,
+        read_mb / cold_secs,
+        read_mb / warm_secs,
+        written_mb / tailed_secs
+    );
+    Ok(())
+}
+
+/// A fresh one-partition topic that takes chunk-sized messages.
+async fn chunk_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    options: &AdminOptions,
+    purpose: &str,
+) -> anyhow::Result<String> {
+    let topic = format!("dfos-bench-{purpose}-{:08x}", rand::random::<u32>());
+    let max_message_bytes = KAFKA_MAX_MESSAGE_BYTES.to_string();
+    let new_topic = NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("max.message.bytes", &max_message_bytes);
+    for result in admin.create_topics([&new_topic], options).await? {
+        result.map_err(|(name, code)| anyhow::anyhow!("creating topic {name}: {code}"))?;
+    }
+    Ok(topic)
+}
+
+/// One message before the clock starts: connection, metadata and producer
+/// id are set up, as they are for a mount that is already up.
+async fn warm_up(producer: &FutureProducer, topic: &str, chunk: &[u8]) -> anyhow::Result<()> {
+    let record = FutureRecord::<(), [u8]>::to(topic).payload(chunk);
+    producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+/// Seconds to produce `messages` chunks to `topic` with as many in flight
+/// as a mount allows.
+async fn produce_chunks(producer: &FutureProducer, topic: &str, chunk: &[u8], messages: u64) -> anyhow::Result<f64> {
     let start = Instant::now();
-    // As many chunks in flight as a mount allows.
     let mut in_flight = std::collections::VecDeque::new();
     for _ in 0..messages {
         if in_flight.len() >= MAX_CHUNKS_IN_FLIGHT as usize {
             let delivery: rdkafka::producer::DeliveryFuture = in_flight.pop_front().unwrap();
             delivery.await?.map_err(|(e, _)| e)?;
         }
-        let record = FutureRecord::<(), [u8]>::to(&topic).payload(&chunk);
+        let record = FutureRecord::<(), [u8]>::to(topic).payload(chunk);
         match producer.send_result(record) {
             Ok(delivery) => in_flight.push_back(delivery),
             Err((e, _)) => bail!("produce failed: {e}"),
@@ -107,17 +160,7 @@ async fn kafka_baseline(brokers: &str, bytes: u64) -> anyhow::Result<()> {
     for delivery in in_flight {
         delivery.await?.map_err(|(e, _)| e)?;
     }
-    let write_secs = start.elapsed().as_secs_f64();
-
-    // Cold first, like dfos's read after drop_caches: the broker must read
-    // its log from disk. Then warm, from the broker's page cache.
-    drop_caches()?;
-    let cold_secs = consume_all(brokers, &topic, messages + 1)?;
-    let warm_secs = consume_all(brokers, &topic, messages + 1)?;
-    let _ = admin.delete_topics(&[&topic], &options).await;
-    let (written_mb, read_mb) = (bytes as f64 / 1e6, (bytes + CHUNK_SIZE as u64) as f64 / 1e6);
-    println!("{:.1} {:.1} {:.1}", written_mb / write_secs, read_mb / cold_secs, read_mb / warm_secs);
-    Ok(())
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Seconds to consume `count` messages of partition 0 from the beginning.
@@ -130,6 +173,12 @@ fn consume_all(brokers: &str, topic: &str, count: u64) -> anyhow::Result<f64> {
     tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
     let start = Instant::now();
     consumer.assign(&tpl)?;
+    consume_count(&consumer, count)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Polls until `count` messages have arrived, touching each payload.
+fn consume_count(consumer: &BaseConsumer, count: u64) -> anyhow::Result<()> {
     let mut received = 0u64;
     while received < count {
         match consumer.poll(Duration::from_secs(30)) {
@@ -141,7 +190,7 @@ fn consume_all(brokers: &str, topic: &str, count: u64) -> anyhow::Result<f64> {
             None => bail!("consume stalled after {received} messages"),
         }
     }
-    Ok(start.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// Writes dirty pages back and empties the page cache, as `bench/run.sh`
