@@ -17,6 +17,12 @@ fn soon(what: &str, check: impl Fn() -> bool) {
     within(Duration::from_secs(5), &format!("{what} reaching the other mount"), check)
 }
 
+/// A mount of USER1 whose caches outlive every wait here by far, with
+/// `extra` arguments.
+fn long_cached_mount(d: &Deployment, extra: &[&str]) -> Mount {
+    d.mount_with(USER1, 30, &[&["--cache-ttl", "60"], extra].concat())
+}
+
 fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> =
         fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
@@ -27,8 +33,8 @@ fn names(dir: &Path) -> Vec<String> {
 #[test]
 fn changes_through_one_mount_reach_another_of_the_same_user() {
     let d = Deployment::start("coherence");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     fs::create_dir(a.join("d")).unwrap();
     fs::write(a.join("d/f"), "v1").unwrap();
     // B caches the listing, the attributes and the contents.
@@ -65,8 +71,8 @@ fn changes_through_one_mount_reach_another_of_the_same_user() {
 #[test]
 fn appends_through_two_mounts_in_turn_keep_every_line() {
     let d = Deployment::start("appends");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     fs::write(a.join("log"), "").unwrap();
     soon("a create", || b.join("log").exists());
     let mut script = String::new();
@@ -92,8 +98,8 @@ fn appends_through_two_mounts_in_turn_keep_every_line() {
 #[test]
 fn close_to_open_reads_what_another_mount_just_closed() {
     let d = Deployment::start("close-to-open");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60", "--close-to-open"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &["--close-to-open"]);
     fs::write(a.join("f"), "version 0").unwrap();
     soon("a create", || fs::read_to_string(b.join("f")).is_ok_and(|s| s == "version 0"));
     for i in 1..=50 {
@@ -113,8 +119,8 @@ fn close_to_open_reads_what_another_mount_just_closed() {
 fn an_open_file_follows_a_rename_made_through_another_mount() {
     use std::io::{Read, Write};
     let d = Deployment::start("rename-open");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     fs::write(a.join("old"), "replaced").unwrap();
     let mut writer = fs::File::create(a.join("f")).unwrap();
     writer.write_all(b"part one, ").unwrap();
@@ -140,8 +146,8 @@ fn an_open_file_follows_a_rename_made_through_another_mount() {
 #[test]
 fn large_files_written_through_one_mount_read_back_through_another() {
     let d = Deployment::start("coherence-large");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     let model = d.dir.path().join("model.bin");
     fs::write(&model, random_bytes(8 << 20, 9)).unwrap();
     ok(&format!("cp '{}' {}", model.display(), a.p("big.bin")));
@@ -159,7 +165,7 @@ fn large_files_written_through_one_mount_read_back_through_another() {
 fn an_unchanged_file_is_reread_from_the_page_cache_until_another_mount_changes_it() {
     let mut d = Deployment::start("keep-cache");
     let a = d.mount_with(USER1, 3, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = long_cached_mount(&d, &[]);
     let model = d.dir.path().join("model.bin");
     fs::write(&model, random_bytes(4 << 20, 11)).unwrap();
     // Written through A itself, so no other mount's events are on their way.
@@ -192,8 +198,8 @@ fn an_unchanged_file_is_reread_from_the_page_cache_until_another_mount_changes_i
 #[test]
 fn batched_creates_and_unlinks_take_fewer_messages_and_all_reach_another_mount() {
     let d = Deployment::start("batches");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     let src = d.local_dir("tree");
     for dir in 0..4 {
         fs::create_dir(src.join(format!("d{dir}"))).unwrap();
@@ -271,8 +277,8 @@ fn copies_within_a_mount_happen_on_the_storage_node_and_reach_another_mount() {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let d = Deployment::start("copy-range");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     let size = MAX_COPY_BYTES as usize + 3 * CHUNK_SIZE + 12345;
     let source = d.dir.path().join("source.bin");
     fs::write(&source, random_bytes(size, 21)).unwrap();
@@ -313,7 +319,7 @@ fn copies_within_a_mount_happen_on_the_storage_node_and_reach_another_mount() {
 #[test]
 fn small_files_another_mount_wrote_are_fetched_many_at_a_time() {
     let d = Deployment::start("prefetch");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
     let local = d.dir.path().join("model");
     let files = 200;
     for sub in ["", "/sub"] {
@@ -324,7 +330,7 @@ fn small_files_another_mount_wrote_are_fetched_many_at_a_time() {
         }
     }
     ok(&format!("cp -r '{}' {}", local.display(), a.p("tree")));
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = long_cached_mount(&d, &[]);
     let before = d.request_messages();
     ok(&format!("diff -r '{}' {}", local.display(), b.p("tree")));
     let messages = d.request_messages() - before;
@@ -338,7 +344,7 @@ fn small_files_another_mount_wrote_are_fetched_many_at_a_time() {
 #[test]
 fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_requests() {
     let d = Deployment::start("tree-walk");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
     let local = d.dir.path().join("model");
     let mut dirs = 0;
     for top in 0..4 {
@@ -353,7 +359,7 @@ fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_requests() {
     }
     ok(&format!("cp -r '{}' {}", local.display(), a.p("tree")));
     let listing = |root: &str| ok(&format!("cd {root} && find . -printf '%y %s %p\\n' | sort"));
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let b = long_cached_mount(&d, &[]);
     let before = d.request_messages();
     let walked = listing(&b.p("tree"));
     let messages = d.request_messages() - before;
@@ -381,8 +387,8 @@ fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_requests() {
 fn a_directory_mtime_moves_with_its_entries_on_both_mounts() {
     use std::os::unix::fs::MetadataExt;
     let d = Deployment::start("dir-mtime");
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     let stamp = |m: fs::Metadata| (m.mtime(), m.mtime_nsec());
     let on_a = |p: &str| stamp(fs::metadata(a.join(p)).unwrap());
     let on_b = |p: &str| stamp(fs::metadata(b.join(p)).unwrap());
@@ -426,8 +432,8 @@ fn a_directory_mtime_moves_with_its_entries_on_both_mounts() {
 #[test]
 fn deleted_and_replaced_files_wait_in_the_trash_and_can_be_restored() {
     let d = Deployment::start_with_storaged_flags("trash", &["--trash-hours", "24"]);
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     let versions = |root: &str| {
         let found = ok(&format!("cd {root} && find .trash -type f | sort"));
         found.lines().map(|l| l.to_owned()).collect::<Vec<_>>()
@@ -475,8 +481,8 @@ fn deleted_and_replaced_files_wait_in_the_trash_and_can_be_restored() {
 fn hard_links_are_one_file_under_every_name_on_both_mounts_and_only_the_last_name_goes_to_the_trash() {
     use std::os::unix::fs::MetadataExt;
     let d = Deployment::start_with_storaged_flags("hardlinks", &["--trash-hours", "24"]);
-    let a = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
-    let b = d.mount_with(USER1, 30, &["--cache-ttl", "60"]);
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
     let src = d.local_dir("src");
     fs::create_dir(src.join("bin")).unwrap();
     fs::write(src.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
