@@ -441,16 +441,16 @@ impl WriteStream {
             offset: buffer.offset,
             data: std::mem::take(&mut buffer.data).into_data(),
         });
-        let with_write = write.is_some();
+        // `then`, when given, is the last of the requests and of the replies.
+        let with_then = then.is_some();
         let requests: Vec<Request> = write.into_iter().chain(then).collect();
-        let count = requests.len();
         match transport.submit_with(leader, requests, now) {
             Ok(mut replies) => {
-                let then = if count > usize::from(with_write) { replies.pop() } else { None };
+                let then = if with_then { replies.pop() } else { None };
                 Ok(Joining::Joined { write: replies.pop(), then })
             }
             Err(mut requests) => {
-                let then = if count > usize::from(with_write) { requests.pop() } else { None };
+                let then = if with_then { requests.pop() } else { None };
                 if let Some(Request::Write { data, .. }) = requests.pop() {
                     buffer.data = Chunk::plain(data);
                 }
@@ -1889,15 +1889,13 @@ mod tests {
         /// As one batch: what follows a refused exclusive create of its
         /// path is refused too, as a storage node does.
         fn send_held(&self) {
-            let mut refused: Vec<(String, RpcError)> = Vec::new();
+            let mut refused = dfos_protocol::RefusedCreates::default();
             for (_, request, tx) in std::mem::take(&mut *self.held.lock().unwrap()) {
-                let result = match refused.iter().find(|(path, _)| request.any_path(|p| p == path)) {
-                    Some((_, error)) => Err(error.clone()),
+                let result = match refused.inherited(&request) {
+                    Some((_, error)) => Err(error),
                     None => self.apply(&request),
                 };
-                if let (Request::Create { path, exclusive: true, .. }, Err(e)) = (&request, &result) {
-                    refused.push((path.clone(), e.clone()));
-                }
+                refused.record(&request, &result);
                 let _ = tx.send(result);
             }
         }

@@ -307,6 +307,38 @@ pub struct Batched {
     pub request: Request,
 }
 
+/// The one rule a batch's requests follow beyond "each as if it came
+/// alone": once an exclusive create in the batch is refused (another mount
+/// made the name first), every later request of the batch naming that path
+/// inherits the refusal unapplied, so a loser's bytes never land in the
+/// winner's file. Storage nodes apply batches by it; test doubles of the
+/// transport use it too.
+#[derive(Debug)]
+pub struct RefusedCreates<E> {
+    refused: Vec<(String, E)>,
+}
+
+impl<E: Clone> Default for RefusedCreates<E> {
+    fn default() -> Self {
+        RefusedCreates { refused: Vec::new() }
+    }
+}
+
+impl<E: Clone> RefusedCreates<E> {
+    /// The refused path `request` names and the refusal it inherits, if any.
+    pub fn inherited(&self, request: &Request) -> Option<(&str, E)> {
+        let (path, error) = self.refused.iter().find(|(path, _)| request.any_path(|p| p == path))?;
+        Some((path, error.clone()))
+    }
+
+    /// Notes how `request` went, applied.
+    pub fn record<T>(&mut self, request: &Request, result: &Result<T, E>) {
+        if let (Request::Create { path, exclusive: true, .. }, Err(error)) = (request, result) {
+            self.refused.push((path.clone(), error.clone()));
+        }
+    }
+}
+
 /// The requests that name exactly one path, binding it to `$path`: one
 /// list for every match that reads or rewrites it.
 macro_rules! single_path {

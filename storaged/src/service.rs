@@ -33,7 +33,7 @@ use dfos_protocol::sharing::partition_of;
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
     decode_envelope, encode_event, encode_reply, Batched, Change, DirEntry, Envelope, ErrorCode, Event, Listing,
-    Payload, Reply, Request, Topics, XattrMode, PROTOCOL_VERSION,
+    Payload, RefusedCreates, Reply, Request, Topics, XattrMode, PROTOCOL_VERSION,
 };
 
 use crate::checkpoint::{read_applied, Checkpoint};
@@ -573,10 +573,9 @@ impl Service {
             request: Request::StatFs,
         };
         let mut results = Vec::with_capacity(requests.len());
-        let mut refused_creates: Vec<(&str, ErrorCode)> = Vec::new();
+        let mut refused_creates = RefusedCreates::default();
         for batched in requests {
-            let refused = refused_creates.iter().find(|(path, _)| batched.request.any_path(|p| p == *path));
-            if let Some(&(path, code)) = refused {
+            if let Some((path, code)) = refused_creates.inherited(&batched.request) {
                 log::info!(
                     "op={} user={} path={path:?} req={} refused: follows a refused exclusive create",
                     batched.request.name(),
@@ -588,9 +587,7 @@ impl Service {
             }
             (one.request_id, one.request) = (batched.request_id, batched.request.clone());
             let result = self.apply_one(&one, None, in_doubt, at);
-            if let (Request::Create { path, exclusive: true, .. }, Err(code)) = (&batched.request, &result) {
-                refused_creates.push((path, *code));
-            }
+            refused_creates.record(&batched.request, &result);
             results.push(result);
         }
         Ok(Payload::Batch(results))
