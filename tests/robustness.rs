@@ -179,6 +179,35 @@ fn a_create_refused_after_it_was_answered_fails_the_close() {
     assert!(fs::read_to_string("/etc/passwd").unwrap().contains("root"));
 }
 
+/// A storage daemon restarted between requests, after a clean stop or a
+/// SIGKILL while idle, has nothing in doubt: its first request after the
+/// restart is refused when it must be. Here that request is the loser's
+/// side of a race for a new name (below), whose refused exclusive create
+/// used to be taken for its own earlier effect, so the loser's bytes
+/// landed in the winner's file.
+#[test]
+fn a_restarted_storage_daemon_refuses_its_first_request_when_it_must() {
+    let mut d = Deployment::start("restart-refuses");
+    let m = d.mount(USER1);
+    let src = d.local_dir("src").join("f");
+    fs::write(&src, "loser").unwrap();
+    for (dir, killed) in [("stopped", false), ("killed", true)] {
+        fs::create_dir(m.join(dir)).unwrap();
+        assert_eq!(ok(&format!("ls -A {}", m.p(dir))), "");
+        // Out of band, so no event tells the mount: it still believes the name free.
+        fs::write(d.storage.join("User1").join(dir).join("x"), "the winner's").unwrap();
+        if killed {
+            d.kill_node(0);
+        } else {
+            d.stop_node(0);
+        }
+        d.start_node(0);
+        let err = fails(&format!("cp '{}' {}", src.display(), m.p(&format!("{dir}/x"))));
+        assert!(err.contains("exists"), "{dir}: {err}");
+        assert_eq!(fs::read_to_string(d.storage.join("User1").join(dir).join("x")).unwrap(), "the winner's", "{dir}");
+    }
+}
+
 /// Two mounts racing for one new name: the other mount's file appeared
 /// on the node after this mount listed the directory and answered its own
 /// exclusive create. However the loser's bytes travel (with the create,

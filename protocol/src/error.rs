@@ -44,3 +44,68 @@ pub enum ErrorCode {
     #[error("no such attribute")]
     NoAttribute,
 }
+
+impl ErrorCode {
+    /// Every code, in wire order (the order of the variants).
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::NotFound,
+        ErrorCode::Exists,
+        ErrorCode::NotEmpty,
+        ErrorCode::NotDir,
+        ErrorCode::IsDir,
+        ErrorCode::NoSpace,
+        ErrorCode::AccessDenied,
+        ErrorCode::NameTooLong,
+        ErrorCode::Invalid,
+        ErrorCode::CrossDevice,
+        ErrorCode::Io,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::NotPermitted,
+        ErrorCode::TooLarge,
+        ErrorCode::NotSupported,
+        ErrorCode::NoAttribute,
+    ];
+
+    /// The code's wire index, one byte, for records a storage node keeps
+    /// on its own disk.
+    pub fn index(self) -> u8 {
+        match self {
+            ErrorCode::NotFound => 0,
+            ErrorCode::Exists => 1,
+            ErrorCode::NotEmpty => 2,
+            ErrorCode::NotDir => 3,
+            ErrorCode::IsDir => 4,
+            ErrorCode::NoSpace => 5,
+            ErrorCode::AccessDenied => 6,
+            ErrorCode::NameTooLong => 7,
+            ErrorCode::Invalid => 8,
+            ErrorCode::CrossDevice => 9,
+            ErrorCode::Io => 10,
+            ErrorCode::UnsupportedVersion => 11,
+            ErrorCode::NotPermitted => 12,
+            ErrorCode::TooLarge => 13,
+            ErrorCode::NotSupported => 14,
+            ErrorCode::NoAttribute => 15,
+        }
+    }
+
+    pub fn from_index(index: u8) -> Option<ErrorCode> {
+        ErrorCode::ALL.get(index as usize).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_are_the_wire_order_and_round_trip() {
+        for (position, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(code.index() as usize, position, "{code:?}");
+            assert_eq!(ErrorCode::from_index(code.index()), Some(code));
+            let wire = bincode::serde::encode_to_vec(code, bincode::config::standard()).unwrap();
+            assert_eq!(wire, [code.index()], "{code:?} travels as its index");
+        }
+        assert_eq!(ErrorCode::from_index(ErrorCode::ALL.len() as u8), None);
+    }
+}
