@@ -35,8 +35,8 @@ use dfos_protocol::limits::{KAFKA_MAX_MESSAGE_BYTES, MAX_BATCH_REQUESTS};
 use dfos_protocol::sharing::partition_of;
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
-    decode_envelope, encode_event, encode_reply, Batched, Change, DirEntry, Envelope, ErrorCode, Event, Listing,
-    Payload, RefusedCreates, Reply, Request, Topics, XattrMode, PROTOCOL_VERSION,
+    decode_envelope, encode_event, encode_reply, Batched, Change, DirEntry, Envelope, ErrorCode, Event, FileKind,
+    Listing, Payload, RefusedCreates, Reply, Request, Topics, XattrMode, PROTOCOL_VERSION,
 };
 
 use crate::checkpoint::{read_applied, Checkpoint, InDoubt, Stage};
@@ -660,20 +660,40 @@ impl Service {
     /// source gone, an attribute's create or removal finds it there or gone.
     /// That outcome means "already done", so it is answered as the first
     /// application was. Writes and setattrs are idempotent anyway.
+    /// An exclusive create is the exception that data depends on: the name
+    /// may be another mount's file, made just before (a lost race), and the
+    /// creator's bytes must not go into it. Its own file is a regular one
+    /// stamped with its time, as nothing after it was applied; anything
+    /// else keeps the refusal (a file the crash left before it was stamped
+    /// then refuses its own creator, who loses nothing).
     fn settle_in_doubt(&self, envelope: &Envelope, result: Result<Payload, ErrorCode>) -> Result<Payload, ErrorCode> {
-        let found_its_own_effect = matches!(
-            (&envelope.request, &result),
+        let found_its_own_effect = match (&envelope.request, &result) {
+            (Request::Create { path, exclusive: true, .. }, Err(ErrorCode::Exists)) => {
+                let its_own = matches!(self.as_applied(envelope), Ok(Payload::Attr(attr))
+                    if attr.kind == FileKind::File && attr.mtime == envelope.client_time);
+                if !its_own {
+                    log::warn!(
+                        "op=replay user={} path={path:?} req={} the name is not this create's file: refused",
+                        envelope.user,
+                        envelope.request_id
+                    );
+                }
+                its_own
+            }
             (
-                Request::Create { .. }
-                    | Request::Mkdir { .. }
-                    | Request::Symlink { .. }
-                    | Request::MakeNode { .. }
-                    | Request::Link { .. }
-                    | Request::SetXattr { mode: XattrMode::Create, .. },
+                Request::Mkdir { .. }
+                | Request::Symlink { .. }
+                | Request::MakeNode { .. }
+                | Request::Link { .. }
+                | Request::SetXattr { mode: XattrMode::Create, .. },
                 Err(ErrorCode::Exists),
-            ) | (Request::RemoveXattr { .. }, Err(ErrorCode::NoAttribute))
-                | (Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. }, Err(ErrorCode::NotFound))
-        );
+            )
+            | (Request::RemoveXattr { .. }, Err(ErrorCode::NoAttribute))
+            | (Request::Unlink { .. } | Request::Rmdir { .. } | Request::Rename { .. }, Err(ErrorCode::NotFound)) => {
+                true
+            }
+            _ => false,
+        };
         if !found_its_own_effect {
             return result;
         }
@@ -1298,6 +1318,29 @@ mod tests {
         // Only the first mutation is in doubt: a later failing one fails.
         let again = Request::Rename { from: "x".into(), to: "y".into(), mode: RenameMode::Replace };
         assert_eq!(h.call("alice", &token, again), Err(ErrorCode::NotFound));
+    }
+
+    /// An exclusive create cut by a crash finds the name taken. It is its
+    /// own effect only if the file there carries its stamp; another
+    /// mount's file (a lost race) keeps the refusal, so no bytes follow
+    /// into it.
+    #[test]
+    fn an_exclusive_create_in_doubt_is_settled_as_done_only_on_its_own_file() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        let create = |p: &str| Request::Create { path: p.into(), mode: 0o640, exclusive: true };
+        let set_mtime = |path: std::path::PathBuf, at: Timestamp| {
+            let time = std::time::UNIX_EPOCH + Duration::new(at.secs as u64, at.nanos);
+            std::fs::File::options().write(true).create(true).open(path).unwrap().set_modified(time).unwrap();
+        };
+        h.log.push(envelope("alice", &token, create("theirs")));
+        set_mtime(h.user_file("theirs"), Timestamp { secs: 1_000_000, nanos: 0 });
+        assert_eq!(h.crash_while_applying_last(&[]), Some(Err(ErrorCode::Exists)));
+        h.log.push(envelope("alice", &token, create("mine")));
+        let stamp = decode_envelope(h.log.last().unwrap()).unwrap().client_time;
+        set_mtime(h.user_file("mine"), stamp);
+        let replayed = h.crash_while_applying_last(&[]);
+        assert!(matches!(&replayed, Some(Ok(Payload::Attr(attr))) if attr.mtime == stamp), "{replayed:?}");
     }
 
     #[test]
