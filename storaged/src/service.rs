@@ -1331,7 +1331,14 @@ mod tests {
         let create = |p: &str| Request::Create { path: p.into(), mode: 0o640, exclusive: true };
         let set_mtime = |path: std::path::PathBuf, at: Timestamp| {
             let time = std::time::UNIX_EPOCH + Duration::new(at.secs as u64, at.nanos);
-            std::fs::File::options().write(true).create(true).open(path).unwrap().set_modified(time).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .unwrap()
+                .set_modified(time)
+                .unwrap();
         };
         h.log.push(envelope("alice", &token, create("theirs")));
         set_mtime(h.user_file("theirs"), Timestamp { secs: 1_000_000, nanos: 0 });
