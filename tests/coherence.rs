@@ -541,3 +541,32 @@ fn hard_links_are_one_file_under_every_name_on_both_mounts_and_only_the_last_nam
     assert_eq!(kept.lines().count(), 1, "{kept}");
     soon("the kept version", || fs::read_to_string(a.join(kept.trim())).ok().as_deref() == Some("echo shorter\n"));
 }
+
+/// The names of a hard-linked file are one inode, on the mount that linked
+/// it and on another: tools that find hard links by inode number keep
+/// them one file (`tar c` stores a link, `cp -a` makes one, `find
+/// -samefile` finds both names).
+#[test]
+fn the_names_of_a_hard_link_share_one_inode_number_on_every_mount() {
+    let d = Deployment::start("link-inodes");
+    let a = long_cached_mount(&d, &[]);
+    let b = long_cached_mount(&d, &[]);
+    fs::create_dir(a.join("x")).unwrap();
+    ok(&format!("echo data > {} && ln {} {}", a.p("x/f"), a.p("x/f"), a.p("x/g")));
+    for m in [&a, &b] {
+        let numbers = ok(&format!("cd {} && stat -c %i f g", m.p("x")));
+        let (f, g) = numbers.split_once('\n').unwrap();
+        assert_eq!(f, g.trim(), "one inode for both names: {numbers}");
+        let same = ok(&format!("find {} -samefile {}", m.p("x"), m.p("x/f")));
+        assert_eq!(same.lines().count(), 2, "{same}");
+    }
+    let archive = d.dir.path().join("x.tar");
+    ok(&format!("tar cf '{}' -C {} .", archive.display(), b.p("x")));
+    let listed = ok(&format!("tar tvf '{}'", archive.display()));
+    assert!(listed.contains("link to"), "tar stored the second name as a hard link: {listed}");
+    let copy = d.local_dir("copy");
+    ok(&format!("cp -a {}/. '{}'", a.p("x"), copy.display()));
+    assert_eq!(ok(&format!("stat -c %h '{}'", copy.join("f").display())), "2\n", "cp -a kept the link");
+    ok(&format!("rm {}", a.p("x/f")));
+    assert_eq!(ok(&format!("cat {}", a.p("x/g"))), "data\n", "the other name serves on");
+}

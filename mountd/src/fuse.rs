@@ -295,6 +295,7 @@ fn missing() -> FileAttr {
         atime: Timestamp { secs: 0, nanos: 0 },
         mtime: Timestamp { secs: 0, nanos: 0 },
         ctime: Timestamp { secs: 0, nanos: 0 },
+        link: None,
     }
 }
 
@@ -682,6 +683,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
                     mtime: Timestamp::default(),
                     ctime: Timestamp::default(),
                     blocks: 0,
+                    link: None,
                 };
                 // The kernel neither caches nor counts "." and "..".
                 if reply.add(
@@ -697,7 +699,7 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
                 continue;
             }
             let entry = &entries[index - dots.len()];
-            let child = match self.fs.remember_child(ino.0, &entry.name) {
+            let child = match self.fs.remember_child(ino.0, &entry.name, entry.attr.link) {
                 Ok(child) => child,
                 Err(e) => return reply.error(errno(&e)),
             };

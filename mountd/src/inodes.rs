@@ -9,6 +9,13 @@
 //! number until forgotten, but has no path, so operations on it fail with
 //! ENOENT instead of touching whatever now lives at its old name.
 //!
+//! The names of a hard-linked file share one number when the storage node
+//! gave the file a link identity (`FileAttr::link`): a name looked up
+//! while another name of the same file is known joins that inode, so
+//! `stat`, `tar c`, `cp -a`, `rsync -H` and `du` see one file. The inode's
+//! path is then any of its known names; it is detached only when the last
+//! of them goes.
+//!
 //! A path keeps its number when the kernel forgets it (its inode cache
 //! evicted, `drop_caches`) and looks it up again, as long as nothing this
 //! mount hears of removed, replaced or renamed it in between: `st_ino` is
@@ -21,13 +28,18 @@ use std::collections::HashMap;
 pub const ROOT_INO: u64 = 1;
 
 struct Node {
-    path: Option<String>,
+    /// Every name this mount knows the inode by, the one used first; none
+    /// when detached.
+    paths: Vec<String>,
     lookups: u64,
+    link: Option<u64>,
 }
 
 pub struct InodeTable {
     nodes: HashMap<u64, Node>,
     by_path: HashMap<String, u64>,
+    /// The inode of each link identity this mount has seen.
+    by_link: HashMap<u64, u64>,
     /// Numbers of paths the kernel forgot, handed out again when it looks
     /// them up.
     forgotten: HashMap<String, u64>,
@@ -43,10 +55,11 @@ impl Default for InodeTable {
         let mut table = InodeTable {
             nodes: HashMap::new(),
             by_path: HashMap::new(),
+            by_link: HashMap::new(),
             forgotten: HashMap::new(),
             next: ROOT_INO + 1,
         };
-        table.nodes.insert(ROOT_INO, Node { path: Some(String::new()), lookups: 1 });
+        table.nodes.insert(ROOT_INO, Node { paths: vec![String::new()], lookups: 1, link: None });
         table.by_path.insert(String::new(), ROOT_INO);
         table
     }
@@ -67,26 +80,53 @@ pub fn parent_of(path: &str) -> &str {
 impl InodeTable {
     /// The current path of `ino`, or `None` if unknown or detached.
     pub fn path(&self, ino: u64) -> Option<&str> {
-        self.nodes.get(&ino)?.path.as_deref()
+        self.nodes.get(&ino)?.paths.first().map(String::as_str)
     }
 
     pub fn ino_of(&self, path: &str) -> Option<u64> {
         self.by_path.get(path).copied()
     }
 
-    /// Records one kernel lookup of `path` and returns its number.
-    pub fn remember(&mut self, path: &str) -> u64 {
+    /// Records one kernel lookup of `path`, a file of link identity `link`
+    /// if it has several names, and returns its number.
+    pub fn remember(&mut self, path: &str, link: Option<u64>) -> u64 {
         if let Some(&ino) = self.by_path.get(path) {
             self.nodes.get_mut(&ino).expect("by_path and nodes agree").lookups += 1;
+            if let Some(link) = link {
+                self.adopt_link(ino, link);
+            }
+            return ino;
+        }
+        if let Some(&ino) = link.and_then(|link| self.by_link.get(&link)) {
+            let node = self.nodes.get_mut(&ino).expect("by_link and nodes agree");
+            node.paths.push(path.to_owned());
+            node.lookups += 1;
+            self.forgotten.remove(path);
+            self.by_path.insert(path.to_owned(), ino);
             return ino;
         }
         let ino = self.forgotten.remove(path).unwrap_or_else(|| {
             self.next += 1;
             self.next - 1
         });
-        self.nodes.insert(ino, Node { path: Some(path.to_owned()), lookups: 1 });
+        self.nodes.insert(ino, Node { paths: vec![path.to_owned()], lookups: 1, link });
         self.by_path.insert(path.to_owned(), ino);
+        if let Some(link) = link {
+            self.by_link.insert(link, ino);
+        }
         ino
+    }
+
+    /// `ino` is the file of link identity `link` (it just got a second
+    /// name): later names of it join `ino`, unless another inode already
+    /// stands for it.
+    pub fn adopt_link(&mut self, ino: u64, link: u64) {
+        let taken = self.by_link.get(&link).is_some_and(|known| self.nodes.contains_key(known));
+        let Some(node) = self.nodes.get_mut(&ino) else { return };
+        if !taken {
+            node.link = Some(link);
+            self.by_link.insert(link, ino);
+        }
     }
 
     /// The kernel dropped `count` lookups; returns true if `ino` is gone.
@@ -101,7 +141,13 @@ impl InodeTable {
         if node.lookups > 0 {
             return false;
         }
-        if let Some(path) = self.nodes.remove(&ino).and_then(|n| n.path) {
+        let node = self.nodes.remove(&ino).expect("looked up above");
+        if let Some(link) = node.link {
+            if self.by_link.get(&link) == Some(&ino) {
+                self.by_link.remove(&link);
+            }
+        }
+        for path in node.paths {
             self.by_path.remove(&path);
             if self.forgotten.len() >= MAX_FORGOTTEN {
                 self.forgotten.clear();
@@ -123,7 +169,7 @@ impl InodeTable {
         self.forgotten.remove(path);
         if let Some(ino) = self.by_path.remove(path) {
             if let Some(node) = self.nodes.get_mut(&ino) {
-                node.path = None;
+                node.paths.retain(|p| p != path);
             }
         }
     }
@@ -146,7 +192,9 @@ impl InodeTable {
             self.detach(&new);
             self.by_path.insert(new.clone(), ino);
             if let Some(node) = self.nodes.get_mut(&ino) {
-                node.path = Some(new);
+                for path in node.paths.iter_mut().filter(|p| **p == old) {
+                    path.clone_from(&new);
+                }
             }
         }
     }
@@ -159,9 +207,9 @@ mod tests {
     #[test]
     fn rename_moves_descendants_and_detaches_the_target() {
         let mut t = InodeTable::default();
-        let dir = t.remember("a");
-        let file = t.remember("a/b/c");
-        let victim = t.remember("x");
+        let dir = t.remember("a", None);
+        let file = t.remember("a/b/c", None);
+        let victim = t.remember("x", None);
         t.rename("a", "x");
         assert_eq!(t.path(dir), Some("x"));
         assert_eq!(t.path(file), Some("x/b/c"));
@@ -169,7 +217,7 @@ mod tests {
         assert_eq!(t.ino_of("x"), Some(dir));
         assert_eq!(t.ino_of("a/b/c"), None);
         // A sibling sharing a name prefix is not a descendant.
-        let sibling = t.remember("xy");
+        let sibling = t.remember("xy", None);
         t.rename("x", "z");
         assert_eq!(t.path(sibling), Some("xy"));
     }
@@ -177,25 +225,47 @@ mod tests {
     #[test]
     fn numbers_live_until_every_lookup_is_forgotten() {
         let mut t = InodeTable::default();
-        let a = t.remember("a");
-        assert_eq!(t.remember("a"), a);
+        let a = t.remember("a", None);
+        assert_eq!(t.remember("a", None), a);
         assert!(!t.forget(a, 1));
         assert!(t.forget(a, 1));
-        assert_eq!(t.remember("a"), a, "a forgotten path gets its number back");
+        assert_eq!(t.remember("a", None), a, "a forgotten path gets its number back");
         assert!(t.forget(a, 1));
         t.detach("a");
-        assert_ne!(t.remember("a"), a, "a removed path gets a new number");
-        let b = t.remember("d/b");
+        assert_ne!(t.remember("a", None), a, "a removed path gets a new number");
+        let b = t.remember("d/b", None);
         assert!(t.forget(b, 1));
         t.changed_elsewhere("d");
-        assert_ne!(t.remember("d/b"), b, "nor one changed through another mount");
-        let c = t.remember("e/c");
+        assert_ne!(t.remember("d/b", None), b, "nor one changed through another mount");
+        let c = t.remember("e/c", None);
         assert!(t.forget(c, 1));
         t.rename("e", "f");
-        assert_ne!(t.remember("e/c"), c, "nor one renamed away");
+        assert_ne!(t.remember("e/c", None), c, "nor one renamed away");
         assert!(!t.forget(ROOT_INO, 100));
         assert_eq!(join("", "n"), "n");
         assert_eq!(parent_of("a/b/c"), "a/b");
         assert_eq!(parent_of("a"), "");
+    }
+
+    #[test]
+    fn the_names_of_a_linked_file_share_its_number_until_the_last_goes() {
+        let mut t = InodeTable::default();
+        let a = t.remember("a", None);
+        // `ln a b`: the node answers with the identity it gave the file.
+        t.adopt_link(a, 7);
+        assert_eq!(t.remember("d/b", Some(7)), a);
+        assert_eq!(t.remember("c", Some(8)), t.remember("c", None), "another identity, another file");
+        assert_ne!(t.remember("c", None), a);
+        t.rename("d", "e");
+        t.detach("a");
+        assert_eq!(t.path(a), Some("e/b"), "the other name serves");
+        t.detach("e/b");
+        assert_eq!(t.path(a), None, "detached with its last name");
+        assert_eq!(t.remember("f", Some(7)), a, "a name found later is the same file again");
+        // Forgotten by the kernel: both names get the number back.
+        assert_eq!(t.remember("g", Some(7)), a);
+        assert!(t.forget(a, 4));
+        assert_eq!(t.remember("g", Some(7)), a);
+        assert_eq!(t.remember("f", Some(7)), a);
     }
 }

@@ -195,3 +195,20 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     log::info!("op=unmount user={} done", config.user);
     Ok(())
 }
+
+/// A regular file of `size` bytes with all three times at `time`, as the
+/// caches' unit tests need one.
+#[cfg(test)]
+pub(crate) fn test_file_attr(size: u64, time: dfos_protocol::Timestamp) -> dfos_protocol::FileAttr {
+    dfos_protocol::FileAttr {
+        kind: dfos_protocol::FileKind::File,
+        size,
+        mode: 0o644,
+        nlink: 1,
+        atime: time,
+        mtime: time,
+        ctime: time,
+        blocks: 0,
+        link: None,
+    }
+}

@@ -356,6 +356,7 @@ mod tests {
             mtime: Timestamp::default(),
             ctime: Timestamp::default(),
             blocks: 0,
+            link: None,
         }
     }
 

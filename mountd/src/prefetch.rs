@@ -132,8 +132,7 @@ mod tests {
     use dfos_protocol::Timestamp;
 
     fn file(size: u64) -> FileAttr {
-        let t = Timestamp::default();
-        FileAttr { kind: FileKind::File, size, mode: 0o644, nlink: 1, atime: t, mtime: t, ctime: t, blocks: 0 }
+        crate::test_file_attr(size, Timestamp::default())
     }
 
     fn listing(names: &[(&str, FileAttr)]) -> Vec<(String, FileAttr)> {

@@ -112,11 +112,9 @@ impl SmallFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dfos_protocol::FileKind;
 
     fn attr(size: u64, secs: i64) -> FileAttr {
-        let t = Timestamp { secs, nanos: 0 };
-        FileAttr { kind: FileKind::File, size, mode: 0o644, nlink: 1, atime: t, mtime: t, ctime: t, blocks: 0 }
+        crate::test_file_attr(size, Timestamp { secs, nanos: 0 })
     }
 
     #[test]

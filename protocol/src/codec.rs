@@ -122,7 +122,7 @@ mod tests {
     fn golden_bytes_of_an_envelope() {
         let bytes = encode_envelope(&sample_envelope()).unwrap();
         let expected: Vec<u8> = vec![
-            1, // version
+            2, // version
             7, // request id (varint)
             12, b'd', b'f', b'o', b's', b'.', b'r', b'e', b'p', b'l', b'y', b'.', b'm', 1, b'U', // user
             1, b't', // token
@@ -232,10 +232,11 @@ mod tests {
             mtime: Timestamp { secs: 7, nanos: 0 },
             ctime: Timestamp { secs: 8, nanos: 0 },
             blocks: 9,
+            link: None,
         };
         let reply = Reply { request_id: 1, node: "n".into(), result: Ok(Payload::Copied { len: 3, attr }) };
         // Timestamps' seconds are zigzag varints.
-        assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 10, 3, 0, 4, 5, 1, 12, 0, 14, 0, 16, 0, 9]);
+        assert_eq!(encode_reply(&reply).unwrap(), vec![1, 1, b'n', 0, 10, 3, 0, 4, 5, 1, 12, 0, 14, 0, 16, 0, 9, 0]);
     }
 
     /// Appended after the copy pair: request variant 18, payload variant 11.
@@ -246,13 +247,22 @@ mod tests {
         let bytes = encode_envelope(&envelope).unwrap();
         assert_eq!(bytes[bytes.len() - 6..], [18, 2, 1, b'a', 1, b'b']);
         let t = Timestamp { secs: 1, nanos: 0 };
-        let attr =
-            FileAttr { kind: FileKind::File, size: 2, mode: 3, nlink: 1, atime: t, mtime: t, ctime: t, blocks: 4 };
+        let attr = FileAttr {
+            kind: FileKind::File,
+            size: 2,
+            mode: 3,
+            nlink: 1,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            blocks: 4,
+            link: None,
+        };
         let files = Payload::Files(vec![Ok(FileContent { attr, data: b"hi".to_vec() }), Err(ErrorCode::TooLarge)]);
         let reply = Reply { request_id: 1, node: "n".into(), result: Ok(files) };
         assert_eq!(
             encode_reply(&reply).unwrap(),
-            vec![1, 1, b'n', 0, 11, 2, 0, 0, 2, 3, 1, 2, 0, 2, 0, 2, 0, 4, 2, b'h', b'i', 1, 13]
+            vec![1, 1, b'n', 0, 11, 2, 0, 0, 2, 3, 1, 2, 0, 2, 0, 2, 0, 4, 0, 2, b'h', b'i', 1, 13]
         );
     }
 
@@ -264,13 +274,23 @@ mod tests {
         let bytes = encode_envelope(&envelope).unwrap();
         assert_eq!(bytes[bytes.len() - 3..], [19, 1, b'd']);
         let t = Timestamp { secs: 1, nanos: 0 };
-        let attr =
-            FileAttr { kind: FileKind::File, size: 2, mode: 3, nlink: 1, atime: t, mtime: t, ctime: t, blocks: 4 };
+        // A file with two names carries its identity.
+        let attr = FileAttr {
+            kind: FileKind::File,
+            size: 2,
+            mode: 3,
+            nlink: 2,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            blocks: 4,
+            link: Some(5),
+        };
         let listing = Listing { path: "d".into(), entries: vec![DirEntry { name: "f".into(), attr }], more: false };
         let reply = Reply { request_id: 1, node: "n".into(), result: Ok(Payload::Tree(vec![listing])) };
         assert_eq!(
             encode_reply(&reply).unwrap(),
-            vec![1, 1, b'n', 0, 12, 1, 1, b'd', 1, 1, b'f', 0, 2, 3, 1, 2, 0, 2, 0, 2, 0, 4, 0]
+            vec![1, 1, b'n', 0, 12, 1, 1, b'd', 1, 1, b'f', 0, 2, 3, 2, 2, 0, 2, 0, 2, 0, 4, 1, 5, 0]
         );
     }
 
@@ -282,7 +302,7 @@ mod tests {
         let bytes = encode_envelope(&envelope).unwrap();
         assert_eq!(bytes[bytes.len() - 5..], [23, 1, b'a', 1, b'b']);
         let linked = Change::Linked { from: "a".into(), to: "b".into() };
-        assert_eq!(event_bytes(linked), vec![1, 1, b'U', 1, b'o', 3, 4, 1, b'a', 1, b'b']);
+        assert_eq!(event_bytes(linked), vec![2, 1, b'U', 1, b'o', 3, 4, 1, b'a', 1, b'b']);
     }
 
     /// Appended after link: request variant 24, error code 14.
@@ -354,7 +374,7 @@ mod tests {
     #[test]
     fn golden_bytes_of_an_event() {
         let renamed = Change::Renamed { from: "a".into(), to: "b".into() };
-        assert_eq!(event_bytes(renamed), vec![1, 1, b'U', 1, b'o', 3, 3, 1, b'a', 1, b'b']);
+        assert_eq!(event_bytes(renamed), vec![2, 1, b'U', 1, b'o', 3, 3, 1, b'a', 1, b'b']);
     }
 
     proptest! {

@@ -74,9 +74,15 @@ pub enum XattrMode {
 /// something else on every storage node.
 pub const USER_XATTR_PREFIX: &str = "user.";
 
-/// Whether `name` is an extended attribute dfos keeps.
+/// Names under this prefix are the storage nodes' own (a file's link
+/// identity), never a user's.
+pub const RESERVED_XATTR_PREFIX: &str = "user.dfos.";
+
+/// Whether `name` is an extended attribute dfos keeps for users.
 pub fn is_user_xattr(name: &str) -> bool {
-    name.len() > USER_XATTR_PREFIX.len() && name.starts_with(USER_XATTR_PREFIX)
+    name.len() > USER_XATTR_PREFIX.len()
+        && name.starts_with(USER_XATTR_PREFIX)
+        && !name.starts_with(RESERVED_XATTR_PREFIX)
 }
 
 /// A time to set, either a given instant or the envelope's time ("now").
@@ -518,6 +524,11 @@ pub struct FileAttr {
     pub mtime: Timestamp,
     pub ctime: Timestamp,
     pub blocks: u64,
+    /// For a file with several names (a hard link), an identity that every
+    /// storage node gives it alike: the first link made to it names it, so
+    /// a mount can show all its names as one inode. `None` for every other
+    /// file, and for files linked before storage nodes gave identities.
+    pub link: Option<u64>,
 }
 
 impl FileAttr {

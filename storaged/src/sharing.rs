@@ -374,6 +374,7 @@ mod tests {
             mtime: Default::default(),
             ctime: Default::default(),
             blocks: 0,
+            link: None,
         };
         let entry = |name: &str| DirEntry { name: name.into(), attr: attr(dfos_protocol::FileKind::Directory) };
         let root = Request::ReadDir { path: String::new(), after: None };

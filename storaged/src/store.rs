@@ -121,6 +121,7 @@ pub fn attr_of(meta: &fs::Metadata) -> FileAttr {
         mtime: timestamp(meta.mtime(), meta.mtime_nsec()),
         ctime: timestamp(meta.ctime(), meta.ctime_nsec()),
         blocks: meta.blocks(),
+        link: None,
     }
 }
 
@@ -280,6 +281,13 @@ impl Store {
     /// Applies `request` for `user`. `now` is the envelope's time.
     /// Login is not a store operation and is refused here.
     pub fn apply(&self, user: &str, now: Timestamp, request: &Request) -> StoreResult<Payload> {
+        let payload = self.apply_unlabelled(user, now, request)?;
+        Ok(with_link_identities(&self.user_root(user)?, request, payload))
+    }
+
+    /// `apply`, before the attributes of files with several names are
+    /// given their link identity.
+    fn apply_unlabelled(&self, user: &str, now: Timestamp, request: &Request) -> StoreResult<Payload> {
         let root = self.user_root(user)?;
         let at = |rel: &str| paths::resolve(&root, rel);
         match request {
@@ -378,6 +386,7 @@ impl Store {
                 if fs::symlink_metadata(&source)?.is_dir() {
                     return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EPERM)));
                 }
+                give_link_identity(&source, from, to, now);
                 // linkat(2) without AT_SYMLINK_FOLLOW: a symlink at `from`
                 // gets a second name itself; what it points to is never read.
                 fs::hard_link(&source, &link)?;
@@ -488,6 +497,75 @@ impl Store {
             }
         }
     }
+}
+
+/// Where a file's link identity is kept: with the file itself, so every
+/// name of it has it and it goes with the file. Users cannot see or set
+/// it (`is_user_xattr` leaves `user.dfos.` out).
+const LINK_XATTR: &str = "user.dfos.link";
+
+/// Gives the file at `source` its link identity when it gets its second
+/// name (or first gets one at all): derived from the link request alone,
+/// so every storage node gives the same. A file that already has several
+/// names keeps its identity. A filesystem without user attributes leaves
+/// the file without one, and its names show as separate inodes.
+fn give_link_identity(source: &Path, from: &str, to: &str, now: Timestamp) {
+    let Ok(meta) = fs::symlink_metadata(source) else { return };
+    if meta.file_type().is_symlink() || (meta.nlink() > 1 && link_identity(source).is_some()) {
+        return;
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(from.as_bytes())
+        .chain_update([0])
+        .chain_update(to.as_bytes())
+        .chain_update(now.secs.to_le_bytes())
+        .chain_update(now.nanos.to_le_bytes())
+        .finalize();
+    if let Err(e) = sys::set_xattr(source, LINK_XATTR, &digest[..8], 0) {
+        log::debug!("op=link path={from:?} cannot keep a link identity: {e}");
+    }
+}
+
+fn link_identity(path: &Path) -> Option<u64> {
+    let value = sys::get_xattr(path, LINK_XATTR).ok()?;
+    Some(u64::from_le_bytes(value.try_into().ok()?))
+}
+
+/// Fills `link` in every attribute of a file with several names in
+/// `payload`, an answer to `request`.
+fn with_link_identities(root: &Path, request: &Request, mut payload: Payload) -> Payload {
+    let label = |rel: &str, attr: &mut FileAttr| {
+        if attr.has_other_names() {
+            attr.link = paths::resolve(root, rel).ok().and_then(|path| link_identity(&path));
+        }
+    };
+    match (&mut payload, request) {
+        (Payload::Attr(attr) | Payload::Written { attr } | Payload::Copied { attr, .. }, request) => {
+            label(request.path(), attr)
+        }
+        (Payload::Entries { entries, .. }, request) => {
+            for entry in entries {
+                label(&join(request.path(), &entry.name), &mut entry.attr);
+            }
+        }
+        (Payload::Tree(listings), _) => {
+            for listing in listings {
+                for entry in &mut listing.entries {
+                    label(&join(&listing.path, &entry.name), &mut entry.attr);
+                }
+            }
+        }
+        (Payload::Files(files), Request::ReadFiles { paths }) => {
+            for (file, path) in files.iter_mut().zip(paths) {
+                if let Ok(content) = file {
+                    label(path, &mut content.attr);
+                }
+            }
+        }
+        _ => {}
+    }
+    payload
 }
 
 fn create(path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResult<Payload> {
@@ -1143,6 +1221,55 @@ mod tests {
         assert_eq!(fs::read(user.join("d/b")).unwrap(), b"three");
         assert_eq!(attr("d/b").nlink, 1);
         assert!(!user.join(".trash").exists(), "a file with another name is never moved to the trash");
+    }
+
+    /// Both names of a linked file carry one identity, which two replicas
+    /// applying the same requests give alike; users never see it.
+    #[test]
+    fn a_linked_file_has_one_identity_under_every_name_on_every_replica() {
+        let (first, second) = (store(), store());
+        let identities = [&first.1, &second.1].map(|s| {
+            s.apply("u", T, &Request::Create { path: "a".into(), mode: 0o644, exclusive: true }).unwrap();
+            s.apply("u", T, &Request::Mkdir { path: "d".into(), mode: 0o755 }).unwrap();
+            let Payload::Attr(lone) = s.apply("u", T, &Request::GetAttr { path: "a".into() }).unwrap() else {
+                panic!()
+            };
+            assert_eq!(lone.link, None, "a file with one name has none");
+            let Payload::Attr(linked) = s.apply("u", T, &Request::Link { from: "a".into(), to: "d/b".into() }).unwrap()
+            else {
+                panic!()
+            };
+            let Payload::Entries { entries, .. } =
+                s.apply("u", T, &Request::ReadDir { path: "".into(), after: None }).unwrap()
+            else {
+                panic!()
+            };
+            let listed = entries.iter().find(|e| e.name == "a").unwrap().attr.link;
+            let Payload::Tree(tree) = s.apply("u", T, &Request::ReadTree { path: "d".into() }).unwrap() else {
+                panic!()
+            };
+            assert_eq!(tree[0].entries[0].attr.link, linked.link, "listings carry it too");
+            // A third name keeps the identity the second gave.
+            s.apply("u", T, &Request::Link { from: "d/b".into(), to: "c".into() }).unwrap();
+            let Payload::Attr(third) = s.apply("u", T, &Request::GetAttr { path: "c".into() }).unwrap() else {
+                panic!()
+            };
+            assert!(linked.link.is_some());
+            assert_eq!((listed, third.link), (linked.link, linked.link));
+            let Payload::XattrNames(names) = s.apply("u", T, &Request::ListXattrs { path: "a".into() }).unwrap() else {
+                panic!()
+            };
+            assert!(names.is_empty(), "{names:?}");
+            let set = Request::SetXattr {
+                path: "a".into(),
+                name: LINK_XATTR.into(),
+                value: vec![1],
+                mode: XattrMode::Either,
+            };
+            assert_eq!(code(s.apply("u", T, &set)), ErrorCode::NotSupported);
+            linked.link
+        });
+        assert_eq!(identities[0], identities[1]);
     }
 
     #[test]
