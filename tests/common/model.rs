@@ -214,13 +214,14 @@ fn xattr_call(path: &Path, call: u32, name: &str, value: &[u8]) -> io::Result<Ve
     Ok(buffer)
 }
 
-/// The `user.` extended attributes of `path` as " name=hex..." in name
-/// order; nothing where they cannot be listed (a mount without them).
+/// The users' `user.` extended attributes of `path` as " name=hex..." in
+/// name order (on a storage node, not its own `user.dfos.` ones); nothing
+/// where they cannot be listed (a mount without them).
 fn user_xattrs(path: &Path) -> String {
     let Ok(names) = xattr_call(path, 3, "", &[]) else { return String::new() };
     let mut out = String::new();
-    for name in names.split(|b| *b == 0).filter(|name| name.starts_with(b"user.")) {
-        let name = String::from_utf8_lossy(name);
+    let names = names.split(|b| *b == 0).map(String::from_utf8_lossy);
+    for name in names.filter(|name| dfos_protocol::is_user_xattr(name)) {
         let value = xattr_call(path, 1, &name, &[]).unwrap_or_default();
         let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
         out.push_str(&format!(" {name}={hex}"));
