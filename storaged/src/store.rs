@@ -281,14 +281,14 @@ impl Store {
     /// Applies `request` for `user`. `now` is the envelope's time.
     /// Login is not a store operation and is refused here.
     pub fn apply(&self, user: &str, now: Timestamp, request: &Request) -> StoreResult<Payload> {
-        let payload = self.apply_unlabelled(user, now, request)?;
-        Ok(with_link_identities(&self.user_root(user)?, request, payload))
+        let root = self.user_root(user)?;
+        let payload = self.apply_unlabelled(&root, now, request)?;
+        Ok(with_link_identities(&root, request, payload))
     }
 
-    /// `apply`, before the attributes of files with several names are
-    /// given their link identity.
-    fn apply_unlabelled(&self, user: &str, now: Timestamp, request: &Request) -> StoreResult<Payload> {
-        let root = self.user_root(user)?;
+    /// `apply` in the user's tree at `root`, before the attributes of
+    /// files with several names are given their link identity.
+    fn apply_unlabelled(&self, root: &Path, now: Timestamp, request: &Request) -> StoreResult<Payload> {
         let at = |rel: &str| paths::resolve(&root, rel);
         match request {
             Request::Login { .. } => Err(StoreError::NotApplicable("login is handled by the service")),
