@@ -289,7 +289,7 @@ impl Store {
     /// `apply` in the user's tree at `root`, before the attributes of
     /// files with several names are given their link identity.
     fn apply_unlabelled(&self, root: &Path, now: Timestamp, request: &Request) -> StoreResult<Payload> {
-        let at = |rel: &str| paths::resolve(&root, rel);
+        let at = |rel: &str| paths::resolve(root, rel);
         match request {
             Request::Login { .. } => Err(StoreError::NotApplicable("login is handled by the service")),
             Request::Batch { .. } => Err(StoreError::NotApplicable("a batch is taken apart by the service")),
@@ -297,7 +297,7 @@ impl Store {
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(at(path)?)?)))
             }
             Request::ReadDir { path, after } => read_dir(&at(path)?, after.as_deref()),
-            Request::ReadTree { path } => read_tree(&root, path),
+            Request::ReadTree { path } => read_tree(root, path),
             Request::Create { path, mode, exclusive } => create(&at(path)?, *mode, *exclusive, now),
             Request::Mkdir { path, mode } => {
                 let dir = at(path)?;
@@ -313,7 +313,7 @@ impl Store {
                 if fs::symlink_metadata(&target)?.is_dir() {
                     return Err(StoreError::Io(io::Error::from_raw_os_error(libc::EISDIR)));
                 }
-                if !self.kept_in_trash(&root, path, &target, now) {
+                if !self.kept_in_trash(root, path, &target, now) {
                     fs::remove_file(&target)?;
                 }
                 stamp_parent(&target, now);
@@ -338,7 +338,7 @@ impl Store {
                 // with the file still in place.
                 let moves_a_non_directory = fs::symlink_metadata(&from).is_ok_and(|m| !m.is_dir());
                 if *mode == RenameMode::Replace && from_rel != to_rel && moves_a_non_directory {
-                    self.kept_in_trash(&root, to_rel, &to, now);
+                    self.kept_in_trash(root, to_rel, &to, now);
                 }
                 rename(&from, &to, *mode)?;
                 stamp_parent(&from, now);
@@ -407,7 +407,7 @@ impl Store {
                     return set_node_attr(&target, kind == FileKind::Symlink, *size, *mode, times);
                 }
                 if *size == Some(0) {
-                    self.keep_before_emptying(&root, path, &target, now)?;
+                    self.keep_before_emptying(root, path, &target, now)?;
                 }
                 let file = open_nofollow(&target, size.is_some())?;
                 if let Some(size) = size {
@@ -490,7 +490,7 @@ impl Store {
                 sys::remove_xattr(&target, kept_xattr_name(name)?)?;
                 Ok(Payload::Attr(attr_of(&fs::symlink_metadata(&target)?)))
             }
-            Request::StatFs => statfs(&root),
+            Request::StatFs => statfs(root),
             Request::Fsync { path } => {
                 open_nofollow(&at(path)?, false)?.sync_all()?;
                 Ok(Payload::Done)
