@@ -5,14 +5,14 @@
 //! [`BATCH_DELAY`] in the mount and leaves with the next request, in order
 //! (the transport in `rpc` does the sending). Guarantees: a batch holds at
 //! most `MAX_BATCH_REQUESTS` requests and about `MAX_BATCH_BYTES` of paths
-//! and data, never a login, a batch, a rename, a copy or a write larger than
+//! and data, never a login, a batch, a rename, a copy, an append or a write larger than
 //! `MAX_BATCHED_DATA_BYTES`, so it stays a small message whose replay after
 //! a storage node's crash gives what its first application gave.
 
 use std::time::Duration;
 
 use dfos_protocol::limits::{MAX_BATCHED_DATA_BYTES, MAX_BATCH_BYTES, MAX_BATCH_REQUESTS};
-use dfos_protocol::Request;
+use dfos_protocol::{Request, APPEND_AT_END};
 
 /// How long a request nobody waits for yet (a create, mkdir, unlink or
 /// rmdir that went behind) may wait for company before it is sent alone.
@@ -90,6 +90,8 @@ pub fn batchable(request: &Request) -> bool {
         | Request::Rename { .. }
         | Request::CopyRange { .. }
         | Request::ReadFiles { .. } => false,
+        // A node places an append as it begins its message, so only alone.
+        Request::Write { offset: APPEND_AT_END, .. } => false,
         Request::Write { data, .. } => data.len() <= MAX_BATCHED_DATA_BYTES,
         _ => true,
     }
@@ -106,7 +108,7 @@ pub const MAX_WRITE_WITH_CREATE_BYTES: usize = 256 * 1024;
 /// Whether `request` may join the batch of an exclusive create it follows.
 pub fn may_follow_create(request: &Request) -> bool {
     match request {
-        Request::Write { data, .. } => data.len() <= MAX_WRITE_WITH_CREATE_BYTES,
+        Request::Write { offset, data, .. } if *offset != APPEND_AT_END => data.len() <= MAX_WRITE_WITH_CREATE_BYTES,
         other => batchable(other),
     }
 }
@@ -126,8 +128,10 @@ mod tests {
     use dfos_protocol::RenameMode;
 
     #[test]
-    fn renames_logins_and_large_writes_travel_alone() {
+    fn renames_logins_appends_and_large_writes_travel_alone() {
         let write = |len| Request::Write { path: "f".into(), offset: 0, data: vec![0; len] };
+        assert!(!batchable(&Request::Write { path: "f".into(), offset: APPEND_AT_END, data: vec![0; 1] }));
+        assert!(!may_follow_create(&Request::Write { path: "f".into(), offset: APPEND_AT_END, data: vec![0; 1] }));
         assert!(batchable(&Request::Unlink { path: "f".into() }));
         assert!(batchable(&write(MAX_BATCHED_DATA_BYTES)));
         assert!(!batchable(&write(MAX_BATCHED_DATA_BYTES + 1)));

@@ -29,7 +29,7 @@ use std::time::Duration;
 use dfos_protocol::limits::{CHUNK_SIZE, MAX_COPY_BYTES};
 use dfos_protocol::{
     is_user_xattr, AllocateMode, Change, DirEntry, ErrorCode, FileAttr, FileContent, FsStats, Payload, RenameMode,
-    Request, SetTime, Timestamp, XattrMode,
+    Request, SetTime, Timestamp, XattrMode, APPEND_AT_END,
 };
 use tokio::sync::Semaphore;
 
@@ -118,11 +118,24 @@ pub struct Entry {
     pub attr: FileAttr,
 }
 
+/// Where a write's bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// At the offset given.
+    AtOffset,
+    /// At the end the file has when a storage node applies them (a handle
+    /// opened with `O_APPEND`), so that appends from several mounts never
+    /// overwrite each other. The offset given only keeps this mount's own
+    /// appends in order.
+    AtEnd,
+}
+
 /// Bytes written to one inode but not yet sent: at most one chunk's worth,
-/// starting at `offset`.
+/// starting at `offset`, all placed alike.
 struct WriteBuffer {
     offset: u64,
     data: Chunk,
+    placement: Placement,
 }
 
 impl WriteBuffer {
@@ -135,9 +148,30 @@ impl WriteBuffer {
             return (rest, None);
         }
         let chunk = std::mem::take(&mut self.data);
-        let offset = self.offset;
+        let offset = self.wire_offset();
         self.offset += CHUNK_SIZE as u64;
         (rest, Some((offset, chunk)))
+    }
+
+    /// The offset the buffered bytes travel with.
+    fn wire_offset(&self) -> u64 {
+        match self.placement {
+            Placement::AtOffset => self.offset,
+            Placement::AtEnd => APPEND_AT_END,
+        }
+    }
+
+    /// Whether a write at `offset` placed so carries on from the buffered bytes.
+    fn continues(&self, offset: u64, placement: Placement) -> bool {
+        self.offset + self.data.len() as u64 == offset && self.placement == placement
+    }
+
+    /// Starts gathering at `offset`, once the buffer is empty.
+    fn start_if_empty(&mut self, offset: u64, placement: Placement) {
+        if self.data.is_empty() {
+            self.offset = offset;
+            self.placement = placement;
+        }
     }
 }
 
@@ -242,7 +276,11 @@ struct Slot {
 impl WriteStream {
     fn new(chunks_in_flight: Arc<Semaphore>) -> Self {
         WriteStream {
-            buffer: tokio::sync::Mutex::new(WriteBuffer { offset: 0, data: Chunk::default() }),
+            buffer: tokio::sync::Mutex::new(WriteBuffer {
+                offset: 0,
+                data: Chunk::default(),
+                placement: Placement::AtOffset,
+            }),
             in_flight: Arc::new(Semaphore::new(MAX_WRITES_IN_FLIGHT as usize)),
             chunks_in_flight,
             error: Arc::new(Mutex::new(None)),
@@ -438,7 +476,7 @@ impl WriteStream {
         }
         let write = (!buffer.data.is_empty()).then(|| Request::Write {
             path: path.to_owned(),
-            offset: buffer.offset,
+            offset: buffer.wire_offset(),
             data: std::mem::take(&mut buffer.data).into_data(),
         });
         // `then`, when given, is the last of the requests and of the replies.
@@ -459,7 +497,14 @@ impl WriteStream {
         }
     }
 
-    fn shadow_write(&self, offset: u64, data: &[u8]) {
+    /// Keeps the shadow and the prediction up to date with a write, or
+    /// ends them when the node decides where the bytes go.
+    fn shadow_write(&self, offset: u64, data: &[u8], placement: Placement) {
+        if placement == Placement::AtEnd {
+            *self.predicted.lock().unwrap() = None;
+            *self.shadow.lock().unwrap() = None;
+            return;
+        }
         if let Some(predicted) = self.predicted.lock().unwrap().as_mut() {
             let attr = &mut predicted.attr;
             attr.size = attr.size.max(offset + data.len() as u64);
@@ -484,9 +529,15 @@ impl WriteStream {
     /// in-flight slot for every chunk. `None` leaves it to `write`. Runs on
     /// the caller's thread inside a tokio runtime context, and copies `data`
     /// once, into the chunk that carries it.
-    fn write_now<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: &[u8]) -> Option<FsResult<()>> {
+    fn write_now<T: Transport>(
+        &self,
+        transport: &T,
+        path: &str,
+        (offset, placement): (u64, Placement),
+        data: &[u8],
+    ) -> Option<FsResult<()>> {
         let mut buffer = self.buffer.try_lock().ok()?;
-        let contiguous = buffer.data.is_empty() || buffer.offset + buffer.data.len() as u64 == offset;
+        let contiguous = buffer.data.is_empty() || buffer.continues(offset, placement);
         if !contiguous {
             return None;
         }
@@ -498,10 +549,8 @@ impl WriteStream {
         if let Err(e) = self.take_error() {
             return Some(Err(e));
         }
-        self.shadow_write(offset, data);
-        if buffer.data.is_empty() {
-            buffer.offset = offset;
-        }
+        self.shadow_write(offset, data, placement);
+        buffer.start_if_empty(offset, placement);
         let (mut rest, mut slots) = (data, slots.into_iter());
         while !rest.is_empty() {
             let full;
@@ -516,19 +565,22 @@ impl WriteStream {
         Some(Ok(()))
     }
 
-    async fn write<T: Transport>(&self, transport: &T, path: &str, offset: u64, data: &[u8]) -> FsResult<()> {
+    async fn write<T: Transport>(
+        &self,
+        transport: &T,
+        path: &str,
+        (offset, placement): (u64, Placement),
+        data: &[u8],
+    ) -> FsResult<()> {
         self.take_error()?;
-        self.shadow_write(offset, data);
+        self.shadow_write(offset, data, placement);
         let mut buffer = self.buffer.lock().await;
-        let contiguous = buffer.offset + buffer.data.len() as u64 == offset;
-        if !buffer.data.is_empty() && !contiguous {
+        if !buffer.data.is_empty() && !buffer.continues(offset, placement) {
             self.confirm_create(transport).await?;
             let pending = std::mem::take(&mut buffer.data);
-            self.send(self.slot().await, transport, path, buffer.offset, pending, Travel::Now)?;
+            self.send(self.slot().await, transport, path, buffer.wire_offset(), pending, Travel::Now)?;
         }
-        if buffer.data.is_empty() {
-            buffer.offset = offset;
-        }
+        buffer.start_if_empty(offset, placement);
         let mut rest = data;
         while !rest.is_empty() {
             let full;
@@ -567,7 +619,7 @@ impl WriteStream {
                 if let Some(slot) = slot {
                     let pending = std::mem::take(&mut buffer.data);
                     let travel = if then.is_some() { Travel::Behind } else { Travel::Now };
-                    self.send(slot, transport, path, buffer.offset, pending, travel)?;
+                    self.send(slot, transport, path, buffer.wire_offset(), pending, travel)?;
                 }
                 then.map(|request| transport.submit(request)).transpose()?
             }
@@ -624,7 +676,7 @@ impl WriteStream {
         if !buffer.data.is_empty() {
             let pending = std::mem::take(&mut buffer.data);
             let slot = slots.pop().expect("a slot for the buffered bytes");
-            if let Err(e) = self.send(slot, transport, path, buffer.offset, pending, Travel::Behind) {
+            if let Err(e) = self.send(slot, transport, path, buffer.wire_offset(), pending, Travel::Behind) {
                 return Some(Err(e));
             }
         }
@@ -1397,23 +1449,23 @@ impl<T: Transport> DfosFs<T> {
         true
     }
 
-    pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    pub async fn write(&self, ino: u64, at: (u64, Placement), data: &[u8]) -> FsResult<u32> {
         let path = self.path_of(ino)?;
         self.before_write(ino, &path);
         let stream = self.stream_or_new(ino);
-        match stream.write_now(&self.transport, &path, offset, data) {
+        match stream.write_now(&self.transport, &path, at, data) {
             Some(done) => done?,
-            None => stream.write(&self.transport, &path, offset, data).await?,
+            None => stream.write(&self.transport, &path, at, data).await?,
         }
         Ok(data.len() as u32)
     }
 
     /// Takes a write on the caller's thread when that needs no waiting
     /// (see `WriteStream::write_now`). Needs a tokio runtime context.
-    pub fn write_now(&self, ino: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
+    pub fn write_now(&self, ino: u64, at: (u64, Placement), data: &[u8]) -> Option<FsResult<u32>> {
         let path = self.path_of(ino).ok()?;
         self.before_write(ino, &path);
-        let done = self.stream_or_new(ino).write_now(&self.transport, &path, offset, data)?;
+        let done = self.stream_or_new(ino).write_now(&self.transport, &path, at, data)?;
         Some(done.map(|()| data.len() as u32))
     }
 
@@ -1946,7 +1998,10 @@ mod tests {
             fs.transport.gate.send_replace(false);
             let three_chunks: Vec<u8> = (0..3 * CHUNK_SIZE).map(|i| (i % 251) as u8).collect();
             let both = async {
-                let (wa, wb) = tokio::join!(fs.write(a.ino, 0, &three_chunks), fs.write(b.ino, 0, &three_chunks));
+                let (wa, wb) = tokio::join!(
+                    fs.write(a.ino, (0, Placement::AtOffset), &three_chunks),
+                    fs.write(b.ino, (0, Placement::AtOffset), &three_chunks)
+                );
                 (wa.unwrap(), wb.unwrap())
             };
             tokio::pin!(both);
@@ -1972,7 +2027,7 @@ mod tests {
             let (x, _) = fs.create(d.ino, OsStr::new("x"), 0o644, true).await.unwrap();
             std::fs::write(dir.path().join("u/d/x"), b"the other mount's").unwrap();
             between(&fs);
-            let written = within_a_minute(fs.write(x.ino, 0, write)).await;
+            let written = within_a_minute(fs.write(x.ino, (0, Placement::AtOffset), write)).await;
             let closed = within_a_minute(fs.flush(x.ino)).await;
             assert_eq!(written.and(closed), Err(ErrorCode::Exists.into()));
             assert_eq!(std::fs::read(dir.path().join("u/d/x")).unwrap(), b"the other mount's");
@@ -2042,7 +2097,7 @@ mod tests {
         rt().block_on(async {
             let (dir, fs, d) = gated_core_with_dir("d").await;
             let (a, _) = fs.create(d.ino, OsStr::new("a"), 0o644, true).await.unwrap();
-            fs.write(a.ino, 0, b"first").await.unwrap();
+            fs.write(a.ino, (0, Placement::AtOffset), b"first").await.unwrap();
             let b = within_a_minute(fs.link(a.ino, d.ino, OsStr::new("b"))).await.unwrap();
             assert_eq!((b.attr.size, b.attr.nlink), (5, 2), "the create and the write went first");
             assert_eq!(&fs.transport.applied()[fs.transport.applied().len() - 3..], ["create", "write", "link"]);
@@ -2071,7 +2126,7 @@ mod tests {
             let sent_before = fs.transport.applied().len();
             // What tar does for each file it extracts.
             let (f, _) = fs.create(x.ino, OsStr::new("f"), 0o600, true).await.unwrap();
-            fs.write(f.ino, 0, b"extracted").await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), b"extracted").await.unwrap();
             let mtime = Timestamp { secs: 1_500_000_000, nanos: 0 };
             let attr = fs
                 .setattr_now(f.ino, AttrChange { mtime: Some(SetTime::At(mtime)), ..Default::default() })
@@ -2098,7 +2153,7 @@ mod tests {
                 .is_none());
             // Times set to "now" are the node's to report.
             let (g, _) = fs.create(x.ino, OsStr::new("g"), 0o600, true).await.unwrap();
-            fs.write(g.ino, 0, b"g").await.unwrap();
+            fs.write(g.ino, (0, Placement::AtOffset), b"g").await.unwrap();
             assert!(fs.setattr_now(g.ino, AttrChange { mtime: Some(SetTime::Now), ..Default::default() }).is_none());
             // A chmod alone keeps the mtime of the write, which only the node knows.
             assert!(fs.setattr_now(g.ino, AttrChange { mode: Some(0o644), ..Default::default() }).is_none());
@@ -2116,7 +2171,7 @@ mod tests {
                 fs.transport.gate.send_replace(false);
                 created
             };
-            fs.write(f.ino, 0, b"data to keep").await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), b"data to keep").await.unwrap();
             let syncing = tokio::spawn({
                 let fs = fs.clone();
                 async move { fs.fsync(f.ino).await }
@@ -2142,7 +2197,7 @@ mod tests {
             let data: Vec<u8> = (0..3 * CHUNK_SIZE + 17).map(|i| (i * 7 % 251) as u8).collect();
             for piece in data.chunks(128 * 1024 + 3).enumerate() {
                 let offset = piece.0 * (128 * 1024 + 3);
-                fs.write(entry.ino, offset as u64, piece.1).await.unwrap();
+                fs.write(entry.ino, (offset as u64, Placement::AtOffset), piece.1).await.unwrap();
             }
             fs.flush(entry.ino).await.unwrap();
             assert_eq!(std::fs::read(dir.path().join("u/f")).unwrap(), data);
@@ -2157,7 +2212,7 @@ mod tests {
         rt().block_on(async {
             let (_dir, fs) = core();
             let (f, _) = fs.create(1, OsStr::new("f"), 0o644, true).await.unwrap();
-            fs.write(f.ino, 0, b"buffered").await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), b"buffered").await.unwrap();
             assert!(fs.flush_now(f.ino).is_none(), "buffered bytes must be sent and waited for");
             fs.flush(f.ino).await.unwrap();
             assert!(matches!(fs.flush_now(f.ino), Some(Ok(()))), "the release after the close");
@@ -2173,21 +2228,21 @@ mod tests {
             let (_dir, fs) = core();
             let reads = || fs.transport.reads.load(Ordering::SeqCst);
             let (f, _) = fs.create(1, OsStr::new("small"), 0o644, true).await.unwrap();
-            fs.write(f.ino, 0, b"hello").await.unwrap();
-            fs.write(f.ino, 5, b" world").await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), b"hello").await.unwrap();
+            fs.write(f.ino, (5, Placement::AtOffset), b" world").await.unwrap();
             fs.flush(f.ino).await.unwrap();
             fs.open(f.ino).unwrap();
             assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"hello world");
             assert_eq!(reads(), 0, "served from the small-file cache");
             // A reopen and partial overwrite is not shadowed: the next read asks.
             fs.open(f.ino).unwrap();
-            fs.write(f.ino, 0, b"J").await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), b"J").await.unwrap();
             fs.flush(f.ino).await.unwrap();
             assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"Jello world");
             assert_eq!(reads(), 1);
             // Truncating to zero starts a new copy.
             fs.setattr(f.ino, AttrChange { size: Some(0), ..Default::default() }).await.unwrap();
-            fs.write(f.ino, 0, b"new").await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), b"new").await.unwrap();
             fs.flush(f.ino).await.unwrap();
             assert_eq!(fs.read(f.ino, 0, 4096).await.unwrap(), b"new");
             assert_eq!(reads(), 1);
@@ -2278,7 +2333,7 @@ mod tests {
             let reads = || fs.transport.reads.load(Ordering::SeqCst);
             let (f, _) = fs.create(1, OsStr::new("big"), 0o644, true).await.unwrap();
             let data: Vec<u8> = (0..3 * READ_BLOCK_SIZE).map(|i| (i * 13 % 251) as u8).collect();
-            fs.write(f.ino, 0, &data).await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), &data).await.unwrap();
             fs.flush(f.ino).await.unwrap();
             fs.open(f.ino).unwrap();
             assert!(fs.read_now(f.ino, 0, 4096).is_none(), "nothing has arrived yet");
@@ -2302,9 +2357,9 @@ mod tests {
             let (dir, fs) = core();
             let d = fs.mkdir(1, OsStr::new("d"), 0o755).await.unwrap();
             let (f, _) = fs.create(d.ino, OsStr::new("f"), 0o644, true).await.unwrap();
-            fs.write(f.ino, 0, b"pending").await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), b"pending").await.unwrap();
             fs.rename(1, OsStr::new("d"), 1, OsStr::new("e"), RenameMode::Replace).await.unwrap();
-            fs.write(f.ino, 7, b"!").await.unwrap();
+            fs.write(f.ino, (7, Placement::AtOffset), b"!").await.unwrap();
             fs.flush(f.ino).await.unwrap();
             assert_eq!(fs.path_of(f.ino).unwrap(), "e/f");
             assert_eq!(std::fs::read(dir.path().join("u/e/f")).unwrap(), b"pending!");
@@ -2338,7 +2393,7 @@ mod tests {
                         model.resize(offset as usize, 0);
                     } else {
                         let data = vec![byte; len];
-                        fs.write(entry.ino, offset, &data).await.unwrap();
+                        fs.write(entry.ino, (offset, Placement::AtOffset), &data).await.unwrap();
                         let end = offset as usize + len;
                         if model.len() < end { model.resize(end, 0); }
                         model[offset as usize..end].copy_from_slice(&data);

@@ -22,7 +22,7 @@ use fuser::{
 use dfos_protocol::{AllocateMode, ErrorCode, FileAttr, FileKind, RenameMode, SetTime, Timestamp, XattrMode};
 
 use crate::file_bytes::FileBytes;
-use crate::fs::{AttrChange, DfosFs, Entry, FsError, Opened};
+use crate::fs::{AttrChange, DfosFs, Entry, FsError, Opened, Placement};
 use crate::rpc::{RpcError, Transport};
 
 /// Short, never zero: the kernel misbehaves with a TTL of 0.
@@ -542,14 +542,13 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
         reply: ReplyWrite,
     ) {
         let _runtime = self.runtime.enter();
-        let kernel_offset = offset;
-        let offset = match flags.0 & libc::O_APPEND {
-            0 => offset,
-            _ => self.fs.append_offset(ino.0, offset, data.len()),
+        let at = match flags.0 & libc::O_APPEND {
+            0 => (offset, Placement::AtOffset),
+            _ => (self.fs.append_offset(ino.0, offset, data.len()), Placement::AtEnd),
         };
-        // The kernel believed the file ended before where the append went:
-        // its size for the file is stale once the write is answered.
-        let notifier = (offset != kernel_offset).then(|| self.notifier.clone());
+        // An append goes where the node finds the end: the kernel's size
+        // for the file is stale once the write is answered.
+        let notifier = (at.1 == Placement::AtEnd).then(|| self.notifier.clone());
         let answer = move |result: Result<u32, FsError>| {
             match result {
                 Ok(n) => reply.written(n),
@@ -559,11 +558,11 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
                 drop_kernel_attrs(notifier, ino);
             }
         };
-        if let Some(done) = self.fs.write_now(ino.0, offset, data) {
+        if let Some(done) = self.fs.write_now(ino.0, at, data) {
             return answer(done);
         }
         let data = data.to_vec();
-        self.spawn(move |fs| async move { fs.write(ino.0, offset, &data).await }, answer);
+        self.spawn(move |fs| async move { fs.write(ino.0, at, &data).await }, answer);
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {

@@ -36,7 +36,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use crate::file_bytes::FileBytes;
-use dfos_protocol::{decode_write_view, LogLocation};
+use dfos_protocol::{decode_write_view, LogLocation, APPEND_AT_END};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogReadError {
@@ -315,7 +315,8 @@ fn extract(write: &Decoded, location: &LogLocation, user: &str) -> Result<FileBy
     if write.request_id != location.request_id {
         return Err(LogReadError::Mismatch("another request id"));
     }
-    if write.offset != location.file_offset {
+    // An append's place is the node's to say (it placed it as it applied it).
+    if write.offset != location.file_offset && write.offset != APPEND_AT_END {
         return Err(LogReadError::Mismatch("another file offset"));
     }
     let (skip, len) = (location.skip as usize, location.len as usize);
@@ -365,6 +366,8 @@ mod tests {
         assert!(extract(&other_id, &location(0, 4), "u").is_err(), "another id");
         let other_offset = decode(logged_write("u", 7, 0, vec![0; 10]));
         assert!(extract(&other_offset, &location(0, 4), "u").is_err(), "another offset");
+        let append = decode(logged_write("u", 7, APPEND_AT_END, vec![0; 10]));
+        assert!(extract(&append, &location(0, 4), "u").is_ok(), "an append, wherever the node placed it");
         assert!(extract(&decode(b"garbage".to_vec()), &location(0, 4), "u").is_err());
     }
 }

@@ -122,7 +122,7 @@ mod tests {
     fn golden_bytes_of_an_envelope() {
         let bytes = encode_envelope(&sample_envelope()).unwrap();
         let expected: Vec<u8> = vec![
-            2, // version
+            3, // version
             7, // request id (varint)
             12, b'd', b'f', b'o', b's', b'.', b'r', b'e', b'p', b'l', b'y', b'.', b'm', 1, b'U', // user
             1, b't', // token
@@ -165,6 +165,17 @@ mod tests {
         assert!(matches!(encode_write_in_place(&envelope, &mut too_long), Err(CodecError::TooLarge(_))));
         let mut full = vec![0; WRITE_HEADROOM + CHUNK_SIZE];
         assert!(encode_write_in_place(&envelope, &mut full).is_ok());
+    }
+
+    #[test]
+    fn golden_bytes_of_an_append() {
+        let append = Envelope {
+            request: Request::Write { path: "a/b".into(), offset: APPEND_AT_END, data: vec![1, 2, 3] },
+            ..sample_envelope()
+        };
+        let bytes = encode_envelope(&append).unwrap();
+        let at_end = [253, 255, 255, 255, 255, 255, 255, 255, 255]; // u64::MAX as u64 varint
+        assert_eq!(bytes[bytes.len() - 13..bytes.len() - 4], at_end);
     }
 
     #[test]
@@ -302,7 +313,7 @@ mod tests {
         let bytes = encode_envelope(&envelope).unwrap();
         assert_eq!(bytes[bytes.len() - 5..], [23, 1, b'a', 1, b'b']);
         let linked = Change::Linked { from: "a".into(), to: "b".into() };
-        assert_eq!(event_bytes(linked), vec![2, 1, b'U', 1, b'o', 3, 4, 1, b'a', 1, b'b']);
+        assert_eq!(event_bytes(linked), vec![3, 1, b'U', 1, b'o', 3, 4, 1, b'a', 1, b'b']);
     }
 
     /// Appended after link: request variant 24, error code 14.
@@ -374,7 +385,7 @@ mod tests {
     #[test]
     fn golden_bytes_of_an_event() {
         let renamed = Change::Renamed { from: "a".into(), to: "b".into() };
-        assert_eq!(event_bytes(renamed), vec![2, 1, b'U', 1, b'o', 3, 3, 1, b'a', 1, b'b']);
+        assert_eq!(event_bytes(renamed), vec![3, 1, b'U', 1, b'o', 3, 3, 1, b'a', 1, b'b']);
     }
 
     proptest! {

@@ -25,4 +25,4 @@ pub use topics::Topics;
 pub use write_view::{decode_write_view, WriteView};
 
 /// Bumped whenever a change is not purely additive at the end of an enum.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;

@@ -16,6 +16,13 @@ pub struct Timestamp {
     pub nanos: u32,
 }
 
+/// The offset of a [`Request::Write`] that appends (`O_APPEND`): the
+/// storage node writes the bytes at the end the file has when it applies
+/// the request, so appends from several mounts, in whatever order they
+/// reach the log, never overwrite each other. An append never travels in a
+/// [`Request::Batch`].
+pub const APPEND_AT_END: u64 = u64::MAX;
+
 /// What travels on `dfos.requests`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -146,6 +153,8 @@ pub enum Request {
     },
     Write {
         path: String,
+        /// Where the bytes go; [`APPEND_AT_END`] for an append, which
+        /// the storage node places at the file's end as it applies it.
         offset: u64,
         /// Raw bytes on the wire (same encoding as a `u8` sequence, but
         /// copied in one piece instead of element by element).

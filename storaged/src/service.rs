@@ -36,7 +36,7 @@ use dfos_protocol::sharing::partition_of;
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
     decode_envelope, encode_event, encode_reply, Batched, Change, DirEntry, Envelope, ErrorCode, Event, FileKind,
-    Listing, Payload, RefusedCreates, Reply, Request, Topics, XattrMode, PROTOCOL_VERSION,
+    Listing, Payload, RefusedCreates, Reply, Request, Topics, XattrMode, APPEND_AT_END, PROTOCOL_VERSION,
 };
 
 use crate::checkpoint::{read_applied, Checkpoint, InDoubt, Stage};
@@ -419,7 +419,9 @@ impl Service {
         if stale && !envelope.request.mutates() {
             return None;
         }
+        let mut envelope = envelope;
         let doubt = if envelope.request.mutates() { self.begin(partition, offset) } else { None };
+        self.place_append(&mut envelope, doubt.as_ref(), partition);
         let result = match &envelope.request {
             Request::Batch { requests } => self.execute_batch(&envelope, requests, doubt.as_ref(), (partition, offset)),
             _ => {
@@ -452,6 +454,51 @@ impl Service {
             }
         }
         doubt
+    }
+
+    /// Gives a lone append (a write at [`APPEND_AT_END`]) the offset of
+    /// its file's end, recorded before any byte of it is written, so that
+    /// the replay of an append a crash cut writes the same bytes in the
+    /// same place again instead of appending them twice. Every replica
+    /// applies the log in the same order, so each places it alike. An
+    /// append with no regular file to place it in keeps its offset and is
+    /// refused as a write there would be (after the checks of its token
+    /// and grants, so nothing is told before them).
+    fn place_append(&mut self, envelope: &mut Envelope, doubt: Option<&InDoubt>, partition: i32) {
+        if !matches!(envelope.request, Request::Write { offset: APPEND_AT_END, .. }) {
+            return;
+        }
+        let end = match doubt {
+            Some(InDoubt::At { placed: Some(end), .. }) => *end,
+            _ => {
+                let Some(end) = self.end_of_file(envelope) else {
+                    return;
+                };
+                if let Err(e) = self.checkpoint.place(partition, end) {
+                    // Without it, a crash would leave the append's place
+                    // unknown, and its replay might append it twice.
+                    panic!("cannot record where the append of partition {partition} goes: {e}");
+                }
+                end
+            }
+        };
+        if let Request::Write { offset, .. } = &mut envelope.request {
+            *offset = end;
+        }
+    }
+
+    /// The size of the regular file `envelope`'s request names, in the
+    /// tree its path leads to.
+    fn end_of_file(&self, envelope: &Envelope) -> Option<u64> {
+        let (owner, path) = match sharing::route(&envelope.request).ok()? {
+            Route::Own => (envelope.user.as_str(), envelope.request.path().to_owned()),
+            Route::Owner { owner, request } => (owner, request.path().to_owned()),
+            Route::SharedList => return None,
+        };
+        match self.store.apply(owner, envelope.client_time, &Request::GetAttr { path }) {
+            Ok(Payload::Attr(attr)) if attr.kind == FileKind::File => Some(attr.size),
+            _ => None,
+        }
     }
 
     /// Executes one request (alone, or one of a batch: then `position` is
@@ -930,7 +977,7 @@ pub fn status(config: &Config) -> Result<String, ServiceError> {
 mod tests {
     use super::*;
     use dfos_protocol::{encode_envelope, RenameMode, SetTime, Timestamp};
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{FileExt, PermissionsExt};
 
     /// A service plus a fake partition log: each message gets the next offset.
     struct Harness {
@@ -1318,6 +1365,40 @@ mod tests {
         // Only the first mutation is in doubt: a later failing one fails.
         let again = Request::Rename { from: "x".into(), to: "y".into(), mode: RenameMode::Replace };
         assert_eq!(h.call("alice", &token, again), Err(ErrorCode::NotFound));
+    }
+
+    /// An append goes at the file's end as the node finds it, whatever
+    /// the mount believed; one cut by a crash after its place was recorded
+    /// is written there again on replay, not appended a second time. An
+    /// append in a batch, or to no file, is refused and writes nothing.
+    #[test]
+    fn appends_go_at_the_end_and_a_replayed_one_lands_where_it_was_placed() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        let append = |data: &[u8]| Request::Write { path: "log".into(), offset: APPEND_AT_END, data: data.to_vec() };
+        h.call("alice", &token, Request::Create { path: "log".into(), mode: 0o644, exclusive: true }).unwrap();
+        h.call("alice", &token, append(b"one\n")).unwrap();
+        let written = h.call("alice", &token, append(b"two\n")).unwrap();
+        assert!(matches!(&written, Payload::Written { attr } if attr.size == 8), "{written:?}");
+        assert_eq!(std::fs::read(h.user_file("log")).unwrap(), b"one\ntwo\n");
+
+        // Placed at 8 and half written when the process died.
+        h.log.push(envelope("alice", &token, append(b"three\n")));
+        let offset = h.log.len() as i64 - 1;
+        h.service.checkpoint.begin(0, offset).unwrap();
+        h.service.checkpoint.place(0, 8).unwrap();
+        std::fs::OpenOptions::new().append(true).open(h.user_file("log")).unwrap().write_all_at(b"thr", 8).unwrap();
+        let replayed = h.crash_and_replay_from(offset as usize).remove(0);
+        assert!(matches!(&replayed, Some(Ok(Payload::Written { attr })) if attr.size == 14), "{replayed:?}");
+        assert_eq!(std::fs::read(h.user_file("log")).unwrap(), b"one\ntwo\nthree\n");
+
+        let batch = Request::Batch { requests: vec![Batched { request_id: 5, request: append(b"no") }] };
+        assert!(
+            matches!(h.call("alice", &token, batch), Ok(Payload::Batch(results)) if results[0] == Err(ErrorCode::Invalid))
+        );
+        let nowhere = Request::Write { path: "missing".into(), offset: APPEND_AT_END, data: b"x".to_vec() };
+        assert_eq!(h.call("alice", &token, nowhere), Err(ErrorCode::NotFound));
+        assert_eq!(std::fs::read(h.user_file("log")).unwrap(), b"one\ntwo\nthree\n");
     }
 
     /// An exclusive create cut by a crash finds the name taken. It is its

@@ -20,7 +20,7 @@ use dfos_protocol::limits::{
 use dfos_protocol::path::{join, split};
 use dfos_protocol::{
     is_user_xattr, DirEntry, ErrorCode, FileAttr, FileContent, FileKind, FsStats, Listing, Payload, RenameMode,
-    Request, SetTime, Timestamp, XattrMode,
+    Request, SetTime, Timestamp, XattrMode, APPEND_AT_END,
 };
 
 use crate::direct;
@@ -362,6 +362,12 @@ impl Store {
             Request::Write { path, offset, data } => {
                 if data.len() > CHUNK_SIZE {
                     return Err(StoreError::TooLarge);
+                }
+                if *offset == APPEND_AT_END {
+                    // The service places an append before applying it; one
+                    // it could not place fails as a write there would.
+                    open_nofollow(&at(path)?, true)?;
+                    return Err(StoreError::NotApplicable("an append at no regular file's end"));
                 }
                 let file = direct::write_at(&at(path)?, data, *offset).map_err(open_error)?;
                 file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
