@@ -23,10 +23,14 @@ fn long_cached_mount(d: &Deployment, extra: &[&str]) -> Mount {
     d.mount_with(USER1, 30, &[&["--cache-ttl", "60"], extra].concat())
 }
 
+/// Two mounts of the deployment's first user, with long cache lifetimes.
+fn two_long_cached_mounts(d: &Deployment) -> (Mount, Mount) {
+    (long_cached_mount(d, &[]), long_cached_mount(d, &[]))
+}
+
 /// Two long-cached mounts of the deployment, both seeing an empty `log`.
 fn two_mounts_with_an_empty_log(d: &Deployment) -> (Mount, Mount) {
-    let a = long_cached_mount(d, &[]);
-    let b = long_cached_mount(d, &[]);
+    let (a, b) = two_long_cached_mounts(d);
     fs::write(a.join("log"), "").unwrap();
     soon("a create", || b.join("log").exists());
     (a, b)
@@ -42,8 +46,7 @@ fn names(dir: &Path) -> Vec<String> {
 #[test]
 fn changes_through_one_mount_reach_another_of_the_same_user() {
     let d = Deployment::start("coherence");
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     fs::create_dir(a.join("d")).unwrap();
     fs::write(a.join("d/f"), "v1").unwrap();
     // B caches the listing, the attributes and the contents.
@@ -121,6 +124,39 @@ fn appends_through_two_mounts_at_once_keep_every_line() {
     }
 }
 
+/// `renameat2(RENAME_EXCHANGE)` swaps a file and a directory atomically:
+/// the storage node swaps them, the mount that asked and another mount
+/// see them swapped, and a file open through the first mount follows its
+/// file to the other name. Exchanging with a missing name fails with
+/// ENOENT and changes nothing. Before, the mount refused every exchange
+/// with EINVAL.
+#[test]
+fn rename_exchange_swaps_a_file_and_a_directory_on_every_mount() {
+    let d = Deployment::start("exchange");
+    let (a, b) = two_long_cached_mounts(&d);
+    fs::write(a.join("file"), "the file").unwrap();
+    fs::create_dir(a.join("dir")).unwrap();
+    fs::write(a.join("dir/inner"), "inside").unwrap();
+    soon("the tree on b", || fs::read_to_string(b.join("dir/inner")).is_ok_and(|s| s == "inside"));
+    assert_eq!(fs::read_to_string(b.join("file")).unwrap(), "the file");
+    let exchange = r#"import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(sys.argv[1] + "/file", os.O_WRONLY | os.O_APPEND)
+for there in ("dir", "missing"):
+    rc = libc.renameat2(-100, (sys.argv[1] + "/file").encode(), -100, (sys.argv[1] + "/" + there).encode(), 2)
+    print(there, "ok" if rc == 0 else os.strerror(ctypes.get_errno()))
+os.write(fd, b" and more"); os.close(fd)"#;
+    let out = ok(&format!("python3 -c '{exchange}' {}", a.p("")));
+    assert_eq!(out, "dir ok\nmissing No such file or directory\n");
+    for (root, what) in [(d.storage.join("User1"), "storage"), (a.path.clone(), "mount a")] {
+        assert_eq!(fs::read_to_string(root.join("dir")).unwrap(), "the file and more", "{what}");
+        assert_eq!(fs::read_to_string(root.join("file/inner")).unwrap(), "inside", "{what}");
+    }
+    soon("the exchange on b", || fs::read_to_string(b.join("dir")).is_ok_and(|s| s == "the file and more"));
+    assert_eq!(fs::read_to_string(b.join("file/inner")).unwrap(), "inside");
+    assert_eq!(names(&b.path), ["dir", "file"]);
+}
+
 /// With `--close-to-open`, every open asks a storage node, so what another
 /// mount closed is read at once, without waiting for its change event
 /// (without the flag, the first such read in this loop already saw the
@@ -149,8 +185,7 @@ fn close_to_open_reads_what_another_mount_just_closed() {
 fn an_open_file_follows_a_rename_made_through_another_mount() {
     use std::io::{Read, Write};
     let d = Deployment::start("rename-open");
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     fs::write(a.join("old"), "replaced").unwrap();
     let mut writer = fs::File::create(a.join("f")).unwrap();
     writer.write_all(b"part one, ").unwrap();
@@ -176,8 +211,7 @@ fn an_open_file_follows_a_rename_made_through_another_mount() {
 #[test]
 fn large_files_written_through_one_mount_read_back_through_another() {
     let d = Deployment::start("coherence-large");
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     let model = d.dir.path().join("model.bin");
     fs::write(&model, random_bytes(8 << 20, 9)).unwrap();
     ok(&format!("cp '{}' {}", model.display(), a.p("big.bin")));
@@ -228,8 +262,7 @@ fn an_unchanged_file_is_reread_from_the_page_cache_until_another_mount_changes_i
 #[test]
 fn batched_creates_and_unlinks_take_fewer_messages_and_all_reach_another_mount() {
     let d = Deployment::start("batches");
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     let src = d.local_dir("tree");
     for dir in 0..4 {
         fs::create_dir(src.join(format!("d{dir}"))).unwrap();
@@ -307,8 +340,7 @@ fn copies_within_a_mount_happen_on_the_storage_node_and_reach_another_mount() {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
     let d = Deployment::start("copy-range");
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     let size = MAX_COPY_BYTES as usize + 3 * CHUNK_SIZE + 12345;
     let source = d.dir.path().join("source.bin");
     fs::write(&source, random_bytes(size, 21)).unwrap();
@@ -417,8 +449,7 @@ fn a_fresh_mount_walks_a_tree_another_mount_made_in_a_few_requests() {
 fn a_directory_mtime_moves_with_its_entries_on_both_mounts() {
     use std::os::unix::fs::MetadataExt;
     let d = Deployment::start("dir-mtime");
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     let stamp = |m: fs::Metadata| (m.mtime(), m.mtime_nsec());
     let on_a = |p: &str| stamp(fs::metadata(a.join(p)).unwrap());
     let on_b = |p: &str| stamp(fs::metadata(b.join(p)).unwrap());
@@ -462,8 +493,7 @@ fn a_directory_mtime_moves_with_its_entries_on_both_mounts() {
 #[test]
 fn deleted_and_replaced_files_wait_in_the_trash_and_can_be_restored() {
     let d = Deployment::start_with_storaged_flags("trash", &["--trash-hours", "24"]);
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     let versions = |root: &str| {
         let found = ok(&format!("cd {root} && find .trash -type f | sort"));
         found.lines().map(|l| l.to_owned()).collect::<Vec<_>>()
@@ -511,8 +541,7 @@ fn deleted_and_replaced_files_wait_in_the_trash_and_can_be_restored() {
 fn hard_links_are_one_file_under_every_name_on_both_mounts_and_only_the_last_name_goes_to_the_trash() {
     use std::os::unix::fs::MetadataExt;
     let d = Deployment::start_with_storaged_flags("hardlinks", &["--trash-hours", "24"]);
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     let src = d.local_dir("src");
     fs::create_dir(src.join("bin")).unwrap();
     fs::write(src.join("bin/tool"), "#!/bin/sh\necho tool\n").unwrap();
@@ -579,8 +608,7 @@ fn hard_links_are_one_file_under_every_name_on_both_mounts_and_only_the_last_nam
 #[test]
 fn the_names_of_a_hard_link_share_one_inode_number_on_every_mount() {
     let d = Deployment::start("link-inodes");
-    let a = long_cached_mount(&d, &[]);
-    let b = long_cached_mount(&d, &[]);
+    let (a, b) = two_long_cached_mounts(&d);
     fs::create_dir(a.join("x")).unwrap();
     ok(&format!("echo data > {} && ln {} {}", a.p("x/f"), a.p("x/f"), a.p("x/g")));
     for m in [&a, &b] {

@@ -159,7 +159,9 @@ impl Drop for EventListener {
 fn through_share(owner: &str, change: &Change) -> Change {
     let touches_grants = match change {
         Change::Modified { path } | Change::Created { path } | Change::Removed { path } => path == GRANTS_FILE,
-        Change::Renamed { from, to } | Change::Linked { from, to } => from == GRANTS_FILE || to == GRANTS_FILE,
+        Change::Renamed { from, to } | Change::Linked { from, to } | Change::Exchanged { a: from, b: to } => {
+            from == GRANTS_FILE || to == GRANTS_FILE
+        }
     };
     if touches_grants {
         return Change::Removed { path: shared_path(owner, "") };

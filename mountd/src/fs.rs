@@ -1733,12 +1733,26 @@ impl<T: Transport> DfosFs<T> {
         let to = self.child_path(new_parent, new_name)?;
         // Buffered writes carry the old path; they must land before it changes.
         self.flush_tree(&from).await?;
-        self.flush_path(&to).await?;
+        match mode {
+            RenameMode::Exchange => self.flush_tree(&to).await?,
+            RenameMode::Replace | RenameMode::NoReplace => self.flush_path(&to).await?,
+        }
         self.call(Request::Rename { from: from.clone(), to: to.clone(), mode }).await?;
-        self.meta.lock().unwrap().renamed(&from, &to);
         self.small.forget_tree(&from);
         self.small.forget_tree(&to);
-        self.inodes.lock().unwrap().rename(&from, &to);
+        match mode {
+            RenameMode::Exchange => {
+                let mut meta = self.meta.lock().unwrap();
+                meta.invalidate_tree(&from);
+                meta.invalidate_tree(&to);
+                drop(meta);
+                self.inodes.lock().unwrap().exchange(&from, &to);
+            }
+            RenameMode::Replace | RenameMode::NoReplace => {
+                self.meta.lock().unwrap().renamed(&from, &to);
+                self.inodes.lock().unwrap().rename(&from, &to);
+            }
+        }
         Ok(())
     }
 
@@ -1789,7 +1803,7 @@ impl<T: Transport> DfosFs<T> {
                 meta.invalidate_tree(path);
                 entry(path, &mut out);
             }
-            Change::Renamed { from, to } => {
+            Change::Renamed { from, to } | Change::Exchanged { a: from, b: to } => {
                 meta.invalidate_tree(from);
                 meta.invalidate_tree(to);
                 entry(from, &mut out);
@@ -1819,6 +1833,7 @@ impl<T: Transport> DfosFs<T> {
         // never touch the file now at its name).
         match change {
             Change::Renamed { from, to } => inodes.rename(from, to),
+            Change::Exchanged { a, b } => inodes.exchange(a, b),
             Change::Created { path } | Change::Removed { path } | Change::Linked { to: path, .. } => {
                 inodes.changed_elsewhere(path)
             }

@@ -457,8 +457,10 @@ impl<T: Transport> Filesystem for FuseAdapter<T> {
             RenameMode::Replace
         } else if flags == RenameFlags::RENAME_NOREPLACE {
             RenameMode::NoReplace
+        } else if flags == RenameFlags::RENAME_EXCHANGE {
+            RenameMode::Exchange
         } else {
-            // RENAME_EXCHANGE and RENAME_WHITEOUT are not supported.
+            // RENAME_WHITEOUT (overlayfs's) is not supported.
             return reply.error(Errno::EINVAL);
         };
         let (name, newname) = (name.to_owned(), newname.to_owned());

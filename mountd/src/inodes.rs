@@ -198,11 +198,63 @@ impl InodeTable {
             }
         }
     }
+
+    /// Applies a successful exchange (RENAME_EXCHANGE): what was at or
+    /// below `a` is now at or below `b`, and the other way round; no
+    /// number is detached, since both files live on.
+    pub fn exchange(&mut self, a: &str, b: &str) {
+        let swapped = |path: &str| {
+            if inside(path, a) {
+                Some(format!("{b}{}", &path[a.len()..]))
+            } else if inside(path, b) {
+                Some(format!("{a}{}", &path[b.len()..]))
+            } else {
+                None
+            }
+        };
+        self.forgotten.retain(|path, _| swapped(path).is_none());
+        let moved: Vec<(String, u64)> =
+            self.by_path.iter().filter(|(path, _)| swapped(path).is_some()).map(|(p, &ino)| (p.clone(), ino)).collect();
+        for (old, _) in &moved {
+            self.by_path.remove(old);
+        }
+        let mut inos: Vec<u64> = Vec::with_capacity(moved.len());
+        for (old, ino) in moved {
+            self.by_path.insert(swapped(&old).expect("moved paths are inside"), ino);
+            inos.push(ino);
+        }
+        inos.sort_unstable();
+        inos.dedup();
+        for ino in inos {
+            if let Some(node) = self.nodes.get_mut(&ino) {
+                for path in node.paths.iter_mut() {
+                    if let Some(new) = swapped(path) {
+                        *path = new;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exchange_swaps_both_trees_and_keeps_every_number() {
+        let mut t = InodeTable::default();
+        let (a, a_child) = (t.remember("a", None), t.remember("a/f", None));
+        let (b, b_child) = (t.remember("b", None), t.remember("b/g/h", None));
+        let sibling = t.remember("ab", None);
+        t.exchange("a", "b");
+        assert_eq!((t.path(a), t.path(a_child)), (Some("b"), Some("b/f")));
+        assert_eq!((t.path(b), t.path(b_child)), (Some("a"), Some("a/g/h")));
+        assert_eq!((t.ino_of("a"), t.ino_of("b/f"), t.ino_of("a/f")), (Some(b), Some(a_child), None));
+        assert_eq!(t.path(sibling), Some("ab"), "a name sharing a prefix is not inside");
+        t.exchange("b", "a");
+        assert_eq!((t.path(a), t.path(b_child)), (Some("a"), Some("b/g/h")));
+    }
 
     #[test]
     fn rename_moves_descendants_and_detaches_the_target() {

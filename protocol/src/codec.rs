@@ -386,6 +386,8 @@ mod tests {
     fn golden_bytes_of_an_event() {
         let renamed = Change::Renamed { from: "a".into(), to: "b".into() };
         assert_eq!(event_bytes(renamed), vec![3, 1, b'U', 1, b'o', 3, 3, 1, b'a', 1, b'b']);
+        let exchanged = Change::Exchanged { a: "a".into(), b: "b".into() };
+        assert_eq!(event_bytes(exchanged), vec![3, 1, b'U', 1, b'o', 3, 5, 1, b'a', 1, b'b']);
     }
 
     proptest! {

@@ -44,6 +44,9 @@ pub enum RenameMode {
     Replace,
     /// renameat2(RENAME_NOREPLACE): fail with Exists if the target exists.
     NoReplace,
+    /// renameat2(RENAME_EXCHANGE): both names must exist; they swap what
+    /// they name, atomically, whatever kinds those are.
+    Exchange,
 }
 
 /// What a [`Request::Allocate`] does to its range, as the fallocate(2)
@@ -678,6 +681,11 @@ pub enum Change {
         from: String,
         to: String,
     },
+    /// What `a` and `b` name was swapped (RENAME_EXCHANGE).
+    Exchanged {
+        a: String,
+        b: String,
+    },
 }
 
 /// What travels on `dfos.events` (key = user) after each applied mutation,
@@ -707,6 +715,9 @@ impl Request {
             | Request::Symlink { path, .. }
             | Request::MakeNode { path, .. } => Some(Change::Created { path: path.clone() }),
             Request::Unlink { path } | Request::Rmdir { path } => Some(Change::Removed { path: path.clone() }),
+            Request::Rename { from, to, mode: RenameMode::Exchange } => {
+                Some(Change::Exchanged { a: from.clone(), b: to.clone() })
+            }
             Request::Rename { from, to, .. } => Some(Change::Renamed { from: from.clone(), to: to.clone() }),
             Request::CopyRange { to, .. } => Some(Change::Modified { path: to.clone() }),
             Request::Link { from, to } => Some(Change::Linked { from: from.clone(), to: to.clone() }),
@@ -739,6 +750,7 @@ impl Change {
             Change::Removed { path } => Change::Removed { path: f(path) },
             Change::Renamed { from, to } => Change::Renamed { from: f(from), to: f(to) },
             Change::Linked { from, to } => Change::Linked { from: f(from), to: f(to) },
+            Change::Exchanged { a, b } => Change::Exchanged { a: f(a), b: f(b) },
         }
     }
 }

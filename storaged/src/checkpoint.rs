@@ -33,11 +33,12 @@ pub const STATE_DIR: &str = ".dfos";
 const SLOT: usize = 8;
 const NONE: i64 = -1;
 
-/// A begun slot: the offset, where an append was placed (8 bytes: 0 for
-/// none, else the file offset + 1, so a slot of zeros places nothing), then
-/// one outcome byte per request of a batch. Slots never straddle a page.
+/// A begun slot: the offset, what the node noted of the mutation (8 bytes:
+/// 0 for nothing, else the number + 1, so a slot of zeros notes nothing),
+/// then one outcome byte per request of a batch. Slots never straddle a
+/// page.
 const BEGUN_SLOT: usize = 512;
-const PLACED_AT: usize = 8;
+const NOTED_AT: usize = 8;
 const OUTCOMES_AT: usize = 16;
 const MAX_OUTCOMES: usize = MAX_BATCH_REQUESTS;
 const _: () = assert!(OUTCOMES_AT + MAX_OUTCOMES <= BEGUN_SLOT && 4096 % BEGUN_SLOT == 0);
@@ -58,9 +59,11 @@ pub enum InDoubt {
     FirstMutation,
     /// The message at `offset`: the first `outcomes.len()` requests of its
     /// batch finished so, the next may be half done, the rest never began.
-    /// `placed`: the file offset its append was given before it began to
-    /// be written, if it is an append that got so far.
-    At { offset: i64, outcomes: Vec<Outcome>, placed: Option<u64> },
+    /// `noted`: what the node noted of it before changing anything, for a
+    /// mutation whose replay could not tell otherwise (see `service.rs`:
+    /// the file offset an append was placed at, the inode an exchange's
+    /// first name had).
+    At { offset: i64, outcomes: Vec<Outcome>, noted: Option<u64> },
 }
 
 /// Where one request of a message stands against what a crash left.
@@ -150,11 +153,11 @@ fn read_in_doubt(
     let doubt = |(partition, slot): (usize, &[u8])| {
         let begun = i64::from_le_bytes(slot[..8].try_into().expect("slot size"));
         let applied = applied.get(partition).copied().unwrap_or(NONE);
-        let placed = u64::from_le_bytes(slot[PLACED_AT..PLACED_AT + 8].try_into().expect("slot size"));
+        let noted = u64::from_le_bytes(slot[NOTED_AT..NOTED_AT + 8].try_into().expect("slot size"));
         (begun >= 0 && begun > applied).then(|| InDoubt::At {
             offset: begun,
             outcomes: slot[OUTCOMES_AT..].iter().map_while(|&b| outcome_of(b)).collect(),
-            placed: placed.checked_sub(1),
+            noted: noted.checked_sub(1),
         })
     };
     let mut found: Vec<Option<InDoubt>> = bytes.chunks_exact(BEGUN_SLOT).enumerate().map(doubt).collect();
@@ -231,12 +234,11 @@ impl Checkpoint {
         self.begun.write_all_at(&[outcome_byte(outcome)], at as u64)
     }
 
-    /// Records where the begun append of `partition` goes, before any of
-    /// its bytes are written: its replay after a crash writes them there
-    /// again rather than at a new end.
-    pub fn place(&mut self, partition: i32, file_offset: u64) -> io::Result<()> {
-        let at = partition as usize * BEGUN_SLOT + PLACED_AT;
-        self.begun.write_all_at(&(file_offset + 1).to_le_bytes(), at as u64)
+    /// Records `number` about the begun mutation of `partition`, before
+    /// it changes anything, for its replay after a crash.
+    pub fn note(&mut self, partition: i32, number: u64) -> io::Result<()> {
+        let at = partition as usize * BEGUN_SLOT + NOTED_AT;
+        self.begun.write_all_at(&number.saturating_add(1).to_le_bytes(), at as u64)
     }
 
     fn write_begun(&mut self, partition: usize, offset: i64) -> io::Result<()> {
@@ -303,7 +305,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_mutation_begun_and_not_applied_is_in_doubt_with_its_finished_outcomes_and_its_placed_append() {
+    fn only_a_mutation_begun_and_not_applied_is_in_doubt_with_its_finished_outcomes_and_what_was_noted() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
         assert_eq!(c.take_in_doubt(), vec![None, None, None], "a new root has nothing in doubt");
@@ -316,11 +318,11 @@ mod tests {
         c.finish(1, 0, &Ok(())).unwrap();
         c.finish(1, 1, &Err(ErrorCode::Exists)).unwrap();
         c.begin(2, 0).unwrap();
-        c.place(2, 4096).unwrap();
+        c.note(2, 4096).unwrap();
         drop(c);
         let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
-        let partition_1 = InDoubt::At { offset: 9, outcomes: vec![Ok(()), Err(ErrorCode::Exists)], placed: None };
-        let partition_2 = InDoubt::At { offset: 0, outcomes: vec![], placed: Some(4096) };
+        let partition_1 = InDoubt::At { offset: 9, outcomes: vec![Ok(()), Err(ErrorCode::Exists)], noted: None };
+        let partition_2 = InDoubt::At { offset: 0, outcomes: vec![], noted: Some(4096) };
         let expected = vec![None, Some(partition_1.clone()), Some(partition_2)];
         assert_eq!(c.take_in_doubt(), expected);
         assert_eq!(
@@ -337,11 +339,11 @@ mod tests {
         drop(c);
         let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
         assert_eq!(c.take_in_doubt(), vec![None, None, None]);
-        // The next mutation begun there places nothing until it is placed.
+        // The next mutation begun there has nothing noted until it notes.
         c.begin(2, 1).unwrap();
         drop(c);
         let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
-        assert_eq!(c.take_in_doubt()[2], Some(InDoubt::At { offset: 1, outcomes: vec![], placed: None }));
+        assert_eq!(c.take_in_doubt()[2], Some(InDoubt::At { offset: 1, outcomes: vec![], noted: None }));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use dfos_protocol::sharing::partition_of;
 use dfos_protocol::topics::DEFAULT_REQUEST_PARTITIONS;
 use dfos_protocol::{
     decode_envelope, encode_event, encode_reply, Batched, Change, DirEntry, Envelope, ErrorCode, Event, FileKind,
-    Listing, Payload, RefusedCreates, Reply, Request, Topics, XattrMode, APPEND_AT_END, PROTOCOL_VERSION,
+    Listing, Payload, RefusedCreates, RenameMode, Reply, Request, Topics, XattrMode, APPEND_AT_END, PROTOCOL_VERSION,
 };
 
 use crate::checkpoint::{read_applied, Checkpoint, InDoubt, Stage};
@@ -426,7 +426,8 @@ impl Service {
             Request::Batch { requests } => self.execute_batch(&envelope, requests, doubt.as_ref(), (partition, offset)),
             _ => {
                 let position = LogPosition { partition, offset, request_id: envelope.request_id };
-                let stage = doubt.map_or(Stage::Fresh, |doubt| doubt.stage(0));
+                let stage = doubt.as_ref().map_or(Stage::Fresh, |doubt| doubt.stage(0));
+                let stage = self.exchange_stage(&envelope, stage, doubt.as_ref(), partition);
                 self.apply_one(&envelope, Some(position), stage, (partition, offset))
             }
         };
@@ -469,16 +470,14 @@ impl Service {
             return;
         }
         let end = match doubt {
-            Some(InDoubt::At { placed: Some(end), .. }) => *end,
+            Some(InDoubt::At { noted: Some(end), .. }) => *end,
             _ => {
                 let Some(end) = self.end_of_file(envelope) else {
                     return;
                 };
-                if let Err(e) = self.checkpoint.place(partition, end) {
-                    // Without it, a crash would leave the append's place
-                    // unknown, and its replay might append it twice.
-                    panic!("cannot record where the append of partition {partition} goes: {e}");
-                }
+                // Without it, a crash would leave the append's place
+                // unknown, and its replay might append it twice.
+                self.note(partition, end);
                 end
             }
         };
@@ -487,14 +486,47 @@ impl Service {
         }
     }
 
+    /// Where a lone exchange (RENAME_EXCHANGE) stands: its replay would
+    /// swap the names back, so before it is applied the node notes the
+    /// inode its first name has. In doubt after a crash, another inode
+    /// there means the exchange was applied (answered as done, not
+    /// applied again); the same one, or nothing noted, means it was not.
+    fn exchange_stage(&mut self, envelope: &Envelope, stage: Stage, doubt: Option<&InDoubt>, partition: i32) -> Stage {
+        if !matches!(envelope.request, Request::Rename { mode: RenameMode::Exchange, .. }) {
+            return stage;
+        }
+        let now = self.tree_path(envelope).and_then(|(owner, path)| self.store.inode_number(owner, &path));
+        if let (Stage::InDoubt, Some(InDoubt::At { noted: Some(before), .. })) = (stage, doubt) {
+            if now != Some(*before) {
+                return Stage::Finished(Ok(()));
+            }
+        }
+        if let Some(inode) = now {
+            self.note(partition, inode);
+        }
+        Stage::Fresh
+    }
+
+    fn note(&mut self, partition: i32, number: u64) {
+        if let Err(e) = self.checkpoint.note(partition, number) {
+            panic!("cannot note what a replay of partition {partition}'s mutation needs: {e}");
+        }
+    }
+
+    /// The owner and path, in the tree it leads to, of the file or
+    /// directory `envelope`'s request names first.
+    fn tree_path<'a>(&self, envelope: &'a Envelope) -> Option<(&'a str, String)> {
+        match sharing::route(&envelope.request).ok()? {
+            Route::Own => Some((envelope.user.as_str(), envelope.request.path().to_owned())),
+            Route::Owner { owner, request } => Some((owner, request.path().to_owned())),
+            Route::SharedList => None,
+        }
+    }
+
     /// The size of the regular file `envelope`'s request names, in the
     /// tree its path leads to.
     fn end_of_file(&self, envelope: &Envelope) -> Option<u64> {
-        let (owner, path) = match sharing::route(&envelope.request).ok()? {
-            Route::Own => (envelope.user.as_str(), envelope.request.path().to_owned()),
-            Route::Owner { owner, request } => (owner, request.path().to_owned()),
-            Route::SharedList => return None,
-        };
+        let (owner, path) = self.tree_path(envelope)?;
         match self.store.apply(owner, envelope.client_time, &Request::GetAttr { path }) {
             Ok(Payload::Attr(attr)) if attr.kind == FileKind::File => Some(attr.size),
             _ => None,
@@ -898,7 +930,9 @@ impl Service {
             // what was indexed there.
             (request, _) => match request.change() {
                 Some(Change::Created { path } | Change::Removed { path }) => index.forget_tree(user, &path),
-                Some(Change::Renamed { from, to } | Change::Linked { from, to }) => {
+                Some(
+                    Change::Renamed { from, to } | Change::Linked { from, to } | Change::Exchanged { a: from, b: to },
+                ) => {
                     index.forget_tree(user, &from);
                     index.forget_tree(user, &to);
                 }
@@ -976,8 +1010,8 @@ pub fn status(config: &Config) -> Result<String, ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dfos_protocol::{encode_envelope, RenameMode, SetTime, Timestamp};
-    use std::os::unix::fs::{FileExt, PermissionsExt};
+    use dfos_protocol::{encode_envelope, SetTime, Timestamp};
+    use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 
     /// A service plus a fake partition log: each message gets the next offset.
     struct Harness {
@@ -1386,7 +1420,7 @@ mod tests {
         h.log.push(envelope("alice", &token, append(b"three\n")));
         let offset = h.log.len() as i64 - 1;
         h.service.checkpoint.begin(0, offset).unwrap();
-        h.service.checkpoint.place(0, 8).unwrap();
+        h.service.checkpoint.note(0, 8).unwrap();
         std::fs::OpenOptions::new().append(true).open(h.user_file("log")).unwrap().write_all_at(b"thr", 8).unwrap();
         let replayed = h.crash_and_replay_from(offset as usize).remove(0);
         assert!(matches!(&replayed, Some(Ok(Payload::Written { attr })) if attr.size == 14), "{replayed:?}");
@@ -1399,6 +1433,41 @@ mod tests {
         let nowhere = Request::Write { path: "missing".into(), offset: APPEND_AT_END, data: b"x".to_vec() };
         assert_eq!(h.call("alice", &token, nowhere), Err(ErrorCode::NotFound));
         assert_eq!(std::fs::read(h.user_file("log")).unwrap(), b"one\ntwo\nthree\n");
+    }
+
+    /// An exchange swaps two names. One cut by a crash is not swapped back
+    /// by its replay when it had been applied, and is applied when it had
+    /// not: the inode noted at its first name tells which.
+    #[test]
+    fn an_exchange_in_doubt_is_applied_exactly_once() {
+        let mut h = Harness::new();
+        let token = h.login("alice", "pw");
+        std::fs::write(h.user_file("a"), "A").unwrap();
+        std::fs::create_dir(h.user_file("d")).unwrap();
+        std::fs::write(h.user_file("d/inner"), "in d").unwrap();
+        let exchange = || Request::Rename { from: "a".into(), to: "d".into(), mode: RenameMode::Exchange };
+        assert_eq!(h.call("alice", &token, exchange()), Ok(Payload::Done));
+        assert_eq!(std::fs::read_to_string(h.user_file("d")).unwrap(), "A");
+        assert_eq!(std::fs::read_to_string(h.user_file("a/inner")).unwrap(), "in d");
+
+        for applied_before_the_crash in [true, false] {
+            h.log.push(envelope("alice", &token, exchange()));
+            let offset = h.log.len() as i64 - 1;
+            h.service.checkpoint.begin(0, offset).unwrap();
+            let inode_at_a = std::fs::symlink_metadata(h.user_file("a")).unwrap().ino();
+            h.service.checkpoint.note(0, inode_at_a).unwrap();
+            if applied_before_the_crash {
+                crate::sys::rename_exchange(&h.user_file("a"), &h.user_file("d")).unwrap();
+            }
+            let replayed = h.crash_and_replay_from(offset as usize).remove(0);
+            assert_eq!(replayed, Some(Ok(Payload::Done)), "applied before the crash: {applied_before_the_crash}");
+            // Swapped once either way: back as they began.
+            assert_eq!(std::fs::read_to_string(h.user_file("a")).unwrap(), "A");
+            assert_eq!(std::fs::read_to_string(h.user_file("d/inner")).unwrap(), "in d");
+            assert_eq!(h.call("alice", &token, exchange()), Ok(Payload::Done));
+        }
+        let missing = Request::Rename { from: "a".into(), to: "nothing".into(), mode: RenameMode::Exchange };
+        assert_eq!(h.call("alice", &token, missing), Err(ErrorCode::NotFound));
     }
 
     /// An exclusive create cut by a crash finds the name taken. It is its

@@ -297,7 +297,7 @@ pub fn route(request: &Request) -> Result<Route<'_>, ErrorCode> {
 pub fn in_owners_tree(user: &str, change: Change) -> (String, Change) {
     let first = match &change {
         Change::Modified { path } | Change::Created { path } | Change::Removed { path } => path,
-        Change::Renamed { from, .. } | Change::Linked { from, .. } => from,
+        Change::Renamed { from, .. } | Change::Linked { from, .. } | Change::Exchanged { a: from, .. } => from,
     };
     match split_shared(first) {
         Some((owner, _)) => {

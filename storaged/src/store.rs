@@ -278,6 +278,13 @@ impl Store {
         FileStamp::of(&fs::symlink_metadata(path).ok()?)
     }
 
+    /// The inode number of whatever `rel` names now, not following a
+    /// final symlink (None: nothing there).
+    pub fn inode_number(&self, user: &str, rel: &str) -> Option<u64> {
+        let path = paths::resolve(&self.root.join(user), rel).ok()?;
+        Some(fs::symlink_metadata(path).ok()?.ino())
+    }
+
     /// Applies `request` for `user`. `now` is the envelope's time.
     /// Login is not a store operation and is refused here.
     pub fn apply(&self, user: &str, now: Timestamp, request: &Request) -> StoreResult<Payload> {
@@ -595,6 +602,7 @@ fn rename(from: &Path, to: &Path, mode: RenameMode) -> StoreResult<()> {
     match mode {
         RenameMode::Replace => fs::rename(from, to)?,
         RenameMode::NoReplace => sys::rename_no_replace(from, to)?,
+        RenameMode::Exchange => sys::rename_exchange(from, to)?,
     }
     Ok(())
 }

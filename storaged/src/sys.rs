@@ -23,11 +23,18 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 
 /// `renameat2(RENAME_NOREPLACE)`: EEXIST instead of replacing `to`.
 pub fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    rename_with(from, to, libc::RENAME_NOREPLACE)
+}
+
+/// `renameat2(RENAME_EXCHANGE)`: `from` and `to` swap what they name.
+pub fn rename_exchange(from: &Path, to: &Path) -> io::Result<()> {
+    rename_with(from, to, libc::RENAME_EXCHANGE)
+}
+
+fn rename_with(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
     let (from, to) = (c_path(from)?, c_path(to)?);
     // SAFETY: both arguments are NUL-terminated strings that outlive the call.
-    check(unsafe {
-        libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
-    })
+    check(unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), flags) })
 }
 
 /// `mknod` of a node of type `type_bits` (`S_IFIFO`, `S_IFSOCK`).
