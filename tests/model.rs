@@ -1,5 +1,5 @@
 //! The randomized model test: a long random sequence of create, write at
-//! offsets, appends, exclusive creates, read, truncate, rename, unlink,
+//! offsets, appends, exclusive creates, read, truncate, rename, exchange, unlink,
 //! mkdir, rmdir, hard link, copies of ranges, fallocate and extended
 //! attributes on a dfos mount and on a local directory. Every step's result must match; after every
 //! step the trees' shapes (names, kinds, modes, sizes) must match, and

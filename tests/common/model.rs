@@ -95,9 +95,14 @@ impl Workload {
             45..=59 => (format!("read {path}"), outcome(fs::read(&m)), outcome(fs::read(&l))),
             60..=69 => {
                 let to = self.path();
-                let rename = |from: &Path, to: &Path| fs::rename(from, to).map(|_| Vec::new());
+                // A quarter swap the two names (RENAME_EXCHANGE).
+                let exchange = self.rng.gen_range(0..4) == 0;
+                let rename = |from: &Path, to: &Path| match exchange {
+                    false => fs::rename(from, to).map(|_| Vec::new()),
+                    true => rename_exchange(from, to).map(|_| Vec::new()),
+                };
                 (
-                    format!("rename {path} {to}"),
+                    format!("{} {path} {to}", if exchange { "exchange" } else { "rename" }),
                     outcome(rename(&m, &mount.join(&to))),
                     outcome(rename(&l, &model.join(&to))),
                 )
@@ -230,6 +235,19 @@ fn user_xattrs(path: &Path) -> String {
 }
 
 /// One `fallocate(2)` call.
+fn rename_exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL in test paths");
+    let (a, b) = (c(a), c(b));
+    // SAFETY: both paths are NUL-terminated and outlive the call.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn fallocate(file: &fs::File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: an open descriptor; offsets below MAX_OFFSET fit an i64.
