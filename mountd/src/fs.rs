@@ -161,9 +161,13 @@ impl WriteBuffer {
         }
     }
 
-    /// Whether a write at `offset` placed so carries on from the buffered bytes.
-    fn continues(&self, offset: u64, placement: Placement) -> bool {
-        self.offset + self.data.len() as u64 == offset && self.placement == placement
+    /// Whether a write of `len` bytes at `offset` placed so carries on
+    /// from the buffered bytes. An append that would straddle the end of
+    /// the chunk does not: a chunk is what lands whole, and another
+    /// mount's appends may fall between two.
+    fn continues(&self, offset: u64, placement: Placement, len: usize) -> bool {
+        let splits_an_append = placement == Placement::AtEnd && self.data.len() + len > CHUNK_SIZE && len <= CHUNK_SIZE;
+        self.offset + self.data.len() as u64 == offset && self.placement == placement && !splits_an_append
     }
 
     /// Starts gathering at `offset`, once the buffer is empty.
@@ -537,7 +541,7 @@ impl WriteStream {
         data: &[u8],
     ) -> Option<FsResult<()>> {
         let mut buffer = self.buffer.try_lock().ok()?;
-        let contiguous = buffer.data.is_empty() || buffer.continues(offset, placement);
+        let contiguous = buffer.data.is_empty() || buffer.continues(offset, placement, data.len());
         if !contiguous {
             return None;
         }
@@ -575,7 +579,7 @@ impl WriteStream {
         self.take_error()?;
         self.shadow_write(offset, data, placement);
         let mut buffer = self.buffer.lock().await;
-        if !buffer.data.is_empty() && !buffer.continues(offset, placement) {
+        if !buffer.data.is_empty() && !buffer.continues(offset, placement, data.len()) {
             self.confirm_create(transport).await?;
             let pending = std::mem::take(&mut buffer.data);
             self.send(self.slot().await, transport, path, buffer.wire_offset(), pending, Travel::Now)?;
@@ -1860,6 +1864,19 @@ mod tests {
     use dfos_protocol::limits::READ_BLOCK_SIZE;
     use proptest::prelude::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn an_append_never_straddles_the_end_of_a_chunk() {
+        let almost_full = CHUNK_SIZE as u64 - 10;
+        let mut buffer = WriteBuffer { offset: 0, data: Chunk::default(), placement: Placement::AtEnd };
+        buffer.data.extend(&vec![0; almost_full as usize]);
+        assert!(buffer.continues(almost_full, Placement::AtEnd, 10));
+        assert!(!buffer.continues(almost_full, Placement::AtEnd, 11), "it would be split over two chunks");
+        assert!(!buffer.continues(almost_full, Placement::AtOffset, 10), "placed otherwise");
+        assert!(!buffer.continues(almost_full + 1, Placement::AtEnd, 1), "not where the buffer ends");
+        buffer.placement = Placement::AtOffset;
+        assert!(buffer.continues(almost_full, Placement::AtOffset, 11), "a write at an offset may straddle");
+    }
 
     struct LocalTransport {
         store: storaged::store::Store,
