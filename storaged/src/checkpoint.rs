@@ -108,8 +108,6 @@ pub struct Checkpoint {
     /// Some in-memory offset is ahead of the file.
     dirty: bool,
     begun: File,
-    /// What the last run left in doubt, per partition, as found at open.
-    in_doubt: Vec<Option<InDoubt>>,
 }
 
 pub fn checkpoint_path(storage: &Path, topic: &str) -> PathBuf {
@@ -180,7 +178,9 @@ pub fn read_applied(storage: &Path, topic: &str) -> io::Result<Vec<Option<i64>>>
 }
 
 impl Checkpoint {
-    pub fn open(storage: &Path, topic: &str, partitions: usize) -> io::Result<Self> {
+    /// Opens (or makes) the checkpoint of `topic` under `storage`, and
+    /// says what the last run left in doubt, per partition.
+    pub fn open(storage: &Path, topic: &str, partitions: usize) -> io::Result<(Self, Vec<Option<InDoubt>>)> {
         fs::create_dir_all(storage.join(STATE_DIR))?;
         let path = checkpoint_path(storage, topic);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
@@ -202,20 +202,15 @@ impl Checkpoint {
         };
         let begun =
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(begun_path(storage, topic))?;
-        let mut checkpoint = Checkpoint { file, path, applied, dirty: false, begun, in_doubt };
+        let mut checkpoint = Checkpoint { file, path, applied, dirty: false, begun };
         // A doubted slot keeps its outcomes, so that a crash during the
         // replay still knows what finished before the first crash.
-        for partition in 0..partitions {
-            if !matches!(checkpoint.in_doubt[partition], Some(InDoubt::At { .. })) {
+        for (partition, doubt) in in_doubt.iter().enumerate() {
+            if !matches!(doubt, Some(InDoubt::At { .. })) {
                 checkpoint.write_begun(partition, NONE)?;
             }
         }
-        Ok(checkpoint)
-    }
-
-    /// What the last run left in doubt, per partition (once).
-    pub fn take_in_doubt(&mut self) -> Vec<Option<InDoubt>> {
-        std::mem::take(&mut self.in_doubt)
+        Ok((checkpoint, in_doubt))
     }
 
     /// Records that the mutation at `offset` of `partition` is about to be
@@ -291,12 +286,12 @@ mod tests {
     #[test]
     fn offsets_survive_reopening_and_only_durable_ones_do() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
+        let (mut c, _) = Checkpoint::open(dir.path(), "t", 3).unwrap();
         assert_eq!(c.applied(0), None);
         c.advance(1, 41, true).unwrap();
         c.advance(2, 7, false).unwrap();
         drop(c);
-        let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
+        let (mut c, _) = Checkpoint::open(dir.path(), "t", 3).unwrap();
         assert_eq!((c.applied(0), c.applied(1), c.applied(2)), (None, Some(41), None));
         c.advance(0, 3, false).unwrap();
         assert_eq!(read_applied(dir.path(), "t").unwrap(), vec![None, Some(41), None]);
@@ -307,8 +302,8 @@ mod tests {
     #[test]
     fn only_a_mutation_begun_and_not_applied_is_in_doubt_with_its_finished_outcomes_and_what_was_noted() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
-        assert_eq!(c.take_in_doubt(), vec![None, None, None], "a new root has nothing in doubt");
+        let (mut c, in_doubt) = Checkpoint::open(dir.path(), "t", 3).unwrap();
+        assert_eq!(in_doubt, vec![None, None, None], "a new root has nothing in doubt");
         // Partition 0 applied 5 fully; partition 1 crashed in the third
         // request of the batch at 9; partition 2 crashed in a lone append
         // placed at file offset 4096.
@@ -320,11 +315,11 @@ mod tests {
         c.begin(2, 0).unwrap();
         c.note(2, 4096).unwrap();
         drop(c);
-        let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
+        let (c, in_doubt) = Checkpoint::open(dir.path(), "t", 3).unwrap();
         let partition_1 = InDoubt::At { offset: 9, outcomes: vec![Ok(()), Err(ErrorCode::Exists)], noted: None };
         let partition_2 = InDoubt::At { offset: 0, outcomes: vec![], noted: Some(4096) };
         let expected = vec![None, Some(partition_1.clone()), Some(partition_2)];
-        assert_eq!(c.take_in_doubt(), expected);
+        assert_eq!(in_doubt, expected);
         assert_eq!(
             (0..4).map(|i| partition_1.stage(i)).collect::<Vec<_>>(),
             [Stage::Finished(Ok(())), Stage::Finished(Err(ErrorCode::Exists)), Stage::InDoubt, Stage::Fresh]
@@ -332,32 +327,32 @@ mod tests {
         assert!(partition_1.concerns(9) && !partition_1.concerns(10));
         // A crash during the replay still finds what the first run finished.
         drop(c);
-        let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
-        assert_eq!(c.take_in_doubt(), expected);
+        let (mut c, in_doubt) = Checkpoint::open(dir.path(), "t", 3).unwrap();
+        assert_eq!(in_doubt, expected);
         c.advance(1, 9, true).unwrap();
         c.advance(2, 0, true).unwrap();
         drop(c);
-        let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
-        assert_eq!(c.take_in_doubt(), vec![None, None, None]);
+        let (mut c, in_doubt) = Checkpoint::open(dir.path(), "t", 3).unwrap();
+        assert_eq!(in_doubt, vec![None, None, None]);
         // The next mutation begun there has nothing noted until it notes.
         c.begin(2, 1).unwrap();
         drop(c);
-        let mut c = Checkpoint::open(dir.path(), "t", 3).unwrap();
-        assert_eq!(c.take_in_doubt()[2], Some(InDoubt::At { offset: 1, outcomes: vec![], noted: None }));
+        let (_, in_doubt) = Checkpoint::open(dir.path(), "t", 3).unwrap();
+        assert_eq!(in_doubt[2], Some(InDoubt::At { offset: 1, outcomes: vec![], noted: None }));
     }
 
     #[test]
     fn a_root_from_before_begun_records_doubts_the_first_mutation() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Checkpoint::open(dir.path(), "t", 2).unwrap();
+        let (mut c, _) = Checkpoint::open(dir.path(), "t", 2).unwrap();
         c.advance(0, 3, true).unwrap();
         drop(c);
         std::fs::remove_file(begun_path(dir.path(), "t")).unwrap();
-        let mut c = Checkpoint::open(dir.path(), "t", 2).unwrap();
-        assert_eq!(c.take_in_doubt(), vec![Some(InDoubt::FirstMutation); 2]);
+        let (c, in_doubt) = Checkpoint::open(dir.path(), "t", 2).unwrap();
+        assert_eq!(in_doubt, vec![Some(InDoubt::FirstMutation); 2]);
         assert!(InDoubt::FirstMutation.concerns(4) && InDoubt::FirstMutation.stage(7) == Stage::InDoubt);
         drop(c);
-        let mut c = Checkpoint::open(dir.path(), "t", 2).unwrap();
-        assert_eq!(c.take_in_doubt(), vec![None, None], "from then on, begun records say");
+        let (_, in_doubt) = Checkpoint::open(dir.path(), "t", 2).unwrap();
+        assert_eq!(in_doubt, vec![None, None], "from then on, begun records say");
     }
 }

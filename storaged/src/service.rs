@@ -220,8 +220,7 @@ pub struct Service {
 impl Service {
     pub fn new(config: Config, store: Store, credentials: Credentials, partitions: usize) -> std::io::Result<Self> {
         let topics = Topics::new(&config.namespace);
-        let mut checkpoint = Checkpoint::open(store.root(), &topics.requests(), partitions)?;
-        let in_doubt = checkpoint.take_in_doubt();
+        let (checkpoint, in_doubt) = Checkpoint::open(store.root(), &topics.requests(), partitions)?;
         for (partition, doubt) in in_doubt.iter().enumerate() {
             if let Some(doubt) = doubt {
                 log::warn!("op=start node={} partition={partition} in doubt after a crash: {doubt:?}", config.node_id);
