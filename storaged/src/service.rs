@@ -526,10 +526,7 @@ impl Service {
     /// tree its path leads to.
     fn end_of_file(&self, envelope: &Envelope) -> Option<u64> {
         let (owner, path) = self.tree_path(envelope)?;
-        match self.store.apply(owner, envelope.client_time, &Request::GetAttr { path }) {
-            Ok(Payload::Attr(attr)) if attr.kind == FileKind::File => Some(attr.size),
-            _ => None,
-        }
+        self.store.regular_file_size(owner, &path)
     }
 
     /// Executes one request (alone, or one of a batch: then `position` is

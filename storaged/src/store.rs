@@ -274,15 +274,24 @@ impl Store {
 
     /// What identifies the regular file at `rel` now (None: not one).
     pub fn stamp(&self, user: &str, rel: &str) -> Option<FileStamp> {
-        let path = paths::resolve(&self.root.join(user), rel).ok()?;
-        FileStamp::of(&fs::symlink_metadata(path).ok()?)
+        FileStamp::of(&self.metadata(user, rel)?)
     }
 
     /// The inode number of whatever `rel` names now, not following a
     /// final symlink (None: nothing there).
     pub fn inode_number(&self, user: &str, rel: &str) -> Option<u64> {
+        Some(self.metadata(user, rel)?.ino())
+    }
+
+    /// The size of the regular file `rel` names now (None: not one).
+    pub fn regular_file_size(&self, user: &str, rel: &str) -> Option<u64> {
+        Some(self.metadata(user, rel)?).filter(fs::Metadata::is_file).map(|meta| meta.len())
+    }
+
+    /// What `rel` names now, not following a final symlink.
+    fn metadata(&self, user: &str, rel: &str) -> Option<fs::Metadata> {
         let path = paths::resolve(&self.root.join(user), rel).ok()?;
-        Some(fs::symlink_metadata(path).ok()?.ino())
+        fs::symlink_metadata(path).ok()
     }
 
     /// Applies `request` for `user`. `now` is the envelope's time.
