@@ -28,6 +28,10 @@ pub struct Batch {
     bytes: usize,
     /// The record key all of them travel under.
     key: Option<String>,
+    /// How many batches were taken before this one. A timer started for
+    /// one batch sends only that batch: one that left early with a flush
+    /// must not take the next file's lone create out of its company.
+    generation: u64,
 }
 
 impl Batch {
@@ -70,9 +74,22 @@ impl Batch {
         self.requests.push((request_id, request));
     }
 
-    /// The queued requests, in order, leaving the batch empty.
+    /// The queued requests, in order, leaving the batch empty and starting
+    /// the next generation.
     pub fn take(&mut self) -> Vec<(u64, Request)> {
-        std::mem::take(self).requests
+        let next = Batch { generation: self.generation + 1, ..Batch::default() };
+        std::mem::replace(self, next).requests
+    }
+
+    /// Names the batch now filling, for [`Batch::is_still`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether the batch that had `generation` has not been taken yet: its
+    /// [`BATCH_DELAY`] timer may send it.
+    pub fn is_still(&self, generation: u64) -> bool {
+        self.generation == generation
     }
 }
 
@@ -156,6 +173,18 @@ mod tests {
             batch.push(0, write.clone(), "u");
         }
         assert!(batch.bytes <= MAX_BATCH_BYTES && batch.requests.len() < MAX_BATCH_REQUESTS);
+    }
+
+    #[test]
+    fn a_timer_sends_only_the_batch_it_was_started_for() {
+        let mut batch = Batch::default();
+        batch.push(1, Request::Unlink { path: "a".into() }, "u");
+        let first = batch.generation();
+        assert!(batch.is_still(first));
+        assert_eq!(batch.take().len(), 1, "a flush takes the first batch early");
+        batch.push(2, Request::Create { path: "b".into(), mode: 0o644, exclusive: true }, "u");
+        assert!(!batch.is_still(first), "the first batch's timer must leave the second batch alone");
+        assert!(batch.is_still(batch.generation()));
     }
 
     #[test]

@@ -536,10 +536,13 @@ impl KafkaRpc {
                     if now {
                         self.send_batch(&mut batch);
                     } else if first {
-                        let rpc = self.clone();
+                        let (rpc, generation) = (self.clone(), batch.generation());
                         tokio::spawn(async move {
                             tokio::time::sleep(BATCH_DELAY).await;
-                            rpc.send_batch(&mut rpc.batch.lock().unwrap());
+                            let mut batch = rpc.batch.lock().unwrap();
+                            if batch.is_still(generation) {
+                                rpc.send_batch(&mut batch);
+                            }
                         });
                     }
                 }
