@@ -6,8 +6,9 @@
 //! - [`paths`]: client paths to locations that cannot leave a user's root;
 //! - [`store`]: one request applied to the local directory tree, with
 //!   [`direct`] writing whole chunks past the page cache, [`sys`] for the
-//!   system calls `std` lacks, and [`trash`] keeping deleted and replaced
-//!   files for a while;
+//!   system calls `std` lacks, [`trash`] keeping deleted and replaced
+//!   files for a while, and [`fresh_files`] making the empty files creates
+//!   rename into place;
 //! - [`credentials`] and [`session`]: passwords and session tokens;
 //! - [`sharing`]: what an owner's grants let another user do in their tree;
 //! - [`checkpoint`]: the applied offset per partition, kept with the data;
@@ -19,6 +20,7 @@
 pub mod checkpoint;
 pub mod credentials;
 pub mod direct;
+pub mod fresh_files;
 pub mod lock;
 pub mod log_index;
 pub mod paths;
@@ -75,10 +77,10 @@ impl Default for Config {
 /// Starts the daemon and serves until SIGINT or SIGTERM.
 pub fn run(config: Config) -> anyhow::Result<()> {
     use anyhow::Context;
-    let store = store::Store::new(&config.storage)
-        .with_context(|| format!("cannot use storage directory {}", config.storage.display()))?
-        .with_trash(config.trash_hours);
     let _lock = lock::StorageLock::acquire(&config.storage)?;
+    let store = store::Store::new(&config.storage)
+        .and_then(|store| store.with_trash(config.trash_hours).with_fresh_files())
+        .with_context(|| format!("cannot use storage directory {}", config.storage.display()))?;
     let credentials = credentials::Credentials::open(&config.credentials)?;
     let topics = dfos_protocol::Topics::new(&config.namespace);
     log::info!("op=init node={} brokers={} preparing topics", config.node_id, config.brokers);

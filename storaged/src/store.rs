@@ -24,6 +24,7 @@ use dfos_protocol::{
 };
 
 use crate::direct;
+use crate::fresh_files::{FreshFiles, Kind};
 use crate::log_index::FileStamp;
 use crate::paths::{self, PathError};
 use crate::sys;
@@ -83,6 +84,8 @@ type StoreResult<T> = Result<T, StoreError>;
 pub struct Store {
     root: PathBuf,
     trash: Option<Trash>,
+    /// Empty files an exclusive create renames into place.
+    fresh: Option<FreshFiles>,
 }
 
 fn to_system_time(t: Timestamp) -> SystemTime {
@@ -198,7 +201,14 @@ fn read_at_most(mut file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>>
 impl Store {
     pub fn new(root: &Path) -> io::Result<Self> {
         fs::create_dir_all(root)?;
-        Ok(Store { root: root.to_owned(), trash: None })
+        Ok(Store { root: root.to_owned(), trash: None, fresh: None })
+    }
+
+    /// Exclusive creates take an empty file made ahead of time (see
+    /// [`crate::fresh_files`]). Only for the daemon holding the storage lock.
+    pub fn with_fresh_files(mut self) -> io::Result<Self> {
+        self.fresh = Some(FreshFiles::start(&self.root)?);
+        Ok(self)
     }
 
     /// Keeps deleted and replaced files in each user's trash for
@@ -314,16 +324,8 @@ impl Store {
             }
             Request::ReadDir { path, after } => read_dir(&at(path)?, after.as_deref()),
             Request::ReadTree { path } => read_tree(root, path),
-            Request::Create { path, mode, exclusive } => create(&at(path)?, *mode, *exclusive, now),
-            Request::Mkdir { path, mode } => {
-                let dir = at(path)?;
-                fs::create_dir(&dir)?;
-                stamp_parent(&dir, now);
-                let file = open_nofollow(&dir, false)?;
-                file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
-                file.set_times(FileTimes::new().set_accessed(to_system_time(now)).set_modified(to_system_time(now)))?;
-                Ok(Payload::Attr(attr_of(&file.metadata()?)))
-            }
+            Request::Create { path, mode, exclusive } => self.create(&at(path)?, *mode, *exclusive, now),
+            Request::Mkdir { path, mode } => self.mkdir(&at(path)?, *mode, now),
             Request::Unlink { path } => {
                 let target = at(path)?;
                 if fs::symlink_metadata(&target)?.is_dir() {
@@ -590,14 +592,67 @@ fn with_link_identities(root: &Path, request: &Request, mut payload: Payload) ->
     payload
 }
 
+impl Store {
+    /// One made ahead of time, given the mode and times asked for, then
+    /// renamed to `path` unless something has that name. Whatever goes
+    /// wrong, `plainly` does it the usual way, and says why if it fails.
+    fn place_fresh(
+        &self,
+        kind: Kind,
+        path: &Path,
+        mode: u32,
+        now: Timestamp,
+        plainly: impl FnOnce() -> StoreResult<Payload>,
+    ) -> StoreResult<Payload> {
+        if let Some((pool, fresh)) = self.fresh.as_ref().and_then(|pool| Some((pool, pool.take(kind)?))) {
+            match set_up_and_rename(&fresh, path, mode, now) {
+                Ok(placed) => {
+                    stamp_parent(path, now);
+                    return Ok(Payload::Attr(attr_of(&placed.metadata()?)));
+                }
+                Err(_) => pool.give_back(kind, fresh),
+            }
+        }
+        plainly()
+    }
+
+    fn create(&self, path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResult<Payload> {
+        self.place_fresh(Kind::File, path, mode, now, || create(path, mode, exclusive, now))
+    }
+
+    fn mkdir(&self, dir: &Path, mode: u32, now: Timestamp) -> StoreResult<Payload> {
+        self.place_fresh(Kind::Directory, dir, mode, now, || {
+            fs::create_dir(dir)?;
+            stamp_parent(dir, now);
+            let file = open_nofollow(dir, false)?;
+            set_mode_and_times(&file, mode, now)?;
+            Ok(Payload::Attr(attr_of(&file.metadata()?)))
+        })
+    }
+}
+
+/// `mode` and `now` on what `fresh` names, then the name `path` for it,
+/// unless `path` exists.
+fn set_up_and_rename(fresh: &Path, path: &Path, mode: u32, now: Timestamp) -> StoreResult<File> {
+    let opened = open_nofollow(fresh, false)?;
+    set_mode_and_times(&opened, mode, now)?;
+    sys::rename_no_replace(fresh, path)?;
+    Ok(opened)
+}
+
+/// The daemon's umask must not change the mode the client asked for, and
+/// a replay must give the same times.
+fn set_mode_and_times(file: &File, mode: u32, now: Timestamp) -> io::Result<()> {
+    file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
+    file.set_times(FileTimes::new().set_accessed(to_system_time(now)).set_modified(to_system_time(now)))
+}
+
 fn create(path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResult<Payload> {
     let mut options = OpenOptions::new();
     options.write(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).mode(mode & 0o7777);
     let file = match options.clone().create_new(true).open(path) {
         Ok(file) => {
-            // The daemon's umask must not change the mode the client asked for.
-            file.set_permissions(Permissions::from_mode(mode & 0o7777))?;
-            file.set_times(FileTimes::new().set_accessed(to_system_time(now)).set_modified(to_system_time(now)))?;
+            set_mode_and_times(&file, mode, now)?;
             stamp_parent(path, now);
             file
         }
@@ -859,6 +914,85 @@ mod tests {
 
     fn code(r: StoreResult<Payload>) -> ErrorCode {
         r.unwrap_err().code()
+    }
+
+    /// What a request gave, without what differs between two stores that
+    /// did the same (inode-dependent link identities, the kernel's ctime).
+    fn outcome(result: StoreResult<Payload>) -> Result<(FileKind, u64, u32, u32, Timestamp, Timestamp), ErrorCode> {
+        match result {
+            Ok(Payload::Attr(a)) => Ok((a.kind, a.size, a.mode, a.nlink, a.atime, a.mtime)),
+            Ok(other) => panic!("not an attribute answer: {other:?}"),
+            Err(e) => Err(e.code()),
+        }
+    }
+
+    #[test]
+    fn creates_and_mkdirs_from_fresh_files_answer_as_plain_ones() {
+        let (plain_dir, plain) = store();
+        let pooled_dir = tempfile::tempdir().unwrap();
+        let pooled = Store::new(pooled_dir.path()).unwrap().with_fresh_files().unwrap();
+        let fresh_dir = pooled_dir.path().join(crate::checkpoint::STATE_DIR).join("fresh");
+        pooled.fresh.as_ref().unwrap().wait_until_full();
+        let made: std::collections::HashSet<u64> =
+            fs::read_dir(&fresh_dir).unwrap().map(|e| e.unwrap().metadata().unwrap().ino()).collect();
+        assert!(!made.is_empty(), "the pool has filled");
+        let create = |path: &str, mode, exclusive| Request::Create { path: path.into(), mode, exclusive };
+        let mkdir = |path: &str, mode| Request::Mkdir { path: path.into(), mode };
+        let steps = [
+            create("f", 0o640, true),
+            create("f", 0o600, true),
+            Request::Write { path: "f".into(), offset: 0, data: b"kept".to_vec() },
+            create("f", 0o600, false),
+            mkdir("d", 0o750),
+            mkdir("d", 0o700),
+            create("d", 0o644, true),
+            create("d", 0o644, false),
+            mkdir("f", 0o755),
+            create("missing/x", 0o644, true),
+            mkdir("missing/x", 0o755),
+            create("f/x", 0o644, true),
+            mkdir("d/e", 0o1777),
+            create("d/e/g", 0o4755, true),
+            Request::Symlink { path: "s".into(), target: "f".into() },
+            create("s", 0o644, true),
+            create("s", 0o644, false),
+            mkdir("s", 0o755),
+            create("../escape", 0o644, true),
+        ];
+        for step in &steps {
+            let (a, b) = (plain.apply("u", T, step), pooled.apply("u", T, step));
+            if matches!(step, Request::Create { .. } | Request::Mkdir { .. }) {
+                assert_eq!(outcome(a), outcome(b), "{step:?}");
+            } else {
+                assert_eq!(a.is_ok(), b.is_ok(), "{step:?}");
+            }
+        }
+        let pooled_root = pooled_dir.path().join("u");
+        for (path, kind) in [("f", Kind::File), ("d", Kind::Directory), ("d/e", Kind::Directory), ("d/e/g", Kind::File)]
+        {
+            let meta = fs::symlink_metadata(pooled_root.join(path)).unwrap();
+            assert!(made.contains(&meta.ino()), "{path} ({kind:?}) came from the pool");
+        }
+        assert_eq!(fs::read(pooled_root.join("f")).unwrap(), b"kept");
+        let names = |root: &Path| {
+            let mut names = walk(root);
+            names.sort();
+            names
+        };
+        assert_eq!(names(&pooled_root), names(&plain_dir.path().join("u")), "the same tree, nothing else");
+    }
+
+    fn walk(dir: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            found.push(path.file_name().unwrap().to_string_lossy().into_owned());
+            if fs::symlink_metadata(&path).unwrap().is_dir() {
+                let dir_name = path.file_name().unwrap().to_string_lossy().into_owned();
+                found.extend(walk(&path).into_iter().map(|name| format!("{dir_name}/{name}")));
+            }
+        }
+        found
     }
 
     #[test]
