@@ -84,7 +84,7 @@ type StoreResult<T> = Result<T, StoreError>;
 pub struct Store {
     root: PathBuf,
     trash: Option<Trash>,
-    /// Empty files an exclusive create renames into place.
+    /// Empty files and directories creates and mkdirs rename into place.
     fresh: Option<FreshFiles>,
 }
 
@@ -204,8 +204,9 @@ impl Store {
         Ok(Store { root: root.to_owned(), trash: None, fresh: None })
     }
 
-    /// Exclusive creates take an empty file made ahead of time (see
-    /// [`crate::fresh_files`]). Only for the daemon holding the storage lock.
+    /// Creates and mkdirs take an empty file or directory made ahead of
+    /// time (see [`crate::fresh_files`]). Only for the daemon holding the
+    /// storage lock.
     pub fn with_fresh_files(mut self) -> io::Result<Self> {
         self.fresh = Some(FreshFiles::start(&self.root)?);
         Ok(self)
@@ -596,6 +597,8 @@ impl Store {
     /// One made ahead of time, given the mode and times asked for, then
     /// renamed to `path` unless something has that name. Whatever goes
     /// wrong, `plainly` does it the usual way, and says why if it fails.
+    /// One that cannot be set up is dropped (the pool's directory is
+    /// emptied at the next start); one whose name is taken goes back.
     fn place_fresh(
         &self,
         kind: Kind,
@@ -604,16 +607,19 @@ impl Store {
         now: Timestamp,
         plainly: impl FnOnce() -> StoreResult<Payload>,
     ) -> StoreResult<Payload> {
-        if let Some((pool, fresh)) = self.fresh.as_ref().and_then(|pool| Some((pool, pool.take(kind)?))) {
-            match set_up_and_rename(&fresh, path, mode, now) {
-                Ok(placed) => {
-                    stamp_parent(path, now);
-                    return Ok(Payload::Attr(attr_of(&placed.metadata()?)));
-                }
-                Err(_) => pool.give_back(kind, fresh),
-            }
+        let Some((pool, fresh)) = self.fresh.as_ref().and_then(|pool| Some((pool, pool.take(kind)?))) else {
+            return plainly();
+        };
+        let Ok(opened) = open_nofollow(&fresh, false) else { return plainly() };
+        if set_mode_and_times(&opened, mode, now).is_err() {
+            return plainly();
         }
-        plainly()
+        if sys::rename_no_replace(&fresh, path).is_err() {
+            pool.give_back(kind, fresh);
+            return plainly();
+        }
+        stamp_parent(path, now);
+        Ok(Payload::Attr(attr_of(&opened.metadata()?)))
     }
 
     fn create(&self, path: &Path, mode: u32, exclusive: bool, now: Timestamp) -> StoreResult<Payload> {
@@ -629,15 +635,6 @@ impl Store {
             Ok(Payload::Attr(attr_of(&file.metadata()?)))
         })
     }
-}
-
-/// `mode` and `now` on what `fresh` names, then the name `path` for it,
-/// unless `path` exists.
-fn set_up_and_rename(fresh: &Path, path: &Path, mode: u32, now: Timestamp) -> StoreResult<File> {
-    let opened = open_nofollow(fresh, false)?;
-    set_mode_and_times(&opened, mode, now)?;
-    sys::rename_no_replace(fresh, path)?;
-    Ok(opened)
 }
 
 /// The daemon's umask must not change the mode the client asked for, and
@@ -980,6 +977,33 @@ mod tests {
             names
         };
         assert_eq!(names(&pooled_root), names(&plain_dir.path().join("u")), "the same tree, nothing else");
+    }
+
+    #[test]
+    fn fresh_files_someone_removed_are_dropped_and_the_pool_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let pooled = Store::new(dir.path()).unwrap().with_fresh_files().unwrap();
+        let pool = pooled.fresh.as_ref().unwrap();
+        let fresh_dir = dir.path().join(crate::checkpoint::STATE_DIR).join("fresh");
+        pool.wait_until_full();
+        for entry in fs::read_dir(&fresh_dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                fs::remove_dir(path).unwrap();
+            } else {
+                fs::remove_file(path).unwrap();
+            }
+        }
+        for i in 0..300 {
+            let create = Request::Create { path: format!("f{i}"), mode: 0o644, exclusive: true };
+            pooled.apply("u", T, &create).unwrap();
+        }
+        pool.wait_until_full();
+        let made: std::collections::HashSet<u64> =
+            fs::read_dir(&fresh_dir).unwrap().map(|e| e.unwrap().metadata().unwrap().ino()).collect();
+        pooled.apply("u", T, &Request::Create { path: "probe".into(), mode: 0o644, exclusive: true }).unwrap();
+        let probe = fs::symlink_metadata(dir.path().join("u/probe")).unwrap();
+        assert!(made.contains(&probe.ino()), "creates come from the pool again");
     }
 
     fn walk(dir: &Path) -> Vec<String> {
