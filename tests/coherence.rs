@@ -254,6 +254,31 @@ fn an_unchanged_file_is_reread_from_the_page_cache_until_another_mount_changes_i
     soon("a change of a cached file", || sh(&compare).status.success());
 }
 
+/// A small file `cp` wrote (through a write-only handle, which bypasses
+/// the page cache) is handed to the kernel's page cache once its close is
+/// answered, so reading it back (`diff`, a compiler) needs no FUSE read;
+/// another mount's change still replaces what the kernel kept.
+#[test]
+fn a_small_file_this_mount_wrote_is_read_back_from_the_kernels_page_cache() {
+    let d = Deployment::start("store-pages");
+    let (a, b) = two_long_cached_mounts(&d);
+    let model = d.dir.path().join("model.bin");
+    fs::write(&model, random_bytes(10_000, 5)).unwrap();
+    let resident_pages = || ok(&format!("fincore --noheadings --output PAGES {}", a.p("f.bin"))).trim().to_owned();
+    // Other tests drop every page cache on the machine now and then; one
+    // attempt of a few must find the pages there. Without them none can.
+    let kept = (0..5).any(|_| {
+        ok(&format!("rm -f {0} && cp '{1}' {0}", a.p("f.bin"), model.display()));
+        resident_pages() == "3"
+    });
+    assert!(kept, "the 3 pages of a 10,000-byte file were never in the kernel's page cache after cp");
+    ok(&format!("cmp '{}' {}", model.display(), a.p("f.bin")));
+    fs::write(b.join("f.bin"), "changed by B").unwrap();
+    soon("a change of a file whose pages the kernel kept", || {
+        fs::read(a.join("f.bin")).is_ok_and(|bytes| bytes == b"changed by B")
+    });
+}
+
 /// A small file's create travels with its data, and unlinks of known names
 /// travel together (`Request::Batch`), so `cp -r` and `rm -r` put fewer
 /// messages into the request log than they make requests; every change in

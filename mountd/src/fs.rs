@@ -739,7 +739,7 @@ pub struct DfosFs<T: Transport> {
 
 /// What changes whenever a file's contents do: size, mtime, and ctime
 /// (which no client can set back).
-type ContentVersion = (u64, Timestamp, Timestamp);
+pub type ContentVersion = (u64, Timestamp, Timestamp);
 
 fn expect_attr(payload: Payload) -> FsResult<FileAttr> {
     match payload {
@@ -937,6 +937,35 @@ impl<T: Transport> DfosFs<T> {
     fn quiet_path(&self, path: &str) -> bool {
         let ino = self.inodes.lock().unwrap().ino_of(path);
         ino.is_none_or(|ino| self.quiet(ino))
+    }
+
+    /// The whole content of `ino` as its last flush left it on the node,
+    /// for the kernel's page cache, with the version it is: a small file
+    /// this mount wrote from empty, quiet, with one name. `diff` or a
+    /// compiler reading back what `cp` or an editor just closed then finds
+    /// it in the kernel, without a FUSE read (write-only handles bypass the
+    /// page cache, so nothing else would put it there).
+    pub fn content_for_kernel(&self, ino: u64) -> Option<(Arc<Vec<u8>>, ContentVersion)> {
+        if !self.quiet(ino) {
+            return None;
+        }
+        let path = self.path_of(ino).ok()?;
+        let attr = {
+            let meta = self.meta.lock().unwrap();
+            meta.attr(&path)
+                .filter(|attr| attr.kind == dfos_protocol::FileKind::File && !meta.has_other_names(&path))?
+        };
+        let content = self.small.get(&path, &attr)?;
+        Some((content, (attr.size, attr.mtime, attr.ctime)))
+    }
+
+    /// The kernel's pages of `ino` now hold `version` (given to it after
+    /// [`DfosFs::content_for_kernel`]), so an open that finds the file at
+    /// that version keeps them. Ignored if the file has changed since.
+    pub fn kernel_holds(&self, ino: u64, version: ContentVersion) {
+        if self.content_for_kernel(ino).is_some_and(|(_, current)| current == version) {
+            self.opened_versions.lock().unwrap().insert(ino, version);
+        }
     }
 
     // The `*_now` methods answer from the caches without waiting, so the

@@ -115,6 +115,17 @@ pub type NotifierSlot = Arc<std::sync::OnceLock<fuser::Notifier>>;
 
 /// Makes the kernel drop its attributes of `ino` (not its pages): the size
 /// it holds is older than a storage node's.
+/// Stores what [`DfosFs::content_for_kernel`] offers as `ino`'s pages.
+fn give_kernel_content<T: Transport>(fs: &DfosFs<T>, notifier: &NotifierSlot, ino: INodeNo) {
+    let (Some(notifier), Some((content, version))) = (notifier.get(), fs.content_for_kernel(ino.0)) else {
+        return;
+    };
+    match notifier.store(ino, 0, &content) {
+        Ok(()) => fs.kernel_holds(ino.0, version),
+        Err(e) => log::debug!("op=store-pages ino={} error={e}", ino.0),
+    }
+}
+
 fn drop_kernel_attrs(notifier: &NotifierSlot, ino: INodeNo) {
     if let Some(notifier) = notifier.get() {
         let _ = notifier.inval_inode(ino, -1, 0);
@@ -159,12 +170,22 @@ impl<T: Transport> FuseAdapter<T> {
     }
 
     /// Flush and release: answered here when there is nothing to send or
-    /// wait for, which saves a hand-off to a tokio worker per close.
+    /// wait for, which saves a hand-off to a tokio worker per close. After
+    /// a flush that sent bytes, a small file's content goes into the
+    /// kernel's page cache, once the close has its answer.
     fn flush_inode(&self, ino: INodeNo, reply: ReplyEmpty) {
-        match self.fs.flush_now(ino.0) {
-            Some(done) => empty(reply)(done),
-            None => self.spawn(move |fs| async move { fs.flush(ino.0).await }, empty(reply)),
+        if let Some(done) = self.fs.flush_now(ino.0) {
+            return empty(reply)(done);
         }
+        let (fs, notifier) = (self.fs.clone(), self.notifier.clone());
+        let answer = move |flushed: Result<(), FsError>| {
+            let store = flushed.is_ok();
+            empty(reply)(flushed);
+            if store {
+                give_kernel_content(&fs, &notifier, ino);
+            }
+        };
+        self.spawn(move |fs| async move { fs.flush(ino.0).await }, answer);
     }
 
     fn reply_entry(&self, reply: ReplyEntry) -> impl FnOnce(Result<Entry, FsError>) + Send + 'static {
