@@ -115,6 +115,12 @@ pub type NotifierSlot = Arc<std::sync::OnceLock<fuser::Notifier>>;
 
 /// Makes the kernel drop its attributes of `ino` (not its pages): the size
 /// it holds is older than a storage node's.
+fn drop_kernel_attrs(notifier: &NotifierSlot, ino: INodeNo) {
+    if let Some(notifier) = notifier.get() {
+        let _ = notifier.inval_inode(ino, -1, 0);
+    }
+}
+
 /// Stores what [`DfosFs::content_for_kernel`] offers as `ino`'s pages.
 fn give_kernel_content<T: Transport>(fs: &DfosFs<T>, notifier: &NotifierSlot, ino: INodeNo) {
     let (Some(notifier), Some((content, version))) = (notifier.get(), fs.content_for_kernel(ino.0)) else {
@@ -123,12 +129,6 @@ fn give_kernel_content<T: Transport>(fs: &DfosFs<T>, notifier: &NotifierSlot, in
     match notifier.store(ino, 0, &content) {
         Ok(()) => fs.kernel_holds(ino.0, version),
         Err(e) => log::debug!("op=store-pages ino={} error={e}", ino.0),
-    }
-}
-
-fn drop_kernel_attrs(notifier: &NotifierSlot, ino: INodeNo) {
-    if let Some(notifier) = notifier.get() {
-        let _ = notifier.inval_inode(ino, -1, 0);
     }
 }
 
