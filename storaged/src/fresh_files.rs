@@ -135,7 +135,13 @@ impl FreshFiles {
 
 impl Drop for FreshFiles {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        {
+            // Under the lock: the filler is then either before its check of
+            // `stop` or already waiting for the notification below, never
+            // between the two, where the notification would be lost.
+            let _ready = self.shared.ready.lock().unwrap();
+            self.shared.stop.store(true, Ordering::Relaxed);
+        }
         self.shared.wanted.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
