@@ -74,12 +74,17 @@ struct Shared {
     next_name: AtomicU64,
 }
 
+/// Where the pool of the daemon serving `storage` keeps what it made.
+pub fn directory(storage: &Path) -> PathBuf {
+    storage.join(STATE_DIR).join("fresh")
+}
+
 impl FreshFiles {
     /// Empties `<storage>/.dfos/fresh/` and starts filling it. Call it only
     /// while holding the storage lock: another daemon's pool is not ours
     /// to empty.
     pub fn start(storage: &Path) -> io::Result<Self> {
-        let dir = storage.join(STATE_DIR).join("fresh");
+        let dir = directory(storage);
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -230,7 +235,7 @@ mod tests {
     #[test]
     fn what_an_earlier_run_left_is_removed_not_handed_out() {
         let storage = tempfile::tempdir().unwrap();
-        let left = storage.path().join(STATE_DIR).join("fresh");
+        let left = directory(storage.path());
         fs::create_dir_all(&left).unwrap();
         fs::write(left.join("0"), b"bytes of a crashed run").unwrap();
         let pool = FreshFiles::start(storage.path()).unwrap();

@@ -923,15 +923,26 @@ mod tests {
         }
     }
 
+    /// A store whose creates and mkdirs take fresh files, its pool full.
+    fn pooled_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).unwrap().with_fresh_files().unwrap();
+        store.fresh.as_ref().unwrap().wait_until_full();
+        (dir, store)
+    }
+
+    /// The inodes in the pool of `store` (kept at `storage`), once it is full.
+    fn fresh_inodes(store: &Store, storage: &Path) -> std::collections::HashSet<u64> {
+        store.fresh.as_ref().unwrap().wait_until_full();
+        let dir = crate::fresh_files::directory(storage);
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().ino()).collect()
+    }
+
     #[test]
     fn creates_and_mkdirs_from_fresh_files_answer_as_plain_ones() {
         let (plain_dir, plain) = store();
-        let pooled_dir = tempfile::tempdir().unwrap();
-        let pooled = Store::new(pooled_dir.path()).unwrap().with_fresh_files().unwrap();
-        let fresh_dir = pooled_dir.path().join(crate::checkpoint::STATE_DIR).join("fresh");
-        pooled.fresh.as_ref().unwrap().wait_until_full();
-        let made: std::collections::HashSet<u64> =
-            fs::read_dir(&fresh_dir).unwrap().map(|e| e.unwrap().metadata().unwrap().ino()).collect();
+        let (pooled_dir, pooled) = pooled_store();
+        let made = fresh_inodes(&pooled, pooled_dir.path());
         assert!(!made.is_empty(), "the pool has filled");
         let create = |path: &str, mode, exclusive| Request::Create { path: path.into(), mode, exclusive };
         let mkdir = |path: &str, mode| Request::Mkdir { path: path.into(), mode };
@@ -981,12 +992,8 @@ mod tests {
 
     #[test]
     fn fresh_files_someone_removed_are_dropped_and_the_pool_recovers() {
-        let dir = tempfile::tempdir().unwrap();
-        let pooled = Store::new(dir.path()).unwrap().with_fresh_files().unwrap();
-        let pool = pooled.fresh.as_ref().unwrap();
-        let fresh_dir = dir.path().join(crate::checkpoint::STATE_DIR).join("fresh");
-        pool.wait_until_full();
-        for entry in fs::read_dir(&fresh_dir).unwrap() {
+        let (dir, pooled) = pooled_store();
+        for entry in fs::read_dir(crate::fresh_files::directory(dir.path())).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 fs::remove_dir(path).unwrap();
@@ -998,9 +1005,7 @@ mod tests {
             let create = Request::Create { path: format!("f{i}"), mode: 0o644, exclusive: true };
             pooled.apply("u", T, &create).unwrap();
         }
-        pool.wait_until_full();
-        let made: std::collections::HashSet<u64> =
-            fs::read_dir(&fresh_dir).unwrap().map(|e| e.unwrap().metadata().unwrap().ino()).collect();
+        let made = fresh_inodes(&pooled, dir.path());
         pooled.apply("u", T, &Request::Create { path: "probe".into(), mode: 0o644, exclusive: true }).unwrap();
         let probe = fs::symlink_metadata(dir.path().join("u/probe")).unwrap();
         assert!(made.contains(&probe.ino()), "creates come from the pool again");
