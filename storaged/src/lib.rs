@@ -5,7 +5,7 @@
 //! topic. The layers, bottom up:
 //! - [`paths`]: client paths to locations that cannot leave a user's root;
 //! - [`store`]: one request applied to the local directory tree, with
-//!   [`direct`] writing whole chunks past the page cache, [`sys`] for the
+//!   [`writeback`] starting large writes on their way to the device, [`sys`] for the
 //!   system calls `std` lacks, [`trash`] keeping deleted and replaced
 //!   files for a while, and [`fresh_files`] making the empty files creates
 //!   rename into place;
@@ -19,7 +19,6 @@
 
 pub mod checkpoint;
 pub mod credentials;
-pub mod direct;
 pub mod fresh_files;
 pub mod lock;
 pub mod log_index;
@@ -30,6 +29,7 @@ pub mod sharing;
 pub mod store;
 pub mod sys;
 pub mod trash;
+pub mod writeback;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;

@@ -23,12 +23,12 @@ use dfos_protocol::{
     Request, SetTime, Timestamp, XattrMode, APPEND_AT_END,
 };
 
-use crate::direct;
 use crate::fresh_files::{FreshFiles, Kind};
 use crate::log_index::FileStamp;
 use crate::paths::{self, PathError};
 use crate::sys;
 use crate::trash::Trash;
+use crate::writeback;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -388,7 +388,7 @@ impl Store {
                     open_nofollow(&at(path)?, true)?;
                     return Err(StoreError::NotApplicable("an append at no regular file's end"));
                 }
-                let file = direct::write_at(&at(path)?, data, *offset).map_err(open_error)?;
+                let file = writeback::write_at(&at(path)?, data, *offset).map_err(open_error)?;
                 file.set_times(FileTimes::new().set_modified(to_system_time(now)))?;
                 Ok(Payload::Written { attr: attr_of(&file.metadata()?) })
             }
