@@ -961,11 +961,15 @@ impl<T: Transport> DfosFs<T> {
 
     /// The kernel's pages of `ino` now hold `version` (given to it after
     /// [`DfosFs::content_for_kernel`]), so an open that finds the file at
-    /// that version keeps them. Ignored if the file has changed since.
-    pub fn kernel_holds(&self, ino: u64, version: ContentVersion) {
-        if self.content_for_kernel(ino).is_some_and(|(_, current)| current == version) {
+    /// that version keeps them. False, and nothing recorded, if the file
+    /// has changed since: the pages handed over are then older than it.
+    #[must_use]
+    pub fn kernel_holds(&self, ino: u64, version: ContentVersion) -> bool {
+        let unchanged = self.content_for_kernel(ino).is_some_and(|(_, current)| current == version);
+        if unchanged {
             self.opened_versions.lock().unwrap().insert(ino, version);
         }
+        unchanged
     }
 
     // The `*_now` methods answer from the caches without waiting, so the
@@ -2177,6 +2181,28 @@ mod tests {
             fs.unlink(d.ino, OsStr::new("a")).await.unwrap();
             assert_eq!(fs.getattr(b.ino).await.unwrap().nlink, 1);
             assert!(fs.getattr_now(b.ino).is_some(), "one name again: cached as any file");
+        });
+    }
+
+    #[test]
+    fn pages_handed_to_the_kernel_count_only_while_the_file_is_still_what_they_hold() {
+        rt().block_on(async {
+            let (_dir, fs, d) = gated_core_with_dir("d").await;
+            let (f, _) = fs.create(d.ino, OsStr::new("f"), 0o644, true).await.unwrap();
+            fs.write(f.ino, (0, Placement::AtOffset), b"first").await.unwrap();
+            within_a_minute(fs.flush(f.ino)).await.unwrap();
+            let (content, version) = fs.content_for_kernel(f.ino).expect("a small file this mount wrote");
+            assert_eq!(content.as_slice(), b"first");
+            assert!(fs.kernel_holds(f.ino, version));
+            assert!(fs.open(f.ino).unwrap().keep_cache, "an open of the version the kernel holds keeps its pages");
+
+            let (_, version) = fs.content_for_kernel(f.ino).unwrap();
+            // Another thread writes while the pages are being handed over.
+            fs.write(f.ino, (0, Placement::AtOffset), b"second").await.unwrap();
+            assert!(!fs.kernel_holds(f.ino, version), "the pages are older than the file");
+            assert!(!fs.open(f.ino).unwrap().keep_cache);
+            within_a_minute(fs.flush(f.ino)).await.unwrap();
+            assert!(!fs.open(f.ino).unwrap().keep_cache, "nor after the write is flushed");
         });
     }
 

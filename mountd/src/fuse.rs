@@ -127,7 +127,12 @@ fn give_kernel_content<T: Transport>(fs: &DfosFs<T>, notifier: &NotifierSlot, in
         return;
     };
     match notifier.store(ino, 0, &content) {
-        Ok(()) => fs.kernel_holds(ino.0, version),
+        // A write another thread answered meanwhile left the kernel pages
+        // older than the file: they go, or a reader opening now would get them.
+        Ok(()) if !fs.kernel_holds(ino.0, version) => {
+            let _ = notifier.inval_inode(ino, 0, 0);
+        }
+        Ok(()) => {}
         Err(e) => log::debug!("op=store-pages ino={} error={e}", ino.0),
     }
 }
