@@ -9,7 +9,7 @@
 //! writeback as it lands (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which
 //! queues the pages and does not wait for them) overlaps the device with
 //! the chunks still crossing the broker. On the bench VM this wrote
-//! 256 MiB with `conv=fsync` at 300–375 MB/s against 150–250 MB/s with
+//! 256 MiB with `conv=fsync` at 251–375 MB/s against 146–212 MB/s with
 //! the `O_DIRECT` writes it replaced, which blocked the node for each
 //! chunk in turn (see docs/PERFORMANCE.md).
 //!
