@@ -222,6 +222,16 @@ $(printf '%s\n' "${rows[@]}")
 | peak RSS copying ${big_mb} MiB | mountd $rss_mountd MiB, storaged $rss_storaged MiB | — | — | ≤ 256 MiB each $( [ "$rss_mountd" -le 256 ] && [ "$rss_storaged" -le 256 ] && echo ok || echo MISSED) |
 TABLE
 
+# The large-file rows move most with this VM's moment (its disk and the
+# memory its host hands back), so their samples are shown beside the medians.
+samples() { local out=() v; for v in "$@"; do out+=("$(printf '%.0f' "$v")"); done; echo "${out[*]}"; }
+if [ "$runs" -gt 1 ]; then
+  echo
+  echo "Samples behind the first four rows, MB/s in run order: dfos write $(samples "${dw[@]}");" \
+    "local write $(samples "${lw[@]}"); dfos read $(samples "${dr[@]}"); local read $(samples "${lr[@]}");" \
+    "raw produce $(samples "${kw[@]}"); raw consume $(samples "${kr[@]}")."
+fi
+
 # The model test, longer than in the test suite (300 steps there).
 steps=${DFOS_MODEL_STEPS:-$([ $quick = 1 ] && echo 300 || echo 2000)}
 say "randomized model test, $steps steps (seed ${DFOS_MODEL_SEED:-1})"
