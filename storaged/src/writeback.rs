@@ -30,7 +30,7 @@ use std::path::Path;
 const MIN_EARLY_WRITEBACK_BYTES: usize = 64 * 1024;
 
 /// Whether a write of `len` bytes starts its writeback at once.
-pub fn starts_writeback(len: usize) -> bool {
+fn starts_writeback(len: usize) -> bool {
     len >= MIN_EARLY_WRITEBACK_BYTES
 }
 
