@@ -32,6 +32,10 @@ ensure_test_tools() {
     say "installing attr (setfattr/getfattr missing)"
     apt_install attr
   fi
+  if ! command -v filefrag >/dev/null; then
+    say "installing e2fsprogs (filefrag missing)"
+    apt_install e2fsprogs
+  fi
 }
 
 # librdkafka is built with OpenSSL, for TLS and SASL/SCRAM to the brokers:

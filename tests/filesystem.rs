@@ -172,9 +172,32 @@ fn random_offset_writes_then_truncate_match_a_local_file() {
     ok(&format!("cmp '{}' '{}'", local_path.display(), d.storage.join("User1/f.bin").display()));
 }
 
-/// Whole chunks are written past the storage node's page cache; rewriting
-/// bytes that node has cached, by whole chunks and by a few bytes, must
-/// still read back new everywhere, before and after the caches are dropped.
+/// The storage node starts writing a large write's pages to its disk as
+/// they land, and leaves a small one's to the kernel (storaged's
+/// `writeback`). Asked of ext4 with `filefrag`: an extent still flagged
+/// `delalloc` has not begun its writeback. Any `sync` on the machine (other
+/// tests drop caches) flushes both files at once, so one of a few rounds
+/// must find the small file waiting and the large one on its way; without
+/// early writeback no round can.
+#[test]
+fn a_large_write_is_on_its_way_to_the_nodes_disk_when_close_returns_and_a_small_one_waits() {
+    let d = Deployment::start("early-writeback");
+    let m = d.mount(USER1);
+    let waits_for_writeback = |name: &str| {
+        let extents = ok(&format!("filefrag -v '{}'", d.storage.join("User1").join(name).display()));
+        extents.contains("delalloc")
+    };
+    let seen = (0..5).any(|round| {
+        ok(&format!("head -c 4096 /dev/urandom > {}", m.p(&format!("small{round}"))));
+        ok(&format!("dd if=/dev/urandom of={} bs=1M count=8 status=none", m.p(&format!("large{round}"))));
+        waits_for_writeback(&format!("small{round}")) && !waits_for_writeback(&format!("large{round}"))
+    });
+    assert!(seen, "in no round was the large file's writeback started while the small file's waited");
+}
+
+/// Rewriting bytes the storage node has cached, by whole chunks and by a
+/// few bytes, must read back new everywhere, before and after the caches
+/// are dropped.
 #[test]
 fn rewriting_cached_bytes_in_whole_chunks_and_in_pieces_reads_back_new() {
     let d = Deployment::start("rewrite");
